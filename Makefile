@@ -1,0 +1,40 @@
+# The two commands of the README: `make quickstart` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= runs/quickstart
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install install-test quickstart test test-slow bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# Stamp files so a second `make` does not reinstall.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock
+	$(BIN)/pip install -q -r requirements-test.lock
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+quickstart: install
+	$(BIN)/rlhfkit quickstart --out $(OUT)
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+test-slow: install-test
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) runs
