@@ -1,0 +1,57 @@
+"""The ``rlhfkit`` command line.
+
+Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
+``run(args) -> int``; this file only lists them (imported lazily, so ``rlhfkit --help`` is fast
+and a command's heavy imports load only when it runs).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("rlhfkit.pipeline", "run the stages a pipeline config names, in order, resuming completed ones"),
+    "quickstart": ("rlhfkit.commands.quickstart", "run the bundled pipeline on the embedded default task"),
+    "data": ("rlhfkit.commands.stage", "generate the embedded task's data (a pipeline stage)"),
+    "pretrain": ("rlhfkit.commands.stage", "pretrain a causal LM on a text corpus (a pipeline stage)"),
+    "sft": ("rlhfkit.commands.stage", "supervised fine-tuning on demonstrations (a pipeline stage)"),
+    "eval": ("rlhfkit.commands.stage", "sample policies on held-out prompts and score them with a judge"),
+    "config": ("rlhfkit.commands.config_doc", "print every config key with its type, default and meaning"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhfkit", description="Reinforcement learning from human feedback, end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        mod = importlib.import_module(module)
+        if hasattr(mod, "add_arguments_for"):
+            mod.add_arguments_for(name, p)
+        else:
+            mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    mod = importlib.import_module(args._module)
+    from rlhfkit.config import ConfigError
+    from rlhfkit.data.loading import DataError
+
+    try:
+        return int(mod.run(args) or 0)
+    except (ConfigError, DataError) as e:
+        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

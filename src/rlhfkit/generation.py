@@ -1,0 +1,133 @@
+"""Sampling responses from a policy, and the log-probabilities of given responses.
+
+Sampling goes through ``transformers`` ``generate`` (KV cache, batched, left padding so every
+prompt ends at the same column). A response is cut after its first EOS; one that hits
+``max_new_tokens`` without EOS is marked ``finished=False`` so callers can penalise it rather than
+score it as if complete. Log-probabilities used by a loss are always recomputed by a training
+forward pass (``response_logprobs``), with the sampling temperature; the ones from generation
+are never used for gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from rlhfkit.data.collate import encode_prompt, pad_batch
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sampled response."""
+
+    prompt: str
+    prompt_ids: list[int]
+    response_ids: list[int]  # without EOS
+    text: str
+    finished: bool  # ended with EOS within max_new_tokens
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How responses are sampled."""
+
+    max_new_tokens: int = 64
+    """longest response; one that reaches it without EOS is unfinished"""
+    temperature: float = 1.0
+    """softmax temperature; 0 means greedy decoding"""
+    top_p: float = 1.0
+    """nucleus sampling mass"""
+    batch_size: int = 64
+    """prompts per generate call"""
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    cfg: SamplingConfig,
+    seed: int = 0,
+    num_return_sequences: int = 1,
+    device: torch.device | None = None,
+) -> list[Sample]:
+    """Sample ``num_return_sequences`` responses per prompt (prompt-major order)."""
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out: list[Sample] = []
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = encoded[start:start + cfg.batch_size]
+        ids = pad_batch(chunk, pad, side="left").to(device)
+        mask = pad_batch([[1] * len(c) for c in chunk], 0, side="left").to(device)
+        # generate() draws from the global RNG; seed it per chunk from our generator for reproducibility.
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        greedy = cfg.temperature <= 0
+        gen_kwargs = dict(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=cfg.max_new_tokens,
+            do_sample=not greedy,
+            num_return_sequences=num_return_sequences,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        if not greedy:
+            gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        seqs = model.generate(**gen_kwargs)
+        new = seqs[:, ids.shape[1]:].tolist()
+        for j, row in enumerate(new):
+            p_idx = start + j // num_return_sequences
+            if eos in row:
+                resp, finished = row[: row.index(eos)], True
+            else:
+                resp, finished = row, False
+            out.append(Sample(
+                prompt=prompts[p_idx],
+                prompt_ids=encoded[p_idx],
+                response_ids=resp,
+                text=tokenizer.decode(resp, skip_special_tokens=True),
+                finished=finished,
+            ))
+    if was_training:
+        model.train()
+    return out
+
+
+def sequences_from_samples(samples: Sequence[Sample], pad_id: int, eos_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response batch and the mask of response tokens (EOS included when finished).
+
+    Returns input_ids, attention_mask (B, T) and response_mask (B, T): 1 at response positions.
+    """
+    seqs, resp_masks = [], []
+    for s in samples:
+        resp = s.response_ids + ([eos_id] if s.finished else [])
+        seqs.append(s.prompt_ids + resp)
+        resp_masks.append([0] * len(s.prompt_ids) + [1] * len(resp))
+    return {
+        "input_ids": pad_batch(seqs, pad_id),
+        "attention_mask": pad_batch([[1] * len(x) for x in seqs], 0),
+        "response_mask": pad_batch(resp_masks, 0),
+    }
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(token_t | tokens_<t) for t ≥ 1, at ``temperature``: (B, T) → (B, T), position 0 is 0.
+
+    Aligned with ``input_ids`` so ``response_mask`` applies directly.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return torch.nn.functional.pad(logp, (1, 0), value=0.0)

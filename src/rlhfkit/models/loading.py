@@ -1,0 +1,101 @@
+"""Loading and saving models through the ``transformers`` Auto classes.
+
+Every model the project writes is a normal Hugging Face directory (``config.json``,
+``model.safetensors``, tokenizer files) that ``AutoModelForCausalLM.from_pretrained`` loads in a
+fresh process. Writes are atomic: into ``<dir>.partial`` then renamed.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
+
+from rlhfkit.io import partial_dir, replace_dir
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Architecture of a from-scratch model (a Llama- or Qwen2-style config of ``transformers``)."""
+
+    family: str = "llama"
+    """``llama`` or ``qwen2``: which transformers config class builds the model"""
+    hidden_size: int = 128
+    """width of the residual stream"""
+    num_layers: int = 4
+    """number of decoder layers"""
+    num_heads: int = 4
+    """attention heads (key/value heads too)"""
+    intermediate_size: int = 384
+    """MLP hidden width"""
+    max_position_embeddings: int = 256
+    """longest sequence (prompt + response) the model handles"""
+    vocab_size: int = 512
+    """size of the byte-level BPE vocabulary trained on the corpus"""
+    tie_word_embeddings: bool = True
+    """share input embedding and output projection weights"""
+
+    def __post_init__(self):
+        if self.family not in ("llama", "qwen2"):
+            raise ValueError(f"family must be 'llama' or 'qwen2', got {self.family!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+def build_tiny_causal_lm(arch: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0):
+    """A randomly initialised causal LM from a ``transformers`` config; no home-made layers."""
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=arch.hidden_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_heads,
+        intermediate_size=arch.intermediate_size,
+        max_position_embeddings=arch.max_position_embeddings,
+        tie_word_embeddings=arch.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attention_dropout=0.0,
+    )
+    cfg = LlamaConfig(**common) if arch.family == "llama" else Qwen2Config(**common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Common for pretrained checkpoints; every scoring path reads the last real token from the
+        # attention mask, never from "first pad", so pad == eos is safe here.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """Any causal LM by local directory or hub name (offline in tests), in eval mode."""
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model.eval()
+    return model
+
+
+def save_pretrained_atomic(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save a model and its tokenizer as a Hugging Face directory, atomically."""
+    out_dir = Path(out_dir)
+    tmp = partial_dir(out_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def model_config(path: str | Path):
+    return AutoConfig.from_pretrained(str(path))

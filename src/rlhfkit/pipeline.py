@@ -1,0 +1,193 @@
+"""The pipeline: run the stages a config names, in order, each reading what the one before wrote.
+
+Each stage writes ``OUT/<stage>.partial/`` and renames it to ``OUT/<stage>/`` when complete, so
+a directory ``OUT/<stage>/`` is always a finished stage: a killed run resumes by skipping them.
+A finished stage whose saved config differs from the current one is an error (silently reusing
+it would report results of a different experiment).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from rlhfkit.config import ConfigError, load_config, save_config, to_dict
+from rlhfkit.recipes.evaluate import EvalConfig
+from rlhfkit.recipes.pretrain import PretrainConfig
+from rlhfkit.recipes.sft import SFTConfig
+from rlhfkit.tasks.arith import TaskConfig
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole run: which stages, where, and each stage's settings."""
+
+    out: str = "runs/quickstart"
+    """output directory; each stage writes OUT/<stage>/"""
+    stages: tuple[str, ...] = ("data", "pretrain", "sft", "eval")
+    """stages to run, in order"""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """the embedded default task (used by the data stage and the oracle judge)"""
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    """pretraining stage"""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """supervised fine-tuning stage"""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """evaluation stage"""
+
+    def __post_init__(self):
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+
+
+# --- stage runners: (cfg, out, stage_dir) -> metrics -------------------------------------------
+
+def _data_path(cfg_value: str, out: Path, default: str) -> Path:
+    return Path(cfg_value) if cfg_value else out / "data" / default
+
+
+def _stage_data(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+    from accelerate import PartialState
+
+    from rlhfkit.tasks.arith import write_task_data
+
+    if PartialState().is_main_process:
+        paths = write_task_data(stage_dir, cfg.task)
+        return {"files": {k: Path(v).name for k, v in paths.items()}}
+    return {}
+
+
+def _stage_pretrain(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+    from rlhfkit.io import JsonlLog
+    from rlhfkit.recipes import pretrain
+    from rlhfkit.training import make_accelerator
+
+    acc = make_accelerator(cfg.pretrain)
+    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
+    try:
+        return pretrain.run(cfg.pretrain, _data_path(cfg.pretrain.data, out, "pretrain.jsonl"), stage_dir, acc, log)
+    finally:
+        log.close()
+
+
+def _stage_sft(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+    from rlhfkit.io import JsonlLog
+    from rlhfkit.recipes import sft
+    from rlhfkit.training import make_accelerator
+
+    acc = make_accelerator(cfg.sft)
+    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
+    model = cfg.sft.model or str(out / "pretrain" / "model")
+    try:
+        return sft.run(cfg.sft, model, _data_path(cfg.sft.data, out, "sft.jsonl"), stage_dir, acc, log)
+    finally:
+        log.close()
+
+
+def _stage_eval(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+    from accelerate import Accelerator
+
+    from rlhfkit.recipes.evaluate import evaluate_policies
+
+    acc = Accelerator()
+    return evaluate_policies(cfg.eval, out, _data_path(cfg.eval.data, out, "heldout.jsonl"), stage_dir, acc)
+
+
+STAGES: dict[str, Callable[[PipelineConfig, Path, Path], dict]] = {
+    "data": _stage_data,
+    "pretrain": _stage_pretrain,
+    "sft": _stage_sft,
+    "eval": _stage_eval,
+}
+
+# Which config section belongs to each stage (saved beside its output and compared on resume).
+SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval"}
+
+
+def _stage_config(cfg: PipelineConfig, stage: str) -> dict:
+    return to_dict(getattr(cfg, SECTION[stage]))
+
+
+def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
+    """Run one stage unless its output is complete; returns ``"ran"`` or ``"skipped"``."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    final = out / stage
+    cfg_now = _stage_config(cfg, stage)
+    if final.exists():
+        saved_path = final / "config.yaml"
+        saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
+        if saved != cfg_now:
+            raise ConfigError(
+                f"{saved_path}: stage '{stage}' already completed with a different config; "
+                f"remove {final} to rerun it, or use another out="
+            )
+        print(f"[rlhfkit] {stage}: complete in {final}, skipped")
+        return "skipped"
+    partial = final.with_name(stage + ".partial")
+    if state.is_main_process:
+        if partial.exists():
+            shutil.rmtree(partial)  # an interrupted attempt: start the stage over
+        partial.mkdir(parents=True)
+    state.wait_for_everyone()
+    print(f"[rlhfkit] {stage}: running")
+    t0 = time.time()
+    metrics = STAGES[stage](cfg, out, partial)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        from rlhfkit.io import atomic_write_json, commit_dir
+
+        metrics["stage_runtime_s"] = time.time() - t0
+        atomic_write_json(partial / "metrics.json", metrics)
+        save_config(getattr(cfg, SECTION[stage]), partial / "config.yaml")
+        commit_dir(partial, final)
+    state.wait_for_everyone()
+    print(f"[rlhfkit] {stage}: done in {time.time() - t0:.1f}s")
+    return "ran"
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run every stage in ``cfg.stages`` (skipping complete ones), then write the report."""
+    from accelerate import PartialState
+
+    out = Path(cfg.out)
+    state = PartialState()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    for stage in cfg.stages:
+        run_stage(cfg, stage, out)
+    if state.is_main_process:
+        from rlhfkit.report import write_report
+
+        write_report(out)
+    return out
+
+
+def load_pipeline_config(path: str | Path | None, overrides=()) -> PipelineConfig:
+    return load_config(PipelineConfig, path, overrides)
+
+
+# --- `rlhfkit run` ------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("config", help="pipeline YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out=runs/x sft.lr=1e-4")
+
+
+def run(args) -> int:
+    cfg = load_pipeline_config(args.config, args.overrides)
+    out = run_pipeline(cfg)
+    print(f"[rlhfkit] report: {out / 'report.md'}")
+    return 0
+
+
+def replace_stages(cfg: PipelineConfig, stages: tuple[str, ...]) -> PipelineConfig:
+    return dataclasses.replace(cfg, stages=stages)

@@ -1,0 +1,62 @@
+"""Pretraining recipe: a causal LM on a text corpus, with sequence packing.
+
+From scratch (a byte-level BPE tokenizer trained on the corpus, then a tiny Llama/Qwen2 model
+from a ``transformers`` config) or, with ``init`` set, continued pretraining of any checkpoint
+(transfer learning).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhfkit.models.loading import TinyModelConfig
+from rlhfkit.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class PretrainConfig(TrainConfig):
+    """Pretraining stage."""
+
+    data: str = ""
+    """corpus: .txt (blank-line separated documents) or records with a ``text`` field; empty means the task's pretrain.jsonl"""
+    init: str = ""
+    """empty: train from scratch; else a model directory or hub name to continue pretraining"""
+    arch: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """architecture of a from-scratch model"""
+    block_size: int = 128
+    """tokens per packed training block"""
+    lr: float = 3e-3
+    """peak learning rate (AdamW)"""
+
+
+def run(cfg: PretrainConfig, data_path: Path, out_dir: Path, accelerator, log) -> dict:
+    from rlhfkit.data.collate import collate_packed, pack_documents
+    from rlhfkit.data.loading import load_texts
+    from rlhfkit.models.loading import build_tiny_causal_lm, load_causal_lm, load_tokenizer, save_pretrained_atomic
+    from rlhfkit.models.tokenizer import train_bpe_tokenizer
+    from rlhfkit.training import train_lm
+
+    texts = load_texts(data_path)
+    if cfg.init:
+        tokenizer = load_tokenizer(cfg.init)
+        model = load_causal_lm(cfg.init)
+    else:
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=cfg.arch.vocab_size)
+        model = build_tiny_causal_lm(cfg.arch, tokenizer, seed=cfg.seed)
+    if cfg.block_size > model.config.max_position_embeddings:
+        raise ValueError(f"pretrain.block_size {cfg.block_size} exceeds the model's context {model.config.max_position_embeddings}")
+    blocks = pack_documents(tokenizer, texts, cfg.block_size)
+    metrics = train_lm(
+        model,
+        n_examples=len(blocks),
+        collate=lambda idx: collate_packed([blocks[i] for i in idx], tokenizer.pad_token_id),
+        loss_tokens=[b.n_loss_tokens for b in blocks],
+        cfg=cfg,
+        accelerator=accelerator,
+        log=log,
+        progress_desc="pretrain",
+    )
+    if accelerator.is_main_process:
+        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+    metrics.update(n_documents=len(texts), n_blocks=len(blocks), n_parameters=sum(p.numel() for p in model.parameters()))
+    return metrics

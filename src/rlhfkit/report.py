@@ -1,0 +1,163 @@
+"""The run's report: ``summary.json`` (figures as data), ``report.md`` and ``report.html`` (for people).
+
+Everything here is read back from what the stages wrote (``OUT/<stage>/metrics.json``,
+``log.jsonl``, ``eval/samples.jsonl``); the report computes nothing that a stage did not measure.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from rlhfkit.io import atomic_write_json, atomic_write_text, read_jsonl_plain
+
+METRICS = ["gold_score", "accuracy", "abstain_rate", "invented_number_rate", "win_rate_vs_sft",
+           "false_abstain_rate", "finished_rate", "response_length"]
+PLOT_KEYS = ["loss", "reward", "kl", "gold_score", "win_rate"]
+
+
+def _stage_dirs(out: Path) -> list[Path]:
+    return sorted([p for p in out.iterdir() if p.is_dir() and (p / "metrics.json").exists()], key=lambda p: p.stat().st_mtime)
+
+
+def build_summary(out: Path) -> dict:
+    summary: dict = {"policies": {}, "stages": {}}
+    for d in _stage_dirs(out):
+        m = json.loads((d / "metrics.json").read_text())
+        summary["stages"][d.name] = {"runtime_s": m.get("stage_runtime_s", m.get("train_runtime_s"))}
+        for name, metrics in m.get("policies", {}).items():
+            summary["policies"][name] = {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in metrics.items()}
+        for key in m.get("summary_sections", []):
+            summary[key] = m[key]
+    return summary
+
+
+def _fmt(v: dict | None) -> str:
+    if not v or v.get("mean") is None:
+        return "–"
+    lo, hi = v["ci95"]
+    return f"{v['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def plot_curves(out: Path) -> list[Path]:
+    """One PNG per stage with a log.jsonl: each logged figure of PLOT_KEYS against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    (out / "plots").mkdir(exist_ok=True)
+    for d in _stage_dirs(out):
+        log = d / "log.jsonl"
+        if not log.exists():
+            continue
+        rows = read_jsonl_plain(log)
+        keys = [k for k in PLOT_KEYS if any(k in r and isinstance(r[k], (int, float)) for r in rows)]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+        for ax, k in zip(axes[0], keys):
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts])
+            ax.set_title(f"{d.name}: {k}")
+            ax.set_xlabel("step")
+        fig.tight_layout()
+        path = out / "plots" / f"{d.name}.png"
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+        plots.append(path)
+    return plots
+
+
+def _samples(out: Path, per_policy: int = 3) -> dict[str, list[dict]]:
+    path = out / "eval" / "samples.jsonl"
+    if not path.exists():
+        return {}
+    rows = read_jsonl_plain(path)
+    first_prompts = []
+    for r in rows:
+        if r["prompt"] not in first_prompts:
+            first_prompts.append(r["prompt"])
+        if len(first_prompts) == per_policy:
+            break
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["prompt"] in first_prompts:
+            by.setdefault(r["policy"], []).append(r)
+    return by
+
+
+def write_report(out: Path) -> dict:
+    out = Path(out)
+    summary = build_summary(out)
+    atomic_write_json(out / "summary.json", summary)
+    plots = plot_curves(out)
+    samples = _samples(out)
+
+    md = ["# rlhfkit report", "", f"Run directory: `{out}`", ""]
+    if summary["policies"]:
+        md += ["## Policies on held-out prompts", "",
+               "Mean [95% CI] over held-out prompts, scored by the task's oracle judge.", "",
+               "| policy | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        for name, m in summary["policies"].items():
+            md.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in METRICS) + " |")
+        md.append("")
+    for key in [k for k in summary if k not in ("policies", "stages")]:
+        md += [f"## {key}", "", "```json", json.dumps(summary[key], indent=2), "```", ""]
+    md += ["## Stages", "", "| stage | runtime (s) |", "|---|---|"]
+    for name, s in summary["stages"].items():
+        rt = s["runtime_s"]
+        md.append(f"| {name} | {rt:.1f} |" if isinstance(rt, (int, float)) else f"| {name} | – |")
+    md.append("")
+    if plots:
+        md += ["## Training curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    if samples:
+        md += ["## Sample responses", ""]
+        for name, rows in samples.items():
+            md.append(f"### {name}")
+            for r in rows:
+                md += ["", f"**Prompt:** `{r['prompt'].strip()}`  ", f"score {r['score']:.2f}, correct {r['correct']}, "
+                       f"abstained {r['abstained']}, invented number {r['invented']}", "", "```", r["response"], "```"]
+            md.append("")
+    atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(out / "report.html", _html(md))
+    return summary
+
+
+def _html(md_lines: list[str]) -> str:
+    """A small, dependency-free rendering of the markdown we write (tables, headings, code, images)."""
+    body, in_code, in_table = [], False, False
+    for line in md_lines:
+        if line.startswith("```"):
+            body.append("</pre>" if in_code else "<pre>")
+            in_code = not in_code
+            continue
+        if in_code:
+            body.append(html.escape(line))
+            continue
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if all(set(c) <= {"-"} for c in cells):
+                continue
+            if not in_table:
+                body.append("<table border=1 cellpadding=4>")
+                in_table = True
+                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
+            else:
+                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            continue
+        if in_table:
+            body.append("</table>")
+            in_table = False
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](")
+            body.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}">')
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if in_table:
+        body.append("</table>")
+    return "<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit report</title></head><body>" + "\n".join(body) + "</body></html>\n"
