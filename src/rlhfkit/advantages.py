@@ -1,0 +1,96 @@
+"""Advantage estimators for PPO, GRPO and RLOO. Pure tensor math: imports only torch.
+
+Shapes: B = batch, T = tokens. Advantages are training *targets*: every function here runs
+under ``torch.no_grad()``, so a caller that passes live critic values cannot backpropagate
+through them by accident.
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.losses import masked_whiten  # pure tensor math too; one whitening, not two
+
+Tensor = torch.Tensor
+
+
+@torch.no_grad()
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16): (B, T) → (B, T), (B, T).
+
+    rewards: per-token rewards (typically −β·KL at every token, plus the sequence score at
+    the last real token). values: V(s_t) from the critic. mask: 1 on response tokens.
+
+        δ_t = r_t + γ V_{t+1} − V_t,    A_t = δ_t + γλ A_{t+1},    returns_t = A_t + V_t
+
+    The episode ends at the last real token, so V_{t+1} = 0 and A_{t+1} = 0 beyond it; the
+    critic's value of a padding token must never be bootstrapped from. Advantages and returns
+    are 0 at masked positions. Right padding is the usual layout, but any mask whose 1s are
+    one contiguous run per row (prompt tokens masked in front, say) works the same way.
+    """
+    if rewards.shape != values.shape or rewards.shape != mask.shape:
+        raise ValueError(f"shapes must match: {tuple(rewards.shape)}, {tuple(values.shape)}, {tuple(mask.shape)}")
+    keep = mask.bool()
+    # where, not multiply: the critic's output at padding may be anything, inf included.
+    rewards = torch.where(keep, rewards, torch.zeros_like(rewards))
+    values = torch.where(keep, values, torch.zeros_like(values))
+    next_value = torch.zeros_like(values[:, 0])  # V beyond the last column: the episode is over
+    next_advantage = torch.zeros_like(values[:, 0])
+    advantages = []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        # Masking here stops the recursion at the end of each real segment.
+        next_advantage = torch.where(keep[:, t], delta + gamma * lam * next_advantage, torch.zeros_like(delta))
+        next_value = values[:, t]
+        advantages.append(next_advantage)
+    advantages = torch.stack(advantages[::-1], dim=1)
+    return advantages, advantages + values
+
+
+@torch.no_grad()
+def group_normalized_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, scale: bool = True) -> Tensor:
+    """GRPO outcome advantages (Shao et al. 2024, §4.1.2, fed to the objective of eq. 3): (B,) → (B,).
+
+    rewards are laid out prompt-major, B = n_prompts · group_size, the group_size samples of
+    one prompt contiguous. A_i = (r_i − mean_group) / (std_group + eps), with the *sample*
+    (unbiased, n − 1) std, as DeepSeekMath's description and TRL's ``.std()`` use; that is
+    why group_size must be ≥ 2. ``scale=False`` drops the division (Dr. GRPO, Liu et al. 2025),
+    which removes the bias toward groups whose rewards barely differ. A group whose rewards are
+    all equal gets advantage 0 either way: it carries no signal.
+    """
+    groups = _grouped(rewards, group_size)  # (n_prompts, group_size)
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centered = centered / (groups.std(dim=1, keepdim=True, unbiased=True) + eps)
+    return centered.reshape(rewards.shape)
+
+
+@torch.no_grad()
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE leave-one-out baseline (Ahmadian et al. 2024): (B,) → (B,), laid out prompt-major.
+
+    A_i = r_i − (1/(k − 1)) Σ_{j≠i} r_j  =  k/(k − 1) · (r_i − mean_group).
+    The baseline excludes the sample itself, so it is independent of r_i and the estimator
+    stays unbiased; advantages sum to zero within each group.
+    """
+    groups = _grouped(rewards, group_size)
+    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others_mean).reshape(rewards.shape)
+
+
+def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be (B,), got {tuple(rewards.shape)}")
+    if group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"need group_size >= 2 dividing B = {rewards.numel()}, got {group_size}")
+    return rewards.reshape(-1, group_size)
+
+
+@torch.no_grad()
+def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True) -> Tensor:
+    """Whiten ``x`` (any shape) over its masked elements; all elements when ``mask`` is None.
+
+    Delegates to ``losses.masked_whiten``: masked mean, unbiased masked variance, padding → 0.
+    """
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    return masked_whiten(x, mask, shift_mean=shift_mean)

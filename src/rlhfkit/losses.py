@@ -1,0 +1,429 @@
+"""Losses of every stage, and the masked statistics they rest on. Pure tensor math: imports only torch.
+
+Conventions. B = batch, T = tokens, V = vocabulary. A ``mask`` is 0/1 (bool or float) with
+the same shape as the tensor it masks; 1 marks a real (response) token. Sequence log-probs
+are *sums* over response tokens unless a docstring says otherwise. Every loss returns
+``(loss, metrics)``: a scalar tensor with grad, and a dict of detached Python floats.
+"""
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _check_same_shape(**tensors: Tensor) -> None:
+    # (B,) against (B, 1) broadcasts silently to (B, B): the loss then averages B² wrong pairs
+    # and still looks plausible. Demand equal shapes instead.
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"shapes must match, got {shapes}")
+
+
+def _zero_padding(mask: Tensor, *tensors: Tensor) -> list[Tensor]:
+    # Padding may hold inf/NaN (garbage logits, -inf log-probs). Masking the *result* is not
+    # enough: 0 * inf = NaN in the backward pass too. Replace padded inputs with 0 first.
+    keep = mask.bool()
+    return [torch.where(keep, t, torch.zeros_like(t)) for t in tensors]
+
+
+def _weighted_mean(per_item: Tensor, weights: Tensor | None) -> Tensor:
+    """Σ w·l / Σ w over a (B,) tensor; the plain mean when ``weights`` is None (Σ w must be > 0)."""
+    if weights is None:
+        return per_item.mean()
+    _check_same_shape(losses=per_item, weights=weights)
+    weights = weights.to(per_item.dtype)
+    return (weights * per_item).sum() / weights.sum()
+
+
+# ---------------------------------------------------------------- masked statistics
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Σ of ``x`` where ``mask`` is 1, over all elements (``dim=None``) or along ``dim``."""
+    _check_same_shape(x=x, mask=mask)
+    # where, not x * mask: padding may hold inf/NaN and 0 * inf = NaN.
+    zeroed = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return zeroed.sum() if dim is None else zeroed.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1; shapes (…) → () or (…) minus ``dim``.
+
+    An all-masked slice gives 0, not NaN, so one empty row cannot poison a batch's loss.
+    """
+    count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the masked elements of ``x`` (one scalar over all of them).
+
+    ``unbiased`` divides by n − 1 (Bessel), as TRL's and torchtune's ``masked_var`` do, so our
+    whitened advantages match theirs. With a single element that would divide by zero; the
+    divisor is clamped to 1, giving variance 0 (there is no spread to measure).
+    """
+    mean = masked_mean(x, mask)
+    squares = masked_sum((x - mean) ** 2, mask)
+    n = mask.to(x.dtype).sum()
+    return squares / ((n - 1) if unbiased else n).clamp(min=1)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """(x − mean) / sqrt(var + 1e-8) over the masked elements, any shape; padding comes back 0.
+
+    Mean and *unbiased* variance (see ``masked_var``) come from masked elements only: padding
+    zeros would drag the mean toward 0 and shrink the variance. ``shift_mean=False`` keeps
+    the original mean (rescales only), as PPO implementations do when whitening rewards.
+    """
+    mean = masked_mean(x, mask)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# ---------------------------------------------------------------- reward models
+
+def bradley_terry_loss(
+    chosen: Tensor,
+    rejected: Tensor,
+    margin: Tensor | None = None,
+    weights: Tensor | None = None,
+    center_coef: float = 0.0,
+) -> tuple[Tensor, dict]:
+    """Bradley-Terry reward-model loss on (B,) scalar rewards of chosen and rejected responses.
+
+    loss = Σ w·(−log σ(r_c − r_r − m)) / Σ w  +  center_coef · mean((r_c + r_r)²)
+
+    The first term is InstructGPT's eq. 1 (Ouyang et al. 2022) with an optional per-pair margin
+    m (Llama 2, Touvron et al. 2023). BT is blind to a constant shift of all rewards, so the
+    offset drifts freely; the second term (reward centering, Eisenstein et al. 2023) pins it
+    near 0. ``weights`` e.g. 1/C(K,2) from ``ranking_pairs``. Metrics: accuracy (r_c > r_r,
+    ties count as wrong), margin = mean(r_c − r_r), mean chosen and rejected rewards.
+    """
+    _check_same_shape(chosen=chosen, rejected=rejected)
+    diff = chosen - rejected
+    if margin is not None:
+        _check_same_shape(chosen=chosen, margin=margin)
+        diff = diff - margin
+    # logsigmoid, not log(sigmoid(·)): sigmoid underflows to 0 below about −100 (fp32), log(0) = −inf.
+    loss = _weighted_mean(-F.logsigmoid(diff), weights)
+    if center_coef:
+        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+    with torch.no_grad():
+        metrics = {
+            "accuracy": (chosen > rejected).float().mean().item(),
+            "margin": (chosen - rejected).mean().item(),
+            "chosen_reward": chosen.mean().item(),
+            "rejected_reward": rejected.mean().item(),
+        }
+    return loss, metrics
+
+
+def ranking_pairs(ranking: list[int]) -> list[tuple[int, int, float]]:
+    """Expand a K-wise ranking (response indices, best first) into (winner, loser, weight) pairs.
+
+    All C(K,2) pairs, each weighted 1/C(K,2) (InstructGPT, Ouyang et al. 2022, eq. 1): the K
+    responses of one prompt then count as one comparison in total, which is what keeps a
+    reward model from overfitting to prompts with long rankings.
+    """
+    k = len(ranking)
+    if k < 2:
+        raise ValueError(f"a ranking needs at least 2 responses, got {ranking}")
+    if len(set(ranking)) != k:
+        raise ValueError(f"a ranking lists each response once, got {ranking}")
+    weight = 1.0 / (k * (k - 1) / 2)
+    return [(ranking[i], ranking[j], weight) for i in range(k) for j in range(i + 1, k)]
+
+
+def step_bce_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, dict]:
+    """Process-reward-model loss: BCE-with-logits at step boundaries only.
+
+    logits (B, T): one logit per token, read as log-odds that the step ending there is correct.
+    labels (B, T): 1 / 0 (or a soft target in [0, 1], Math-Shepherd style) at the positions
+    that close a step, ``ignore_index`` elsewhere. Loss = mean over labelled positions of
+    −[y log σ(z) + (1 − y) log σ(−z)] (Lightman et al. 2023). Metrics: step accuracy
+    ((z > 0) == (y > 0.5)) and the number of labelled steps.
+    """
+    _check_same_shape(logits=logits, labels=labels)
+    mask = labels != ignore_index
+    # −100 is not a probability: replace it before BCE so ignored positions stay finite.
+    targets = torch.where(mask, labels, torch.zeros_like(labels)).to(logits.dtype)
+    per_position = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    loss = masked_mean(per_position, mask)
+    with torch.no_grad():
+        correct = ((logits > 0) == (targets > 0.5)).to(logits.dtype)
+        metrics = {"step_accuracy": masked_mean(correct, mask).item(), "n_steps": int(mask.sum())}
+    return loss, metrics
+
+
+def cost_model_loss(
+    cost_safer: Tensor, cost_unsafer: Tensor, sign_safer: Tensor, sign_unsafer: Tensor
+) -> tuple[Tensor, dict]:
+    """Safe RLHF cost-model loss (Dai et al. 2023, eq. 6), all inputs (B,).
+
+    loss = mean[−log σ(c_unsafer − c_safer) − log σ(s_safer·c_safer) − log σ(s_unsafer·c_unsafer)]
+
+    s = +1 for an unsafe response, −1 for a safe one, so the classification terms push unsafe
+    costs above 0 and safe ones below: a negative cost means safe, and 0 is the boundary the
+    Lagrangian constraint in PPO-Lagrangian uses. The two signs are independent labels: the
+    safer of two responses may still be unsafe. Metrics: ranking accuracy (c_unsafer >
+    c_safer), sign accuracy (s·c > 0 over both responses), mean costs.
+    """
+    _check_same_shape(
+        cost_safer=cost_safer, cost_unsafer=cost_unsafer, sign_safer=sign_safer, sign_unsafer=sign_unsafer
+    )
+    for name, sign in (("sign_safer", sign_safer), ("sign_unsafer", sign_unsafer)):
+        # A 0/1 "is_safe" flag passed by mistake would silently zero or flip a term.
+        if not bool(((sign == 1) | (sign == -1)).all()):
+            raise ValueError(f"{name} must be +1 (unsafe) or -1 (safe)")
+    sign_safer, sign_unsafer = sign_safer.to(cost_safer.dtype), sign_unsafer.to(cost_unsafer.dtype)
+    ranking = -F.logsigmoid(cost_unsafer - cost_safer)
+    classification = -F.logsigmoid(sign_safer * cost_safer) - F.logsigmoid(sign_unsafer * cost_unsafer)
+    loss = (ranking + classification).mean()
+    with torch.no_grad():
+        signs_right = torch.cat([sign_safer * cost_safer > 0, sign_unsafer * cost_unsafer > 0])
+        metrics = {
+            "ranking_accuracy": (cost_unsafer > cost_safer).float().mean().item(),
+            "sign_accuracy": signs_right.float().mean().item(),
+            "cost_safer": cost_safer.mean().item(),
+            "cost_unsafer": cost_unsafer.mean().item(),
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------- direct preference losses
+
+class DPOLossType(StrEnum):
+    """DPO variants. Label smoothing (conservative DPO) is a parameter of ``sigmoid``, not a member.
+
+    StrEnum, not (str, Enum): str() and f-strings give the bare name ("ipo"), so configs and
+    logs round-trip; a (str, Enum) prints "DPOLossType.ipo" on Python ≥ 3.11.
+    """
+
+    sigmoid = "sigmoid"
+    ipo = "ipo"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the loss compares to a frozen reference model (so the recipe must load one).
+
+        Recipes ask this instead of matching names; a reference-free member (SimPO, ORPO)
+        would answer False and the recipe would skip the reference forward pass.
+        """
+        return self in (DPOLossType.sigmoid, DPOLossType.ipo)
+
+
+def _preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict:
+    """Implicit-reward diagnostics shared by DPO and DNO; inputs (B,), already detached."""
+    return {
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+        "chosen_reward": chosen_rewards.mean().item(),
+        "rejected_reward": rejected_rewards.mean().item(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+    }
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    loss_type: DPOLossType | str = DPOLossType.sigmoid,
+    label_smoothing: float = 0.0,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict]:
+    """DPO-family loss on (B,) sequence log-probs of the policy and the frozen reference.
+
+    h = (π_c − ref_c) − (π_r − ref_r), each term a log-prob summed over response tokens.
+    sigmoid: −(1 − ε) log σ(βh) − ε log σ(−βh)   (Rafailov et al. 2023, eq. 7; ε > 0 is
+             conservative DPO, Mitchell 2023: labels flipped with probability ε, ε ∈ [0, 0.5)).
+    ipo:     (h − 1/(2β))²                          (Azar et al. 2023, eq. 17). IPO usually
+             feeds *length-averaged* log-probs (mean over tokens), as TRL does; pass those
+             if you want that, since the target 1/(2β) is then per token. ε must be 0.
+    Weighted mean over pairs. Metrics: implicit rewards β(π − ref) of chosen and rejected,
+    their accuracy (chosen > rejected; 0 at step 0 where policy = reference) and margin.
+    """
+    loss_type = DPOLossType(loss_type)
+    _check_same_shape(
+        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
+    )
+    # The reference is frozen: detach so a caller passing live tensors cannot train it.
+    chosen_logratio = policy_chosen_logps - ref_chosen_logps.detach()
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps.detach()
+    h = chosen_logratio - rejected_logratio
+    if loss_type is DPOLossType.sigmoid:
+        if not 0.0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    else:  # DPOLossType.ipo
+        if label_smoothing:
+            raise ValueError("label_smoothing applies to the sigmoid loss only")
+        per_pair = (h - 1 / (2 * beta)) ** 2
+    loss = _weighted_mean(per_pair, weights)
+    with torch.no_grad():
+        metrics = _preference_metrics(beta * chosen_logratio, beta * rejected_logratio)
+    return loss, metrics
+
+
+def dno_loss(
+    policy_pos_logps: Tensor,
+    policy_neg_logps: Tensor,
+    prev_pos_logps: Tensor,
+    prev_neg_logps: Tensor,
+    eta: float,
+    weights: Tensor | None = None,
+) -> tuple[Tensor, dict]:
+    """DNO contrastive loss (Rosset et al. 2024, arXiv 2404.03715, Algorithm 2), inputs (B,).
+
+    loss = −log σ(η log(π/π_t)(y⁺) − η log(π/π_t)(y⁻)), weighted mean over pairs.
+
+    The form of sigmoid DPO, but the reference is the *previous iterate* π_t, not the SFT
+    model: using the SFT model here silently turns DNO into iterated DPO. (y⁺, y⁻) are
+    on-policy samples ranked by the preference oracle. Metrics as ``dpo_loss`` with β = η.
+    """
+    _check_same_shape(
+        policy_pos_logps=policy_pos_logps, policy_neg_logps=policy_neg_logps,
+        prev_pos_logps=prev_pos_logps, prev_neg_logps=prev_neg_logps,
+    )
+    pos_logratio = policy_pos_logps - prev_pos_logps.detach()
+    neg_logratio = policy_neg_logps - prev_neg_logps.detach()
+    loss = _weighted_mean(-F.logsigmoid(eta * (pos_logratio - neg_logratio)), weights)
+    with torch.no_grad():
+        metrics = _preference_metrics(eta * pos_logratio, eta * neg_logratio)
+    return loss, metrics
+
+
+def dno_soft_loss(
+    policy_1: Tensor, policy_2: Tensor, prev_1: Tensor, prev_2: Tensor, target: Tensor, eta: float
+) -> tuple[Tensor, dict]:
+    """DNO's soft-target loss (Rosset et al. 2024, Algorithm 1), inputs (B,).
+
+    h = log(π/π_t)(y₁) − log(π/π_t)(y₂); target = σ(r_t(y₁) − r_t(y₂)) ∈ [0, 1], given.
+    loss = mean −[target·log σ(ηh) + (1 − target)·log σ(−ηh)]
+
+    A cross-entropy between the target preference and the model's σ(ηh): it is minimal (equal
+    to the target's binary entropy, not 0) where σ(ηh) = target. Metrics: mean σ(ηh), mean target.
+    """
+    _check_same_shape(policy_1=policy_1, policy_2=policy_2, prev_1=prev_1, prev_2=prev_2, target=target)
+    if not bool(((target >= 0) & (target <= 1)).all()):
+        raise ValueError("target must be a probability in [0, 1]")
+    h = (policy_1 - prev_1.detach()) - (policy_2 - prev_2.detach())
+    target = target.to(h.dtype)
+    loss = -(target * F.logsigmoid(eta * h) + (1 - target) * F.logsigmoid(-eta * h)).mean()
+    with torch.no_grad():
+        metrics = {"predicted_preference": torch.sigmoid(eta * h).mean().item(), "target": target.mean().item()}
+    return loss, metrics
+
+
+def sft_nll(logps_sum: Tensor, n_tokens: Tensor) -> Tensor:
+    """Mean per-token negative log-likelihood of the chosen responses, for DPO + SFT (RPO).
+
+    logps_sum (B,): summed log-probs of each chosen response; n_tokens (B,): its length.
+    Returns mean_b(−logps_sum_b / n_tokens_b), a scalar. Each sequence is normalized by its own
+    length before the batch mean (Pang et al. 2024, eq. 1), so a long response does not
+    outweigh a short one; TRL's ``rpo_alpha`` instead averages over all tokens of the batch.
+    Add it as ``loss = dpo + alpha * sft_nll(...)``.
+    """
+    _check_same_shape(logps_sum=logps_sum, n_tokens=n_tokens)
+    return (-logps_sum / n_tokens.to(logps_sum.dtype).clamp(min=1)).mean()
+
+
+# ---------------------------------------------------------------- PPO
+
+def ppo_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, dict]:
+    """PPO clipped surrogate (Schulman et al. 2017, eq. 7), all inputs (B, T).
+
+    ratio = exp(logp − logp_old); loss = masked_mean(max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))),
+    a mean over all response tokens of the batch. Metrics: clipfrac, the fraction of tokens
+    where the clipped term won the max (so the token's gradient is 0; a ratio outside the band
+    in the direction that hurts the objective is *not* counted, unlike cleanrl's |ratio − 1| > ε);
+    approx_kl = masked_mean((ratio − 1) − log ratio), the k3 estimate of KL(π_old ‖ π) that
+    cleanrl logs.
+    """
+    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+    # Old log-probs and advantages are rollout constants: a live critic behind the advantages
+    # would otherwise get gradient from the policy loss.
+    old_logprobs, advantages = old_logprobs.detach(), advantages.detach()
+    # Zero padding before exp: a garbage log-ratio there overflows to inf and poisons the grad.
+    logprobs, old_logprobs, advantages = _zero_padding(mask, logprobs, old_logprobs, advantages)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        metrics = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+        }
+    return loss, metrics
+
+
+def ppo_value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float
+) -> tuple[Tensor, dict]:
+    """Clipped value loss, all inputs (B, T) (the PPO2 baselines form that cleanrl and TRL use).
+
+    loss = 0.5 · masked_mean(max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)).
+    Metrics: value_clipfrac (tokens where the clipped error won), explained_variance =
+    1 − Var(R − V_old) / Var(R) of the rollout values (cleanrl's diagnostic; NaN when every
+    return is equal, where it is undefined).
+    """
+    _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
+    old_values, returns = old_values.detach(), returns.detach()
+    values, old_values, returns = _zero_padding(mask, values, old_values, returns)
+    clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    with torch.no_grad():
+        var_returns = masked_var(returns, mask)
+        explained = 1 - masked_var(returns - old_values, mask) / var_returns if var_returns > 0 else float("nan")
+        metrics = {
+            "value_clipfrac": masked_mean((clipped_error > unclipped_error).to(values.dtype), mask).item(),
+            "explained_variance": float(explained),
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------- from logits
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy −Σ p log p of softmax(logits) over the last axis: (…, V) → (…)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    # Top-k / top-p filtering leaves −inf logits: p = 0 there and 0 · (−inf) = NaN, in the
+    # forward and the backward pass. Such tokens contribute 0 to the entropy; say so first.
+    logp = logp.masked_fill(torch.isneginf(logp), 0.0)
+    return -(p * logp).sum(-1)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature) read at ``labels``: (B, T, V), (B, T) → (B, T).
+
+    ``logits[:, t]`` must already be the prediction for ``labels[:, t]`` (the caller shifts by
+    one: logits[:, :-1] against input_ids[:, 1:]). Labels must be valid token ids everywhere;
+    put the pad id, not −100, at padding and mask the result. Use the sampling temperature:
+    log-probs at another temperature make the PPO ratio wrong from the first step.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape)} minus V")
+    if temperature != 1.0:
+        logits = logits / temperature
+    # bf16 has 8 mantissa bits: a logsumexp over ~50k entries then errs by ~1e-2 nats, which the
+    # PPO ratio exp(logp − old) turns into percent-level noise. Compute in fp32.
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    # gather − logsumexp: never materializes a second (B, T, V) tensor of log-probs.
+    selected = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return selected - torch.logsumexp(logits, dim=-1)
