@@ -1,0 +1,202 @@
+"""The annotation web app: a JSON API over the store, and a static page (``static/``).
+
+Sign-in: the token ``rlhfkit annotate add-annotator`` printed, sent as ``Authorization: Bearer
+TOKEN`` or kept in an HttpOnly, SameSite=Strict cookie set by ``POST /api/login``. POSTs must be
+``application/json``, which a cross-site form cannot send without a CORS preflight we never
+grant, so the cookie cannot be ridden by another site.
+
+Statuses: 401 without a valid token, 403 for an item outside the annotator's queue, 404 for no
+such item or route, 400 for a malformed body, 409 for an item already ranked, 413 for a body
+over 64 KiB.
+
+API:
+  POST /api/login {"token"}             -> {"name"}  (sets the cookie)
+  POST /api/logout                      -> {}
+  GET  /api/me                          -> {"name", "total", "done"}
+  GET  /api/queue                       -> {"items": [{"item_id", "done"}]}
+  GET  /api/next                        -> {"item": {...} or null, "total", "done"}
+  GET  /api/items/ID                    -> {"item_id", "prompt", "responses"}
+  POST /api/items/ID/ranking {"ranking", "unsafe"?, "wrong_steps"?}  -> 201 {"ranking_id"}
+"""
+from __future__ import annotations
+
+import json
+import re
+from http.cookies import CookieError, SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from rlhfkit.annotate.store import Store, StoreError
+
+STATIC = Path(__file__).parent / "static"
+STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),
+                "/index.html": ("index.html", "text/html; charset=utf-8"),
+                "/app.js": ("app.js", "text/javascript; charset=utf-8")}
+COOKIE = "rlhfkit_token"
+MAX_BODY = 64 * 1024
+ITEM_RE = re.compile(r"^/api/items/(\d{1,12})$")
+RANK_RE = re.compile(r"^/api/items/(\d{1,12})/ranking$")
+
+
+def _item_json(item) -> dict:
+    return {"item_id": item.id, "prompt": item.prompt, "responses": list(item.responses)}
+
+
+def make_handler(store: Store):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "rlhfkit-annotate"
+
+        def log_message(self, fmt, *a):
+            pass
+
+        # -- responses ----------------------------------------------------------------------------
+        def _send(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, obj: dict, headers: dict | None = None) -> None:
+            self._send(status, json.dumps(obj).encode(), "application/json", headers)
+
+        def _error(self, status: int, msg: str) -> None:
+            self._json(status, {"error": msg})
+
+        # -- auth and input -----------------------------------------------------------------------
+        def _token(self) -> str | None:
+            auth = self.headers.get("Authorization", "")
+            if auth.startswith("Bearer "):
+                return auth[len("Bearer "):].strip()
+            try:
+                cookie = SimpleCookie(self.headers.get("Cookie", ""))
+            except CookieError:
+                return None
+            return cookie[COOKIE].value if COOKIE in cookie else None
+
+        def _annotator(self):
+            who = store.annotator_for_token(self._token())
+            if who is None:
+                self._error(401, "sign in with your annotator token")
+            return who
+
+        def _read(self) -> bytes | None:
+            """Read the whole request body first, so that an early refusal (401, 404) never leaves
+            unread bytes on a keep-alive connection to be misread as the next request."""
+            try:
+                length = int(self.headers.get("Content-Length", "0") or 0)
+            except ValueError:
+                length = -1
+            if length < 0 or length > MAX_BODY:
+                self.close_connection = True  # the body is not read: this connection cannot be reused
+                self._error(413 if length > MAX_BODY else 400, f"body over {MAX_BODY} bytes" if length > MAX_BODY
+                            else "bad Content-Length")
+                return None
+            return self.rfile.read(length)
+
+        def _parse(self, raw: bytes):
+            """The JSON object of a POST, or None after sending the error."""
+            if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+                self._error(400, "Content-Type must be application/json")
+                return None
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self._error(400, "the body is not valid JSON")
+                return None
+            if not isinstance(obj, dict):
+                self._error(400, "the body must be a JSON object")
+                return None
+            return obj
+
+        # -- routes -------------------------------------------------------------------------------
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path in STATIC_FILES:
+                name, ctype = STATIC_FILES[path]
+                self._send(200, (STATIC / name).read_bytes(), ctype)
+                return
+            if not path.startswith("/api/"):
+                self._error(404, f"no route {path}")
+                return
+            who = self._annotator()
+            if who is None:
+                return
+            aid, name = who
+            try:
+                if path == "/api/me" or path == "/api/queue" or path == "/api/next":
+                    queue = store.queue(aid)
+                    done = sum(q["done"] for q in queue)
+                    if path == "/api/me":
+                        self._json(200, {"name": name, "total": len(queue), "done": done})
+                    elif path == "/api/queue":
+                        self._json(200, {"items": queue})
+                    else:
+                        nxt = next((q["item_id"] for q in queue if not q["done"]), None)
+                        item = _item_json(store.item_for(aid, nxt)) if nxt is not None else None
+                        self._json(200, {"item": item, "total": len(queue), "done": done})
+                elif m := ITEM_RE.match(path):
+                    self._json(200, _item_json(store.item_for(aid, int(m.group(1)))))
+                else:
+                    self._error(404, f"no route {path}")
+            except StoreError as e:
+                self._error(e.status, str(e))
+
+        def do_POST(self):
+            path = self.path.split("?", 1)[0]
+            raw = self._read()
+            if raw is None:
+                return
+            if path == "/api/login":
+                body = self._parse(raw)
+                if body is None:
+                    return
+                token = body.get("token")
+                who = store.annotator_for_token(token if isinstance(token, str) else None)
+                if who is None:
+                    self._error(401, "unknown token")
+                    return
+                cookie = f"{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+                self._json(200, {"name": who[1]}, {"Set-Cookie": cookie})
+                return
+            if path == "/api/logout":
+                self._json(200, {}, {"Set-Cookie": f"{COOKIE}=; Max-Age=0; HttpOnly; SameSite=Strict; Path=/"})
+                return
+            m = RANK_RE.match(path)
+            if not m:
+                self._error(404, f"no route {path}")
+                return
+            who = self._annotator()
+            if who is None:
+                return
+            body = self._parse(raw)
+            if body is None:
+                return
+            unknown = set(body) - {"ranking", "unsafe", "wrong_steps"}
+            if unknown:
+                self._error(400, f"unknown fields: {', '.join(sorted(unknown))}")
+                return
+            if "ranking" not in body:
+                self._error(400, "missing 'ranking'")
+                return
+            try:
+                rid = store.submit(who[0], int(m.group(1)), body["ranking"], body.get("unsafe", []),
+                                   body.get("wrong_steps", []))
+            except StoreError as e:
+                self._error(e.status, str(e))
+                return
+            self._json(201, {"ranking_id": rid})
+
+    return Handler
+
+
+def make_server(store: Store, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """A server bound to (host, port); port 0 picks a free one. Run with ``serve_forever``."""
+    server = ThreadingHTTPServer((host, port), make_handler(store))
+    server.daemon_threads = True
+    return server

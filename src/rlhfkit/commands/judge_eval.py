@@ -1,0 +1,147 @@
+"""``rlhfkit judge-eval``: how well a judge agrees with gold labels, and how position-biased it is.
+
+Every pair is judged in both orders, whatever the config's ``average_orders``, so one run
+gives the agreement of the first order alone (no averaging), of the swapped order alone, of
+both averaged, and the position-bias rate. The headline ``agreement`` follows the config.
+The last line of stdout is one JSON object with all the figures.
+
+Data: LLMBar's ``[{"input", "output_1", "output_2", "label": 1|2}]``; pair records
+``{"prompt", "chosen", "rejected"}`` (shown in a seeded random order, so a judge that always
+picks the first slot scores 0.5, not 1.0); or ``--task-pairs N``: pairs of the embedded task,
+a correct response against a flawed one, labelled by the task's oracle.
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--judge", required=True, help="judge config YAML (see configs/judge_*.yaml)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="LLMBar .json or pair records {prompt, chosen, rejected}")
+    src.add_argument("--task-pairs", type=int, metavar="N", help="N pairs from the embedded task, labelled by its oracle")
+    p.add_argument("--seed", type=int, default=0, help="order of pair records; problems of --task-pairs")
+    p.add_argument("--limit", type=int, default=None, help="judge only the first N pairs")
+    p.add_argument("--out", help="write each pair's judgment (with rationales) to this JSONL file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="judge config overrides")
+
+
+def load_pairs(path: str | Path, seed: int = 0) -> list[dict]:
+    """Records ``{"prompt", "a", "b", "a_preferred", "meta"?}`` from LLMBar or pair files."""
+    from rlhfkit.data.loading import DataError, iter_records, require
+
+    rng = random.Random(seed)
+    out = []
+    for rec in iter_records(path):
+        r = rec.record
+        if "output_1" in r or "label" in r:
+            require(rec, {"input": str, "output_1": str, "output_2": str, "label": int}, nonempty=("input",))
+            if r["label"] not in (1, 2) or isinstance(r["label"], bool):
+                raise DataError(f"{rec.where}: field 'label' must be 1 or 2, got {r['label']!r}")
+            out.append({"prompt": r["input"], "a": r["output_1"], "b": r["output_2"], "a_preferred": r["label"] == 1})
+        else:
+            require(rec, {"prompt": str, "chosen": str, "rejected": str}, nonempty=("prompt",))
+            if r["chosen"] == r["rejected"]:
+                raise DataError(f"{rec.where}: 'chosen' and 'rejected' are the same text")
+            chosen_first = rng.random() < 0.5
+            a, b = (r["chosen"], r["rejected"]) if chosen_first else (r["rejected"], r["chosen"])
+            item = {"prompt": r["prompt"], "a": a, "b": b, "a_preferred": chosen_first}
+            if isinstance(r.get("meta"), dict):
+                item["meta"] = r["meta"]
+            out.append(item)
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def task_pairs(n: int, seed: int) -> list[dict]:
+    """Embedded-task pairs: the gold response against a flawed one (a slip or an invented number).
+
+    The label is the oracle's (P > 0.5), and the order is shuffled with ``seed``.
+    """
+    from rlhfkit.tasks.arith import demonstration, format_prompt, gold_response, make_problems, preference_prob
+
+    rng = random.Random(seed)
+    out = []
+    for p in make_problems(n, seed=seed, unanswerable_frac=0.3):
+        gold, bad = gold_response(p), demonstration(p, rng, hallucination_rate=1.0, slip_rate=1.0)
+        if gold == bad:
+            continue
+        a, b = (gold, bad) if rng.random() < 0.5 else (bad, gold)
+        prompt = format_prompt(p)
+        out.append({"prompt": prompt, "a": a, "b": b, "a_preferred": preference_prob(p, a, b, 10.0) > 0.5,
+                    "meta": p.to_meta()})
+    return out
+
+
+def evaluate(judge, pairs: list[dict]) -> tuple[list, dict]:
+    """Judge every pair in both orders; return the judgments and the figures."""
+    from rlhfkit.judges.agreement import agreement_with_labels, position_bias
+    from rlhfkit.judges.prompt import Judgment
+
+    items = [(p["prompt"], p["a"], p["b"]) for p in pairs]
+    if hasattr(judge, "judge"):
+        judgments = judge.judge(items, both_orders=True)
+    else:  # any PreferenceFunction: ask the swapped order explicitly
+        first = judge.prob(items)
+        swapped = judge.prob([(q, b, a) for q, a, b in items])
+        judgments = [Judgment(prob=0.5 * (p + 1 - s), prob_a_first=p, prob_a_second=1 - s) for p, s in zip(first, swapped)]
+    gold = [p["a_preferred"] for p in pairs]
+    averaged = [0.5 * (j.prob_a_first + j.prob_a_second) for j in judgments]
+    bias = position_bias(judgments)
+    figures = {
+        "n": len(pairs),
+        "agreement_single_order": agreement_with_labels([j.prob_a_first for j in judgments], gold),
+        "agreement_swapped_order": agreement_with_labels([j.prob_a_second for j in judgments], gold),
+        "agreement_averaged": agreement_with_labels(averaged, gold),
+        "ties_averaged": sum(1 for p in averaged if p == 0.5),
+        "position_bias": bias["rate"],
+        "first_slot_rate": bias["first_slot_rate"],
+        "position_undecided": bias["n_undecided"],
+    }
+    return judgments, figures
+
+
+def run(args) -> int:
+    from rlhfkit.config import ConfigError, load_config
+    from rlhfkit.io import atomic_write_jsonl
+    from rlhfkit.judges.config import JudgeConfig, build_judge
+
+    cfg = load_config(JudgeConfig, args.judge, args.overrides)
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit must be >= 1")
+    if args.task_pairs is not None:
+        if args.task_pairs < 1:
+            raise ConfigError("--task-pairs must be >= 1")
+        pairs, source = task_pairs(args.task_pairs, args.seed), f"embedded task ({args.task_pairs} problems, seed {args.seed})"
+    else:
+        pairs, source = load_pairs(args.data, args.seed), args.data
+    if args.limit is not None:
+        pairs = pairs[: args.limit]
+    t0 = time.time()
+    try:
+        judge = build_judge(cfg, pairs)
+    except ValueError as e:
+        raise ConfigError(f"{args.judge}: {e}") from None
+    t_load = time.time() - t0
+    judgments, fig = evaluate(judge, pairs)
+    seconds = time.time() - t0
+    headline = fig["agreement_averaged"] if cfg.average_orders else fig["agreement_single_order"]
+    result = {"judge": getattr(judge, "name", cfg.kind.value), "data": str(source), "average_orders": cfg.average_orders,
+              "cot": cfg.cot, "agreement": headline, **fig, "load_seconds": round(t_load, 1), "seconds": round(seconds, 1)}
+    if args.out:
+        atomic_write_jsonl(Path(args.out), [{**p, **j.to_dict()} for p, j in zip(pairs, judgments)])
+    print(f"judge: {result['judge']}   data: {source}   n={fig['n']}   ({seconds:.0f} s, load {t_load:.0f} s)")
+    print(f"{'':34}agreement")
+    print(f"{'first order only (no averaging)':34}{fig['agreement_single_order']:.3f}")
+    print(f"{'swapped order only':34}{fig['agreement_swapped_order']:.3f}")
+    print(f"{'both orders averaged':34}{fig['agreement_averaged']:.3f}   ({fig['ties_averaged']} ties, half credit)")
+    print(f"position bias (verdict flips with the order): {fig['position_bias']:.3f}   "
+          f"first slot wins: {fig['first_slot_rate']:.3f}")
+    print(json.dumps(result))
+    sys.stdout.flush()
+    return 0

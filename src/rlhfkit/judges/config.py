@@ -1,0 +1,95 @@
+"""The judge config (one YAML file per judge) and the function that builds a judge from it.
+
+``rlhfkit judge-eval`` and the labeling stage both go through :func:`build_judge`, so a judge
+measured by ``judge-eval`` is exactly the judge that labels.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class JudgeKind(str, enum.Enum):
+    LLM = "llm"
+    """a local transformers causal LM (directory, .gguf file or package:NAME/FILE.gguf)"""
+    HTTP = "http"
+    """an OpenAI-compatible chat-completions endpoint"""
+    ORACLE = "oracle"
+    """the embedded task's oracle (needs each record's ``meta``)"""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """An AI judge: which model, which prompt, and how its verdicts are read."""
+
+    kind: JudgeKind = JudgeKind.LLM
+    """llm, http or oracle"""
+    model: str = ""
+    """llm: a model directory, a .gguf file, or package:NAME[/FILE.gguf]; http: the model name sent to the endpoint"""
+    gguf_file: str | None = None
+    """llm: the .gguf file inside ``model``'s directory, when it holds several"""
+    rubric_file: str | None = None
+    """a text file with the judging criteria (default: a built-in instruction-following rubric)"""
+    constitution_file: str | None = None
+    """a text file of principles, one per line (instead of rubric_file)"""
+    labels: tuple[str, str] = ("A", "B")
+    """the two answer labels the judge answers with: [A, B] or ["1", "2"]"""
+    average_orders: bool = True
+    """ask both orders and average, removing position bias from the reported probability"""
+    cot: bool = False
+    """generate a chain-of-thought rationale before the answer and keep it with the label"""
+    max_new_tokens: int = 128
+    """longest rationale, in tokens (cot only)"""
+    batch_size: int = 4
+    """llm: prompts per forward pass"""
+    base_url: str | None = None
+    """http: the endpoint's base URL, up to and including /v1 (else env RLHFKIT_JUDGE_BASE_URL)"""
+    api_key: str | None = None
+    """http: the API key (better: leave empty and set the variable named by api_key_env)"""
+    api_key_env: str = "OPENAI_API_KEY"
+    """http: the environment variable holding the API key, read when api_key is empty"""
+    timeout_s: float = 60.0
+    """http: seconds to wait for one response"""
+    max_retries: int = 4
+    """http: retries after a timeout, a connection error, 429 or 5xx (then the error is raised)"""
+    backoff_s: float = 0.5
+    """http: the first retry's delay; each later retry waits twice as long"""
+    concurrency: int = 4
+    """http: requests in flight at once"""
+    cache: str | None = None
+    """http: an SQLite file caching responses by hash of model + messages + parameters"""
+    use_logprobs: bool = True
+    """http: ask for logprobs and read the probability from them (else, or if absent, from the answer letter)"""
+    beta: float = 10.0
+    """oracle: sharpness of P(a > b) = sigmoid(beta * (score_a - score_b))"""
+
+    def __post_init__(self):
+        if self.kind in (JudgeKind.LLM, JudgeKind.HTTP) and not self.model:
+            raise ValueError(f"a {self.kind.value} judge needs 'model'")
+        for key in ("max_new_tokens", "batch_size", "concurrency"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1")
+        if self.max_retries < 0 or self.timeout_s <= 0 or self.backoff_s < 0:
+            raise ValueError("need max_retries >= 0, timeout_s > 0, backoff_s >= 0")
+
+
+def build_judge(cfg: JudgeConfig, records: list[dict] | None = None):
+    """A PreferenceFunction from a config. The oracle needs ``records`` carrying ``meta``."""
+    from rlhfkit.judges.prompt import prompt_from_files
+
+    if cfg.kind is JudgeKind.ORACLE:
+        from rlhfkit.judges.oracle import TaskOracle
+
+        metas = [r for r in (records or []) if isinstance(r.get("meta"), dict)]
+        if not metas:
+            raise ValueError("the oracle judge needs records of the embedded task (each with 'meta')")
+        return TaskOracle.from_records(metas, beta=cfg.beta)
+    prompt = prompt_from_files(cfg.rubric_file, cfg.constitution_file, tuple(cfg.labels))
+    if cfg.kind is JudgeKind.LLM:
+        from rlhfkit.judges.llm import LLMJudge
+
+        return LLMJudge.from_pretrained(cfg.model, cfg.gguf_file, prompt=prompt, average_orders=cfg.average_orders,
+                                        cot=cfg.cot, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    from rlhfkit.judges.http import HTTPJudge
+
+    return HTTPJudge.from_config(cfg, prompt)
