@@ -19,13 +19,16 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock requirements-judge.lock requirements-judge-nodeps.lock
 	$(BIN)/pip install -q -r requirements-test.lock
+	$(BIN)/pip install -q -r requirements-judge.lock
+	$(BIN)/pip install -q --no-deps -r requirements-judge-nodeps.lock
 	touch $@
 
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+	bash scripts/system-deps.sh
 
 quickstart: install
 	$(BIN)/rlhfkit quickstart --out $(OUT)

@@ -64,8 +64,7 @@ class JudgeConfig:
     """oracle: sharpness of P(a > b) = sigmoid(beta * (score_a - score_b))"""
 
     def __post_init__(self):
-        if self.kind in (JudgeKind.LLM, JudgeKind.HTTP) and not self.model:
-            raise ValueError(f"a {self.kind.value} judge needs 'model'")
+        # Only checks of single fields here: the loader validates each override on its own.
         for key in ("max_new_tokens", "batch_size", "concurrency"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1")
@@ -77,6 +76,8 @@ def build_judge(cfg: JudgeConfig, records: list[dict] | None = None):
     """A PreferenceFunction from a config. The oracle needs ``records`` carrying ``meta``."""
     from rlhfkit.judges.prompt import prompt_from_files
 
+    if cfg.kind in (JudgeKind.LLM, JudgeKind.HTTP) and not cfg.model:
+        raise ValueError(f"a {cfg.kind.value} judge needs 'model'")
     if cfg.kind is JudgeKind.ORACLE:
         from rlhfkit.judges.oracle import TaskOracle
 
