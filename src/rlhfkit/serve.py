@@ -93,6 +93,8 @@ class ChatModel:
     def __init__(self, model, tokenizer, name: str):
         self.model, self.tok, self.name = model.eval(), tokenizer, name
         self.lock = threading.Lock()
+        self.completions = 0
+        """requests answered (a diagnostic; tests count cache hits with it)"""
 
     def complete(self, req: dict) -> dict:
         import torch
@@ -112,6 +114,7 @@ class ChatModel:
             if greedy and req["n"] > 1:
                 kwargs["num_return_sequences"] = 1  # n identical greedy answers: generate once
             out = self.model.generate(**enc, **kwargs)
+            self.completions += 1
         seqs = out.sequences[:, n_prompt:]
         logits = torch.stack(out.logits, dim=1).float() if req["logprobs"] else None  # (rows, T, V)
         choices, n_completion = [], 0

@@ -99,16 +99,22 @@ class LLMJudge:
         return self.tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
     def _label_ids(self, ctx_ids: list[int], ctx: str) -> list[list[int]]:
-        """For each label, the distinct first-token ids of its spellings right after ``ctx``."""
+        """For each label, the token ids of its one-token spellings right after ``ctx``.
+
+        A spelling that takes several tokens there (" A" as "Ġ" + "A" in a small vocabulary) is
+        skipped: its first token would be shared with the other label's."""
         ids = []
         for label in self.prompt.labels:
             cand = set()
             for variant in (label, " " + label):
                 full = self.tok(ctx + variant, add_special_tokens=False)["input_ids"]
-                if full[: len(ctx_ids)] == ctx_ids and len(full) > len(ctx_ids):
-                    cand.add(full[len(ctx_ids)])
-                else:  # the label merged with the context's last token: fall back to it alone
-                    cand.add(self.tok(variant, add_special_tokens=False)["input_ids"][0])
+                if full[: len(ctx_ids)] == ctx_ids and len(full) == len(ctx_ids) + 1:
+                    cand.add(full[-1])
+            if not cand:  # the label merges with the context's last token: use it alone
+                alone = self.tok(label, add_special_tokens=False)["input_ids"]
+                if len(alone) != 1:
+                    raise ValueError(f"answer label {label!r} is not a single token in this tokenizer; choose other labels")
+                cand.add(alone[0])
             ids.append(sorted(cand))
         if set(ids[0]) & set(ids[1]):
             raise ValueError(f"answer labels {self.prompt.labels} share a token in this tokenizer; choose other labels")
