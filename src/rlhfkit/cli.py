@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("rlhfkit.commands.stage", "pretrain a causal LM on a text corpus (a pipeline stage)"),
     "sft": ("rlhfkit.commands.stage", "supervised fine-tuning on demonstrations (a pipeline stage)"),
     "eval": ("rlhfkit.commands.stage", "sample policies on held-out prompts and score them with a judge"),
+    "ppo": ("rlhfkit.commands.stage", "RL fine-tuning against a reward: PPO, GRPO or RLOO (a pipeline stage)"),
     "judge-eval": ("rlhfkit.commands.judge_eval", "measure a judge: agreement with gold labels and position bias"),
     "annotate": ("rlhfkit.commands.annotate", "human annotation: import items, add annotators, serve the web app, export rankings"),
     "serve": ("rlhfkit.serve", "serve a causal LM through an OpenAI-compatible chat-completions API"),

@@ -18,6 +18,7 @@ import yaml
 
 from rlhfkit.config import ConfigError, load_config, save_config, to_dict
 from rlhfkit.recipes.evaluate import EvalConfig
+from rlhfkit.recipes.ppo import PPOConfig
 from rlhfkit.recipes.pretrain import PretrainConfig
 from rlhfkit.recipes.sft import SFTConfig
 from rlhfkit.tasks.arith import TaskConfig
@@ -39,6 +40,16 @@ class PipelineConfig:
     """supervised fine-tuning stage"""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """evaluation stage"""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """RL stage ``ppo`` (any algorithm; see ``RL_STAGES``): writes OUT/ppo/model"""
+    ppo_prm: PPOConfig = field(default_factory=PPOConfig)
+    """RL stage ``ppo_prm``, for PRM step rewards (set ``reward_source: prm`` in the config)"""
+    ppo_safe: PPOConfig = field(default_factory=PPOConfig)
+    """RL stage ``ppo_safe``, for the Safe RLHF constraint (set ``cost_model``)"""
+    grpo: PPOConfig = field(default_factory=PPOConfig)
+    """RL stage ``grpo`` (set ``algorithm: grpo`` and ``group_size``)"""
+    rloo: PPOConfig = field(default_factory=PPOConfig)
+    """RL stage ``rloo`` (set ``algorithm: rloo`` and ``group_size``)"""
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -99,15 +110,32 @@ def _stage_eval(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     return evaluate_policies(cfg.eval, out, _data_path(cfg.eval.data, out, "heldout.jsonl"), stage_dir, acc)
 
 
+def _stage_rl(name: str) -> Callable[[PipelineConfig, Path, Path], dict]:
+    """One runner for every RL stage: the stage name picks its config section and its output names."""
+
+    def runner(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+        from rlhfkit.recipes import ppo
+        from rlhfkit.training import make_accelerator
+
+        section = getattr(cfg, name)
+        return ppo.run(section, out, stage_dir, make_accelerator(section), stage_dir / "log.jsonl", name=name)
+
+    return runner
+
+
+# RL stages: several can run in one config (e.g. configs/rl_comparison.yaml), each its own section.
+RL_STAGES = ("ppo", "ppo_prm", "ppo_safe", "grpo", "rloo")
+
 STAGES: dict[str, Callable[[PipelineConfig, Path, Path], dict]] = {
     "data": _stage_data,
     "pretrain": _stage_pretrain,
     "sft": _stage_sft,
     "eval": _stage_eval,
+    **{name: _stage_rl(name) for name in RL_STAGES},
 }
 
 # Which config section belongs to each stage (saved beside its output and compared on resume).
-SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval"}
+SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval", **{n: n for n in RL_STAGES}}
 
 
 def _stage_config(cfg: PipelineConfig, stage: str) -> dict:

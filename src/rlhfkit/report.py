@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rlhfkit.io import atomic_write_json, atomic_write_text, read_jsonl_plain
 
-METRICS = ["gold_score", "accuracy", "abstain_rate", "invented_number_rate", "win_rate_vs_sft",
+METRICS = ["gold_score", "accuracy", "abstain_rate", "invented_number_rate", "win_rate_vs_sft", "kl_from_reference",
            "false_abstain_rate", "finished_rate", "response_length"]
 PLOT_KEYS = ["loss", "reward", "kl", "gold_score", "win_rate"]
 
@@ -26,7 +26,10 @@ def build_summary(out: Path) -> dict:
         m = json.loads((d / "metrics.json").read_text())
         summary["stages"][d.name] = {"runtime_s": m.get("stage_runtime_s", m.get("train_runtime_s"))}
         for name, metrics in m.get("policies", {}).items():
-            summary["policies"][name] = {k: {"mean": v["mean"], "ci95": v["ci95"]} for k, v in metrics.items()}
+            # Merged, not replaced: an RL stage adds kl_from_reference (and mean_cost), eval adds the rest.
+            # A plain number (a cost_threshold) is kept as it is.
+            summary["policies"].setdefault(name, {}).update(
+                {k: {"mean": v["mean"], "ci95": v["ci95"]} if isinstance(v, dict) else v for k, v in metrics.items()})
         for key in m.get("summary_sections", []):
             summary[key] = m[key]
     return summary
@@ -70,6 +73,43 @@ def plot_curves(out: Path) -> list[Path]:
     return plots
 
 
+def plot_overoptimization(out: Path) -> list[Path]:
+    """Gold (oracle) score and proxy reward of the rollouts against sqrt(KL), one line per RL stage.
+
+    Gao et al. (2022): as the policy moves away from the reference (sqrt of the KL, in nats),
+    the proxy reward keeps rising while the gold score peaks and falls: over-optimisation.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for d in _stage_dirs(out):
+        log = d / "log.jsonl"
+        rows = read_jsonl_plain(log) if log.exists() else []
+        rows = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in ("kl", "reward", "gold_score"))]
+        if rows:
+            runs[d.name] = rows
+    if not runs:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, rows in runs.items():
+        x = [max(r["kl"], 0.0) ** 0.5 for r in rows]
+        axes[0].plot(x, [r["gold_score"] for r in rows], label=name)
+        axes[1].plot(x, [r["reward"] for r in rows], label=name)
+    for ax, title in zip(axes, ("gold score (oracle)", "proxy reward")):
+        ax.set_title(title)
+        ax.set_xlabel("sqrt(KL from reference), nats^0.5")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    (out / "plots").mkdir(exist_ok=True)
+    path = out / "plots" / "overoptimization.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
+
+
 def _samples(out: Path, per_policy: int = 3) -> dict[str, list[dict]]:
     path = out / "eval" / "samples.jsonl"
     if not path.exists():
@@ -92,7 +132,7 @@ def write_report(out: Path) -> dict:
     out = Path(out)
     summary = build_summary(out)
     atomic_write_json(out / "summary.json", summary)
-    plots = plot_curves(out)
+    plots = plot_curves(out) + plot_overoptimization(out)
     samples = _samples(out)
 
     md = ["# rlhfkit report", "", f"Run directory: `{out}`", ""]

@@ -1,0 +1,239 @@
+"""The RL recipe (PPO / GRPO / RLOO): reward placement, KL at the reference, advantages, resume.
+
+The tensor math (GAE, whitening, KL estimators, clipped losses, Lagrange, GRPO/RLOO
+advantages) has exact tests in test_advantages.py, test_kl.py and test_losses.py; here are the
+recipe's own pieces, each with a value worked out by hand, and the recipe run end to end on
+a tiny model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhfkit.generation import Sample, SamplingConfig, sequences_from_samples
+from rlhfkit.recipes import ppo
+from rlhfkit.recipes.ppo import Algorithm, PPOConfig, Rollout
+
+
+def _write_prompts(out: Path, n: int = 16) -> None:
+    from rlhfkit.tasks.arith import format_prompt, make_problems
+
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in make_problems(n, seed=3, unanswerable_frac=0.25)]
+    for name in ("prompts.jsonl", "heldout.jsonl"):
+        (out / "data" / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _tiny_cfg(policy: Path, **kw) -> PPOConfig:
+    base = dict(
+        policy=str(policy), reward_source="judge", prompts_per_step=4, minibatch_size=2, ppo_epochs=2, total_steps=3,
+        sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16), save_every=1, lr=1e-3,
+        critic_lr=1e-3, mixed_precision="no",
+    )
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+# ---------------------------------------------------------------- reward placement
+
+def test_score_is_read_at_the_last_real_token_even_when_pad_is_eos():
+    eos = pad = 2  # pad == EOS: "the first pad" would be the EOS of a finished response
+    samples = [
+        Sample("p", [5, 6], [7, 8, 9], "", finished=True),  # prompt 2 + response 3 + EOS: last at index 5
+        Sample("p", [5], [7, 8], "", finished=False),  # prompt 1 + response 2, no EOS: last at index 2
+    ]
+    batch = sequences_from_samples(samples, pad, eos)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2], [5, 7, 8, 2, 2, 2]]
+    rewards = ppo.place_token_rewards(batch["response_mask"], torch.tensor([1.5, -1.0]))
+    assert rewards.tolist() == [[0, 0, 0, 0, 0, 1.5], [0, 0, -1.0, 0, 0, 0]]
+
+
+def test_step_rewards_go_to_their_tokens_within_the_response():
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0]])  # response occupies positions 2..5
+    rewards = ppo.place_token_rewards(mask, torch.tensor([0.0]), [[(1, -0.5), (3, -0.25)]])
+    assert rewards.tolist() == [[0, 0, 0, -0.5, 0, -0.25, 0]]
+
+
+def test_line_end_positions_find_the_newline_tokens(tiny_tokenizer):
+    from rlhfkit.tasks.arith import response_lines
+
+    text = "3 + 4 = 7\n7 * 2 = 14\nAnswer: 14"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    newlines = [i for i, t in enumerate(ids) if tiny_tokenizer.decode([t]) == "\n"]
+    assert len(newlines) == 2
+    pos = ppo.line_end_positions(tiny_tokenizer, ids, len(ids) + 1)  # + EOS
+    assert pos == [newlines[0], newlines[1], len(ids)]
+    assert len(pos) == len(response_lines(text))
+    # Leading/trailing newlines are not step boundaries (response_lines strips them).
+    ids2 = tiny_tokenizer("\n" + text + "\n", add_special_tokens=False)["input_ids"]
+    assert ppo.line_end_positions(tiny_tokenizer, ids2, len(ids2)) == [newlines[0] + 1, newlines[1] + 1, len(ids2) - 1]
+
+
+# ---------------------------------------------------------------- advantages by hand
+
+def _rollout(token_rewards, mask, kl, costs=None, old_values=None):
+    B, T = mask.shape
+    z = torch.zeros(B, T)
+    return Rollout(torch.zeros(B, T, dtype=torch.long), mask.clone(), mask, z, z, kl, torch.zeros(B), torch.zeros(B),
+                   token_rewards, costs, old_values, [])
+
+
+def test_ppo_advantages_subtract_kl_from_rewards_then_gae():
+    """One response of 2 tokens, β = 0.5, γ = λ = 1, V = 0, no whitening.
+
+    rewards = [0 − 0.5·0.2, 1 − 0.5·0.4] = [−0.1, 0.8]; A = returns = [0.7, 0.8].
+    """
+    mask = torch.tensor([[1, 1]])
+    ro = _rollout(torch.tensor([[0.0, 1.0]]), mask, torch.tensor([[0.2, 0.4]]), old_values=torch.zeros(1, 2, 1))
+    cfg = PPOConfig(algorithm="ppo", gamma=1.0, lam=1.0, whiten_advantages=False, prompts_per_step=1, minibatch_size=1)
+    adv, returns = ppo.compute_advantages(ro, cfg, kl_coef=0.5, lagrange=None)
+    assert torch.allclose(adv, torch.tensor([[0.7, 0.8]]))
+    assert torch.allclose(returns[..., 0], torch.tensor([[0.7, 0.8]]))
+
+
+def test_rloo_with_cost_combines_advantages_by_hand():
+    """K = 2 samples of one prompt, one token each, β = 0 (KL in reward), λ = 1.
+
+    rewards [1, 0] → A_r = [1, −1] (leave-one-out); costs [2, 0] → A_c = [2, −2].
+    A = (A_r − λ A_c) / (1 + λ) = ([1, −1] − [2, −2]) / 2 = [−0.5, 0.5].
+    """
+    mask = torch.tensor([[1], [1]])
+    ro = _rollout(torch.tensor([[1.0], [0.0]]), mask, torch.zeros(2, 1), costs=torch.tensor([2.0, 0.0]))
+    cfg = PPOConfig(algorithm="rloo", group_size=2, whiten_advantages=False, prompts_per_step=1, minibatch_size=2)
+    adv, returns = ppo.compute_advantages(ro, cfg, kl_coef=0.0, lagrange=1.0)
+    assert returns is None
+    assert torch.allclose(adv, torch.tensor([[-0.5], [0.5]]))
+
+
+def test_grpo_keeps_kl_out_of_the_reward_and_spreads_the_advantage_over_tokens():
+    """GRPO: KL goes in the loss, so a large KL does not change the advantages.
+
+    rewards [3, 1] (sum over tokens) → mean 2, sample std √2 → A = [1/√2, −1/√2] on every token.
+    """
+    mask = torch.tensor([[1, 1], [1, 0]])
+    ro = _rollout(torch.tensor([[1.0, 2.0], [1.0, 0.0]]), mask, torch.full((2, 2), 9.0))
+    cfg = PPOConfig(algorithm="grpo", group_size=2, whiten_advantages=False, prompts_per_step=1, minibatch_size=2)
+    assert cfg.kl_uses_loss and cfg.estimator == "k3"
+    adv, _ = ppo.compute_advantages(ro, cfg, kl_coef=1.0, lagrange=None)
+    a = 1 / math.sqrt(2)
+    assert torch.allclose(adv, torch.tensor([[a, a], [-a, 0.0]]), atol=1e-5)
+
+
+def test_config_refuses_what_cannot_work():
+    with pytest.raises(ValueError, match="group_size"):
+        PPOConfig(algorithm="grpo", group_size=1)
+    with pytest.raises(ValueError, match="zero expected gradient"):
+        PPOConfig(kl_in_loss="true", kl_estimator="k1")
+    with pytest.raises(ValueError, match="divisible"):
+        PPOConfig(prompts_per_step=10, minibatch_size=4)
+    assert Algorithm.ppo.uses_critic and not Algorithm.rloo.uses_critic
+
+
+# ---------------------------------------------------------------- the recipe on a tiny model
+
+def _scorer(cfg, out):
+    from rlhfkit.data.loading import load_prompts
+    from rlhfkit.tasks.arith import Problem
+
+    recs = load_prompts(out / "data" / "prompts.jsonl")
+    return [r.prompt for r in recs], ppo.make_scorer(cfg, out, {r.prompt: Problem.from_meta(r.meta) for r in recs})
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])
+def test_kl_is_exactly_zero_when_policy_equals_reference(tmp_path, tiny_lm_dir, lora):
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+    _write_prompts(tmp_path)
+    cfg = _tiny_cfg(tiny_lm_dir, lora_r=4 if lora else 0, kl_estimator="k2")
+    prompts, scorer = _scorer(cfg, tmp_path)
+    tok = load_tokenizer(tiny_lm_dir)
+    policy = load_causal_lm(tiny_lm_dir)
+    reference = None
+    if lora:
+        policy = ppo._add_lora(policy, cfg)
+        with torch.no_grad():  # make the adapter non-trivial: disabling it must still give the base model
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.add_(0.5)
+    else:
+        reference = load_causal_lm(tiny_lm_dir)
+    ro = ppo.make_rollout(policy, reference, None, tok, prompts[:4], scorer, cfg, seed=0, device=torch.device("cpu"))
+    mask = ro.response_mask.bool()
+    if lora:
+        assert (ro.kl[mask] != 0).any()  # adapter on: the policy differs from the reference
+        with policy.disable_adapter():
+            ro = ppo.make_rollout(policy, None, None, tok, prompts[:4], scorer, cfg, seed=0, device=torch.device("cpu"))
+        # Inside disable_adapter the "policy" is the base model too: both passes see the same weights.
+        assert torch.equal(ro.old_logprobs, ro.ref_logprobs)
+    assert torch.equal(ro.kl, torch.zeros_like(ro.kl))
+    assert mask.any()
+
+
+def test_ppo_logs_the_diagnostics_and_writes_a_loadable_model(tmp_path, tiny_lm_dir):
+    from accelerate import Accelerator
+
+    from rlhfkit.io import read_jsonl_plain
+    from rlhfkit.models.loading import load_causal_lm
+
+    _write_prompts(tmp_path)
+    stage = tmp_path / "ppo.partial"
+    stage.mkdir()
+    cfg = _tiny_cfg(tiny_lm_dir, total_steps=2, save_every=0)
+    metrics = ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl")
+    rows = read_jsonl_plain(stage / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("reward", "reward_with_kl", "kl", "entropy", "approx_kl", "clipfrac", "value_loss",
+                "explained_variance", "response_length", "gold_score"):
+        assert key in rows[0], key
+    assert rows[0]["kl"] == 0.0  # the first rollout comes from the unchanged policy
+    assert load_causal_lm(stage / "model") is not None
+    assert metrics["policies"]["ppo"]["kl_from_reference"]["n"] == 16
+
+
+def _final_state(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_lm_dir):
+    """SIGKILL a real `rlhfkit ppo` process after its first checkpoint; the rerun ends bit-identical."""
+    args = lambda out: [  # noqa: E731
+        sys.executable, "-m", "rlhfkit.cli", "ppo", f"out={out}", f"policy={tiny_lm_dir}", "reward_source=judge",
+        "prompts_per_step=4", "minibatch_size=2", "ppo_epochs=2", "total_steps=3", "save_every=1",
+        "sampling.max_new_tokens=8", "lr=1e-3", "critic_lr=1e-3",
+    ]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for out in (whole, killed):
+        _write_prompts(out)
+    subprocess.run(args(whole), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(args(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = killed / "ppo.ckpt" / "meta.json"
+    deadline = time.time() + 120
+    while not meta.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert meta.exists(), "the run ended before its first checkpoint"
+    assert not (killed / "ppo").exists(), "killed too late: the stage had already completed"
+    killed_at = json.loads(meta.read_text())["step"]
+    resumed = subprocess.run(args(killed), check=True, env=env, capture_output=True, text=True)
+    assert f"resuming from {killed / 'ppo.ckpt'} after step {killed_at}" in resumed.stdout
+    a, b = _final_state(whole / "ppo" / "model"), _final_state(killed / "ppo" / "model")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # ...and training moved the weights (equal because resumed, not because nothing happened).
+    base = _final_state(tiny_lm_dir)
+    assert any(not torch.equal(a[k], base[k]) for k in a if k in base)
+    log = [json.loads(line) for line in (killed / "ppo" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
