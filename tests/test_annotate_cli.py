@@ -22,6 +22,9 @@ def test_annotate_commands(tmp_path, capsys):
     assert "no such annotation database" in capsys.readouterr().err
     assert main(["annotate", "import", "--db", str(db), "--data", str(data)]) == 0
     assert "imported 3 items" in capsys.readouterr().err
+    fresh = tmp_path / "fresh.sqlite"  # add-annotator --data creates the store and imports first
+    assert main(["annotate", "add-annotator", "--db", str(fresh), "--name", "z", "--data", str(data)]) == 0
+    assert len(capsys.readouterr().out.strip()) >= 30
     assert main(["annotate", "add-annotator", "--db", str(db), "--name", "ann", "--items", "2"]) == 0
     token = capsys.readouterr().out.strip()
     assert main(["annotate", "add-annotator", "--db", str(db), "--name", "bob", "--overlap"]) == 0

@@ -47,7 +47,8 @@ def run(args) -> int:
     from rlhfkit.config import ConfigError
 
     action = args.annotate_command
-    if action != "serve" and action != "import" and not Path(args.db).exists():
+    creates = action in ("serve", "import") or getattr(args, "data", None)
+    if not creates and not Path(args.db).exists():
         raise ConfigError(f"{args.db}: no such annotation database")
     store = Store(args.db)
     try:
