@@ -120,6 +120,16 @@ class LLMJudge:
             raise ValueError(f"answer labels {self.prompt.labels} share a token in this tokenizer; choose other labels")
         return ids
 
+    def _last_logits(self, input_ids, mask, position_ids):
+        """(B, V) logits at the last position. ``logits_to_keep=1`` skips the LM head elsewhere
+        (a 49k-token vocabulary makes that head a fifth of a small model's compute)."""
+        kw = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)
+        try:
+            out = self.model(**kw, logits_to_keep=1)
+        except TypeError:  # a model class without the argument
+            out = self.model(**kw)
+        return out.logits[:, -1, :].float()
+
     @torch.no_grad()
     def _label_probs(self, contexts: list[str]) -> list[float]:
         """P(first label) / (P(first) + P(second)) at the next token after each context."""
@@ -141,8 +151,7 @@ class LLMJudge:
                 input_ids[r, width - L:] = torch.tensor(encoded[i])
                 mask[r, width - L:] = 1
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                                position_ids=position_ids.to(device)).logits[:, -1, :].float()
+            logits = self._last_logits(input_ids.to(device), mask.to(device), position_ids.to(device))
             logp = torch.log_softmax(logits, dim=-1)  # (B, V)
             for r, i in enumerate(idx):
                 l1 = torch.logsumexp(logp[r, label_ids[i][0]], dim=0)
