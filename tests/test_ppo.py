@@ -78,6 +78,14 @@ def test_line_end_positions_find_the_newline_tokens(tiny_tokenizer):
     assert ppo.line_end_positions(tiny_tokenizer, ids2, len(ids2)) == [newlines[0] + 1, newlines[1] + 1, len(ids2) - 1]
 
 
+def test_prm_step_rewards_telescope_to_the_log_outcome():
+    """q = [0.8, 0.4, 0.001], floor 0.01: r = [log 0.8, log 0.4 − log 0.8, log 0.01 − log 0.4]."""
+    r = ppo.prm_step_rewards([0.8, 0.4, 0.001], floor=0.01)
+    assert r == pytest.approx([math.log(0.8), math.log(0.5), math.log(0.01 / 0.4)])
+    assert sum(r) == pytest.approx(math.log(0.01))
+    assert ppo.prm_step_rewards([], floor=0.01) == []
+
+
 # ---------------------------------------------------------------- advantages by hand
 
 def _rollout(token_rewards, mask, kl, costs=None, old_values=None):
@@ -237,3 +245,84 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_lm_dir):
     assert any(not torch.equal(a[k], base[k]) for k in a if k in base)
     log = [json.loads(line) for line in (killed / "ppo" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def tiny_scalar_models(tmp_path_factory, tiny_lm_dir):
+    """Untrained (random-head) reward, PRM and cost models on the tiny backbone: they exercise the code paths."""
+    from rlhfkit.models.reward import build_scalar_model, save_scalar_model
+
+    root = tmp_path_factory.mktemp("rm")
+    for kind, name in (("reward", "rm"), ("prm", "prm"), ("cost", "cost")):
+        net, tok = build_scalar_model(tiny_lm_dir, kind=kind, seed=1)
+        save_scalar_model(net, tok, root / "reward" / name)
+    return root / "reward"
+
+
+@pytest.mark.parametrize("variant", [
+    dict(algorithm="grpo", group_size=2, prompts_per_step=2),
+    dict(algorithm="rloo", group_size=2, prompts_per_step=2, reward_source="model", cost_model="reward/cost"),
+    dict(algorithm="ppo", reward_source="prm", lora_r=4, cost_model="reward/cost", adaptive_kl=True, grad_accum_steps=2),
+    dict(algorithm="ppo", reward_source="model"),
+], ids=["grpo-judge", "rloo-rm-cost", "ppo-prm-lora-cost-adaptive-accum", "ppo-rm"])
+def test_every_variant_runs_a_step(tmp_path, tiny_lm_dir, tiny_scalar_models, variant):
+    import shutil
+
+    from accelerate import Accelerator
+
+    from rlhfkit.io import read_jsonl_plain
+
+    _write_prompts(tmp_path)
+    shutil.copytree(tiny_scalar_models, tmp_path / "reward")
+    stage = tmp_path / "rl.partial"
+    stage.mkdir()
+    cfg = _tiny_cfg(tiny_lm_dir, total_steps=1, save_every=0, ppo_epochs=1, **{"reward_source": "judge", **variant})
+    metrics = ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl", name="rl")
+    row = read_jsonl_plain(stage / "log.jsonl")[0]
+    assert math.isfinite(row["loss"]) and math.isfinite(row["reward"])
+    if variant.get("cost_model"):
+        assert "lambda" in row and "mean_cost" in metrics["policies"]["rl"]
+        assert metrics["policies"]["rl"]["cost_threshold"] == 0.0
+    if variant["algorithm"] == "grpo":
+        assert "kl_loss" in row and "value_loss" not in row
+    # The critic starts from the reward model's head exactly when the reward is a reward model.
+    assert metrics["critic_initialised_from_reward_head"] == (variant == dict(algorithm="ppo", reward_source="model"))
+    assert (stage / "model" / "model.safetensors").exists()
+
+
+def test_gradient_accumulation_equals_the_whole_minibatch(tmp_path, tiny_lm_dir):
+    """One PPO epoch with the minibatch in 2 micro-batches gives the weights of 1 micro-batch.
+
+    Micro-batches hold responses of different lengths, so a plain mean per micro-batch would
+    weight tokens unequally; the recipe weights each by its share of the minibatch's tokens.
+    """
+    import copy
+
+    from accelerate import Accelerator
+
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    _write_prompts(tmp_path)
+    cfg1 = _tiny_cfg(tiny_lm_dir, algorithm="rloo", group_size=2, prompts_per_step=2, minibatch_size=4, ppo_epochs=1, lr=1.0)
+    cfg2 = _tiny_cfg(tiny_lm_dir, algorithm="rloo", group_size=2, prompts_per_step=2, minibatch_size=4, ppo_epochs=1, lr=1.0,
+                     grad_accum_steps=2)
+    prompts, scorer = _scorer(cfg1, tmp_path)
+    tok = load_tokenizer(tiny_lm_dir)
+    base = load_causal_lm(tiny_lm_dir)
+    ro = ppo.make_rollout(base, load_causal_lm(tiny_lm_dir), None, tok, prompts[:2], scorer, cfg1, seed=0, device=torch.device("cpu"))
+    for row, keep in enumerate([8, 3, 5, 1]):  # unequal response lengths, or the test proves nothing
+        ro.response_mask[row, ro.response_mask[row].nonzero()[keep:, 0]] = 0
+    adv, _ = ppo.compute_advantages(ro, cfg1, kl_coef=0.0, lagrange=None)
+    adv = adv + ro.response_mask * torch.arange(4.0)[:, None]  # make sure advantages are not all zero
+    weights = []
+    for cfg in (cfg1, cfg2):
+        model = copy.deepcopy(base)
+        # SGD: the weight change is lr·gradient, so equal weights mean equal gradients (Adam's
+        # g/√v would blow tiny float differences of near-zero gradients up to full steps).
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        ppo.ppo_update(model, None, opt, None, sched, None, ro, adv, None, cfg, 0.0, Accelerator(cpu=True),
+                       torch.Generator().manual_seed(0))
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    moved = max((weights[0][k] - base.state_dict()[k]).abs().max().item() for k in weights[0])
+    diff = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    assert moved > 1e-4 and diff < 1e-6 * moved

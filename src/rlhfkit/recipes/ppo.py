@@ -381,6 +381,18 @@ def place_token_rewards(
     return rewards
 
 
+def prm_step_rewards(step_probs: Sequence[float], floor: float) -> list[float]:
+    """Step rewards from a PRM's q_k = P(steps 1..k are right): r_k = log q_k − log q_{k−1}, q_0 = 1.
+
+    r_k is how much step k changed the log-probability that the solution is right so far. The
+    rewards telescope to log q_K = log P(every step right) (Lightman et al. 2023's aggregation),
+    so per-step and outcome-only placement give a response the same total and differ only in
+    credit assignment. q is clamped to ``floor`` first, so one hopeless step costs at most log(1/floor).
+    """
+    logs = [0.0] + [math.log(max(q, floor)) for q in step_probs]
+    return [b - a for a, b in zip(logs, logs[1:])]
+
+
 @dataclass
 class Scorer:
     """Sequence scores (and PRM step rewards) for (prompt, response) pairs; cost when constrained."""
@@ -439,16 +451,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
         prm = load_reward_model(path)
 
         def steps(p, r):
-            # The PRM gives q_k = P(steps 1..k are right). Step k's reward is log q_k − log q_{k−1}
-            # (q_0 = 1): how much step k changed the log-probability that the solution is right so
-            # far. The rewards telescope to log q_K = log P(every step right), the outcome score
-            # (Lightman et al. 2023's aggregation), so per-step and outcome-only placement give
-            # each response the same total and differ only in credit assignment.
-            out = []
-            for row in prm.step_scores(p, r):
-                logs = [0.0] + [math.log(max(q, cfg.prm_floor)) for q in row]
-                out.append([b - a for a, b in zip(logs, logs[1:])])
-            return out
+            return [prm_step_rewards(row, cfg.prm_floor) for row in prm.step_scores(p, r)]
     if cfg.cost_model:
         from rlhfkit.models.reward import load_reward_model
 
