@@ -118,19 +118,19 @@ class ChatModel:
         seqs = out.sequences[:, n_prompt:]
         logits = torch.stack(out.logits, dim=1).float() if req["logprobs"] else None  # (rows, T, V)
         choices, n_completion = [], 0
-        eos = self.tok.eos_token_id
+        eos = self._eos_ids()
         for i in range(req["n"]):
             row = min(i, seqs.shape[0] - 1)
             ids = seqs[row].tolist()
-            finish = "length"
-            if eos is not None and eos in ids:
-                ids, finish = ids[: ids.index(eos)], "stop"
+            finish, n_used = "length", len(ids)
+            end = next((k for k, t in enumerate(ids) if t in eos), None)
+            if end is not None:  # cut at the first EOS; what follows is padding
+                ids, finish, n_used = ids[:end], "stop", end + 1
             text = self.tok.decode(ids, skip_special_tokens=True)
             for s in req["stop"]:
                 cut = text.find(s)
                 if cut >= 0:
                     text, finish = text[:cut], "stop"
-            n_used = len(ids) + (1 if finish == "stop" and len(ids) < seqs.shape[1] else 0)
             n_completion += n_used
             choice = {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                       "logprobs": None}
@@ -141,6 +141,14 @@ class ChatModel:
                 "model": self.name, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
                           "total_tokens": n_prompt + n_completion}}
+
+    def _eos_ids(self) -> set[int]:
+        """The tokenizer's EOS and the generation config's (chat models often end turns with another)."""
+        ids = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
+        gen = getattr(self.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        ids |= set(extra) if isinstance(extra, (list, tuple)) else ({extra} if extra is not None else set())
+        return ids
 
     def _logprobs(self, logits, ids: list[int], top: int) -> list[dict]:
         import torch
