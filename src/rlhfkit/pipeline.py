@@ -18,8 +18,10 @@ import yaml
 
 from rlhfkit.config import ConfigError, load_config, save_config, to_dict
 from rlhfkit.recipes.evaluate import EvalConfig
+from rlhfkit.recipes.label import LabelConfig
 from rlhfkit.recipes.ppo import PPOConfig
 from rlhfkit.recipes.pretrain import PretrainConfig
+from rlhfkit.recipes.reward import RewardConfig
 from rlhfkit.recipes.sft import SFTConfig
 from rlhfkit.tasks.arith import TaskConfig
 
@@ -40,6 +42,10 @@ class PipelineConfig:
     """supervised fine-tuning stage"""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """evaluation stage"""
+    label: LabelConfig = field(default_factory=LabelConfig)
+    """labeling stage: K samples per prompt judged into rankings, pairs and step labels (OUT/label/)"""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """reward-model stage: BT reward model, PRM, ORM, cost model (OUT/reward/{rm,prm,orm,cost}/)"""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """RL stage ``ppo`` (any algorithm; see ``RL_STAGES``): writes OUT/ppo/model"""
     ppo_prm: PPOConfig = field(default_factory=PPOConfig)
@@ -110,6 +116,29 @@ def _stage_eval(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     return evaluate_policies(cfg.eval, out, _data_path(cfg.eval.data, out, "heldout.jsonl"), stage_dir, acc)
 
 
+def _stage_label(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+    from accelerate import Accelerator
+
+    from rlhfkit.recipes import label
+
+    metrics = label.run(cfg.label, out, cfg.task.judge_beta, stage_dir, Accelerator())
+    label.cleanup(out)  # the merged files are in stage_dir; the chunk store is no longer needed
+    return metrics
+
+
+def _stage_reward(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+    from rlhfkit.io import JsonlLog
+    from rlhfkit.recipes import reward
+    from rlhfkit.training import make_accelerator
+
+    acc = make_accelerator(cfg.reward)
+    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
+    try:
+        return reward.run(cfg.reward, out, stage_dir, acc, log)
+    finally:
+        log.close()
+
+
 def _stage_rl(name: str) -> Callable[[PipelineConfig, Path, Path], dict]:
     """One runner for every RL stage: the stage name picks its config section and its output names."""
 
@@ -131,11 +160,13 @@ STAGES: dict[str, Callable[[PipelineConfig, Path, Path], dict]] = {
     "pretrain": _stage_pretrain,
     "sft": _stage_sft,
     "eval": _stage_eval,
+    "label": _stage_label,
+    "reward": _stage_reward,
     **{name: _stage_rl(name) for name in RL_STAGES},
 }
 
 # Which config section belongs to each stage (saved beside its output and compared on resume).
-SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval", **{n: n for n in RL_STAGES}}
+SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval", "label": "label", "reward": "reward", **{n: n for n in RL_STAGES}}
 
 
 def _stage_config(cfg: PipelineConfig, stage: str) -> dict:

@@ -1,0 +1,69 @@
+"""``rlhfkit eval-rm --model DIR --data FILE`` and ``rlhfkit eval-prm --model DIR --data FILE``.
+
+eval-rm: pair accuracy (ties count as wrong), mean margin r_c − r_r, expected calibration error of
+σ(r_c − r_r), on any pair file the reward loader reads (pairs, HH transcripts, rankings).
+eval-prm: step accuracy at 0.5, ROC-AUC and the always-majority baseline on rated steps.
+Each prints a table, then one JSON object as the last line of standard output.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+
+def add_arguments_for(name: str, p) -> None:
+    p.add_argument("--model", required=True, help="a reward-model directory (OUT/reward/rm, .../prm)")
+    p.add_argument("--data", required=True, help="pair / ranking / HH file (eval-rm) or step-labelled file (eval-prm)")
+    p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N records (0 = all)")
+    if name == "eval-prm":
+        p.add_argument("--ambiguous", default="drop", choices=("drop", "positive", "negative"),
+                       help="how a PRM800K rating 0 counts")
+
+
+def _table(rows: dict) -> str:
+    width = max(len(k) for k in rows)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in rows.items())
+
+
+def run(args) -> int:
+    from rlhfkit.models.reward import load_reward_model
+
+    t0 = time.time()
+    if args.command == "eval-rm":
+        from rlhfkit.data.preferences import load_pairs
+        from rlhfkit.models.reward_eval import pair_metrics
+
+        loaded = load_pairs(args.data)  # validated before the model loads
+        pairs = loaded.pairs[: args.limit] if args.limit else loaded.pairs
+        model = load_reward_model(args.model, batch_size=args.batch_size)
+        uniq = {}
+        for p in pairs:
+            uniq.setdefault((p.prompt, p.chosen), len(uniq))
+            uniq.setdefault((p.prompt, p.rejected), len(uniq))
+        keys = list(uniq)
+        s = model.score([k[0] for k in keys], [k[1] for k in keys])
+        result = pair_metrics([s[uniq[(p.prompt, p.chosen)]] for p in pairs], [s[uniq[(p.prompt, p.rejected)]] for p in pairs])
+        result["skipped"] = len(loaded.skipped)
+    else:
+        from rlhfkit.data.preferences import load_steps
+        from rlhfkit.models.reward import step_logits
+        from rlhfkit.models.reward_eval import sigmoid, step_metrics
+
+        recs = load_steps(args.data, args.ambiguous)
+        recs = recs[: args.limit] if args.limit else recs
+        model = load_reward_model(args.model, batch_size=args.batch_size)
+        needed = [[v is not None for v in r.labels] for r in recs]
+        logits = step_logits(model.net, model.tokenizer, [r.prompt for r in recs], [list(r.steps) for r in recs],
+                             args.batch_size, model.device, needed=needed)
+        probs, labels = [], []
+        for r, row in zip(recs, logits):
+            for z, y in zip(row, r.labels):
+                if y is not None:
+                    probs.append(sigmoid(z))
+                    labels.append(y)
+        result = step_metrics(probs, labels)
+    result["runtime_s"] = round(time.time() - t0, 1)
+    print(_table(result))
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,34 @@
+"""A trained reward model as a preference function: P(a ≻ b | prompt) = σ(r(prompt, a) − r(prompt, b)).
+
+This is the Bradley-Terry model the reward model was trained under, so the probability is the
+model's own calibrated belief (``eval-rm`` reports its calibration error). Used by DPO/DNO and by
+``rlhfkit label`` as an AI judge in place of people.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from rlhfkit.models.reward_eval import sigmoid
+
+
+class RewardModelPreference:
+    """Implements :class:`rlhfkit.judges.base.PreferenceFunction` with a reward model (or ensemble)."""
+
+    def __init__(self, model_dir: str | Path, device=None, batch_size: int = 32):
+        from rlhfkit.models.reward import load_reward_model
+
+        self.model = load_reward_model(model_dir, device=device, batch_size=batch_size)
+        if self.model.info.kind not in ("reward", "orm"):
+            raise ValueError(f"{model_dir}: a {self.model.info.kind} model is not a preference (use a reward model)")
+        self.name = f"reward-model:{Path(model_dir).name}"
+
+    def prob(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
+        # Score each distinct (prompt, response) once: K responses compared pairwise repeat a lot.
+        uniq: dict[tuple[str, str], int] = {}
+        for p, a, b in items:
+            uniq.setdefault((p, a), len(uniq))
+            uniq.setdefault((p, b), len(uniq))
+        keys = list(uniq)
+        r = self.model.score([k[0] for k in keys], [k[1] for k in keys])
+        return [sigmoid(r[uniq[(p, a)]] - r[uniq[(p, b)]]) for p, a, b in items]

