@@ -110,6 +110,40 @@ def plot_overoptimization(out: Path) -> list[Path]:
     return [path]
 
 
+def plot_iterations(out: Path, summary: dict) -> list[Path]:
+    """DNO: win rate against SFT (mean, 95% CI) of each iterate dno_1 … dno_T, with DPO as a line."""
+    import re
+
+    pols = summary["policies"]
+    its = sorted((int(m[1]), name) for name in pols if (m := re.fullmatch(r"dno_(\d+)", name)) and "win_rate_vs_sft" in pols[name])
+    if not its:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "plots").mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    xs = [0] + [t for t, _ in its]
+    wr = [pols["sft"]["win_rate_vs_sft"] if "sft" in pols else {"mean": 0.5, "ci95": [0.5, 0.5]}] + [pols[n]["win_rate_vs_sft"] for _, n in its]
+    ax.errorbar(xs, [w["mean"] for w in wr], yerr=[[w["mean"] - w["ci95"][0] for w in wr], [w["ci95"][1] - w["mean"] for w in wr]],
+                marker="o", capsize=3, label="DNO iterate (0 = SFT)")
+    if "dpo" in pols and "win_rate_vs_sft" in pols["dpo"]:
+        d = pols["dpo"]["win_rate_vs_sft"]
+        ax.axhline(d["mean"], color="C1", linestyle="--", label="offline DPO")
+        ax.axhspan(d["ci95"][0], d["ci95"][1], color="C1", alpha=0.15)
+    ax.set_xticks(xs)
+    ax.set_xlabel("DNO iteration")
+    ax.set_ylabel("win rate vs SFT")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "plots" / "dno_iterations.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]
+
+
 def _samples(out: Path, per_policy: int = 3) -> dict[str, list[dict]]:
     path = out / "eval" / "samples.jsonl"
     if not path.exists():
@@ -132,7 +166,7 @@ def write_report(out: Path) -> dict:
     out = Path(out)
     summary = build_summary(out)
     atomic_write_json(out / "summary.json", summary)
-    plots = plot_curves(out) + plot_overoptimization(out)
+    plots = plot_curves(out) + plot_overoptimization(out) + plot_iterations(out, summary)
     samples = _samples(out)
 
     md = ["# rlhfkit report", "", f"Run directory: `{out}`", ""]

@@ -34,6 +34,17 @@ class EvalConfig:
     """gold score of a response that never emitted EOS"""
     seed: int = 0
     """sampling and bootstrap seed"""
+    judge: str = "oracle"
+    """judge of ``win_rate_vs_sft``: oracle (higher gold score wins) or intransitive (the oracle plus the
+    answer-style cycle of ``rlhfkit.judges.intransitive``); the other metrics are always the oracle's"""
+    judge_beta: float = 10.0
+    """intransitive judge: weight of the gold-score difference"""
+    judge_gamma: float = 3.0
+    """intransitive judge: weight of the style cycle"""
+
+    def __post_init__(self):
+        if self.judge not in ("oracle", "intransitive"):
+            raise ValueError(f"judge must be oracle or intransitive, got {self.judge!r}")
 
 
 def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
@@ -59,7 +70,24 @@ def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
     return rows
 
 
-def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int) -> dict:
+def pairwise_win(a: dict, b: dict, judge: str = "oracle", beta: float = 10.0, gamma: float = 3.0) -> float:
+    """The noiseless judge's verdict on two judged rows: 1 if ``a`` is preferred, ½ on a tie, 0 otherwise.
+
+    The preferred side of P(a ≻ b): for the oracle, the higher gold score; for the intransitive
+    judge, the sign of beta·(score_a − score_b) + gamma·cycle(style_a, style_b).
+    """
+    logit = a["score"] - b["score"]
+    if judge == "intransitive":
+        from rlhfkit.judges.intransitive import answer_style, cycle
+
+        logit = beta * logit + gamma * cycle(answer_style(a["response"]), answer_style(b["response"]))
+    elif judge != "oracle":
+        raise ValueError(f"eval.judge must be oracle or intransitive, got {judge!r}")
+    return 1.0 if logit > 0 else 0.5 if logit == 0 else 0.0
+
+
+def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, judge: str = "oracle",
+                   beta: float = 10.0, gamma: float = 3.0) -> dict:
     """The report's metrics for one policy, each ``{"mean", "ci95", "n"}``."""
     from rlhfkit.stats import mean_ci
 
@@ -76,7 +104,7 @@ def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int) -> 
         "response_length": mean_ci([r["length"] for r in rows], seed),
     }
     if ref_rows is not None:
-        wins = [1.0 if a["score"] > b["score"] else 0.5 if a["score"] == b["score"] else 0.0 for a, b in zip(rows, ref_rows)]
+        wins = [pairwise_win(a, b, judge, beta, gamma) for a, b in zip(rows, ref_rows)]
         m["win_rate_vs_sft"] = mean_ci(wins, seed)
     return m
 
@@ -108,7 +136,8 @@ def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Pa
         rows_by_policy[name] = judge_samples(problems, samples, cfg.unfinished_score)
         del model
     ref = rows_by_policy.get(cfg.reference)
-    results = {name: policy_metrics(rows, ref, cfg.seed) for name, rows in rows_by_policy.items()}
+    results = {name: policy_metrics(rows, ref, cfg.seed, cfg.judge, cfg.judge_beta, cfg.judge_gamma)
+               for name, rows in rows_by_policy.items()}
     if accelerator.is_main_process:
         atomic_write_jsonl(stage_dir / "samples.jsonl", [
             dict(policy=name, **row) for name, rows in rows_by_policy.items() for row in rows

@@ -1,0 +1,161 @@
+"""The intransitive experiment: DNO with a Bradley-Terry preference function against a pairwise one.
+
+Read top to bottom, from the pretrained model, on the same data and budget for both arms:
+
+1. SFT on the task's demonstrations with each answer line rewritten in one of three styles,
+   drawn with ``style_weights`` (spaced, tight, wide), so the SFT policy samples all three;
+2. label comparisons like annotators would: for each labeling prompt, two samples of the SFT
+   policy, the intransitive judge's choice drawn from its P(a ≻ b)
+   (``rlhfkit.judges.intransitive``: spaced ≻ tight ≻ wide ≻ spaced among equally good answers);
+3. train, on those comparisons, a Bradley-Terry reward model (``bt``) and a pairwise preference
+   model (``pm``) with the same backbone (the SFT model), steps and learning rate;
+4. run DNO (``rlhfkit.recipes.dno``) from the SFT policy twice, with P = σ(r(a) − r(b)) and with
+   the pairwise P, same iterations, prompts and samples; each arm keeps the iterate its own
+   preference function rates best on validation prompts.
+
+Why BT should lose: σ(r(a) − r(b)) is transitive, so a BT model fitted on a cycle learns an order
+(the Borda order on the SFT samples) and keeps pushing the policy towards the top style, even
+once the policy's dominant style is one that another style beats. The pairwise model predicts
+what beats what, so DNO's ranking against the current iterate follows the cycle, and its
+validation selection sees which iterate beats the SFT policy. The eval stage then measures
+``win_rate_vs_sft`` with the intransitive judge itself (``eval.judge: intransitive``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhfkit.judges.preference_model import ComparisonModelConfig
+from rlhfkit.recipes.dno import DNOConfig
+from rlhfkit.recipes.sft import SFTConfig
+
+
+def _dno() -> DNOConfig:
+    return DNOConfig(iterations=2, prompts_per_iteration=192, samples_per_prompt=4, eta=0.5, epochs=2.0,
+                     lr=2e-4, batch_size=16, n_validation=48, mix_fractions=(0.5,))
+
+
+@dataclass(frozen=True)
+class IntransitiveConfig:
+    """The intransitive experiment (one stage; see the module docstring)."""
+
+    model: str = ""
+    """pretrained model to fine-tune; empty means the pretrain stage's model"""
+    style_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
+    """share of SFT demonstrations whose answer line is spaced, tight, wide"""
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    """supervised fine-tuning on the styled demonstrations"""
+    n_label_prompts: int = 512
+    """prompts (from prompts.jsonl, after DNO's) labelled with one comparison each"""
+    label_temperature: float = 1.0
+    """sampling temperature of the two responses compared per labeling prompt"""
+    judge_beta: float = 10.0
+    """the intransitive judge's weight on gold-score differences"""
+    judge_gamma: float = 3.0
+    """the intransitive judge's weight on the style cycle (σ(3) ≈ 0.95)"""
+    comparison_model: ComparisonModelConfig = field(default_factory=ComparisonModelConfig)
+    """training of both the BT reward model and the pairwise preference model"""
+    dno: DNOConfig = field(default_factory=_dno)
+    """DNO settings shared by both arms (its ``judge``, ``model`` and ``prompts`` are set here)"""
+    seed: int = 0
+    """style assignment and label-draw seed"""
+
+
+def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
+    from rlhfkit.training import make_accelerator
+
+    from rlhfkit.data.loading import load_demonstrations, load_prompts
+    from rlhfkit.generation import SamplingConfig, sample
+    from rlhfkit.io import JsonlLog, atomic_write_jsonl
+    from rlhfkit.judges.intransitive import STYLES, IntransitiveJudge, answer_style, restyle
+    from rlhfkit.judges.preference_model import (PairwisePreferenceModel, load_bt_preference,
+                                                 load_preference_model, train_comparison_model)
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.recipes import dno, sft
+    from rlhfkit.training import make_accelerator
+
+    data = out / "data"
+    rng = random.Random(cfg.seed)
+    # 1. styled demonstrations → SFT
+    demos = load_demonstrations(data / "sft.jsonl")
+    styled = [{"prompt": d.prompt, "response": restyle(d.response, rng.choices(STYLES, cfg.style_weights)[0])} for d in demos]
+    atomic_write_jsonl(stage_dir / "sft_styled.jsonl", styled)
+    acc = make_accelerator(cfg.sft)
+    log = JsonlLog(stage_dir / "sft_log.jsonl", enabled=acc.is_main_process)
+    sft_metrics = sft.run(cfg.sft, cfg.model or str(out / "pretrain" / "model"), stage_dir / "sft_styled.jsonl",
+                          stage_dir / "sft", acc, log)
+    log.close()
+    sft_dir = stage_dir / "sft" / "model"
+
+    # 2. comparisons by the intransitive judge on pairs of SFT samples
+    records = load_prompts(data / "prompts.jsonl")
+    raw = [{"prompt": r.prompt, "meta": r.meta} for r in records]
+    judge = IntransitiveJudge.from_records(raw, beta=cfg.judge_beta, gamma=cfg.judge_gamma)
+    n_dno = cfg.dno.n_validation + cfg.dno.iterations * cfg.dno.prompts_per_iteration
+    label_prompts = [r.prompt for r in records[n_dno:n_dno + cfg.n_label_prompts]]
+    if len(label_prompts) < cfg.n_label_prompts:
+        label_prompts = [r.prompt for r in records[-cfg.n_label_prompts:]]  # overlap with DNO's prompts: say so
+        print(f"[rlhfkit] intransitive: prompts.jsonl too small for disjoint label prompts; labeling its last {len(label_prompts)}")
+    device = make_accelerator().device
+    policy, tok = load_causal_lm(sft_dir).to(device), load_tokenizer(sft_dir)
+    sampling = SamplingConfig(max_new_tokens=cfg.dno.sampling.max_new_tokens, temperature=cfg.label_temperature, batch_size=64)
+    samples = sample(policy, tok, label_prompts, sampling, seed=cfg.seed, num_return_sequences=2, device=device)
+    del policy
+    pairs, styles = [], []
+    for i, prompt in enumerate(label_prompts):
+        a, b = samples[2 * i], samples[2 * i + 1]
+        styles += [answer_style(a.text), answer_style(b.text)]
+        if a.text == b.text or not (a.finished and b.finished):
+            continue
+        a_wins = rng.random() < judge.prob([(prompt, a.text, b.text)])[0]
+        pairs.append({"prompt": prompt, "chosen": a.text if a_wins else b.text, "rejected": b.text if a_wins else a.text})
+    atomic_write_jsonl(stage_dir / "comparisons.jsonl", pairs)
+    style_share = {s: styles.count(s) / len(styles) for s in (*STYLES, None)}
+
+    # 3. BT reward model and pairwise preference model: same data, backbone, budget
+    Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])
+    objs = [Pair(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    model_metrics = {}
+    for kind in ("bt", "pm"):
+        acc = make_accelerator(cfg.comparison_model)
+        log = JsonlLog(stage_dir / f"{kind}_model_log.jsonl", enabled=acc.is_main_process)
+        model_metrics[kind] = train_comparison_model(kind, sft_dir, objs, cfg.comparison_model, stage_dir / f"{kind}_model", acc, log)
+        log.close()
+
+    # 4. DNO from the SFT policy, both ways
+    arms = {}
+    for kind in ("bt", "pm"):
+        pf = load_bt_preference(stage_dir / "bt_model") if kind == "bt" else load_preference_model(stage_dir / "pm_model")
+        dcfg = dataclasses.replace(cfg.dno, judge=f"{kind}:{stage_dir.name}/{kind}_model")
+        acc = make_accelerator(dcfg)
+        log = JsonlLog(stage_dir / f"dno_{kind}_log.jsonl", enabled=acc.is_main_process)
+        arms[kind] = dno.run(dcfg, sft_dir, data / "prompts.jsonl", out, stage_dir / kind, acc, log, pf=pf)
+        log.close()
+        del pf
+    # How each learned preference function reads the cycle, on one labeling prompt's answer line.
+    probe = _cycle_probe(judge, label_prompts, {k: (load_bt_preference(stage_dir / "bt_model") if k == "bt" else
+                                                   load_preference_model(stage_dir / "pm_model")) for k in ("bt", "pm")})
+    return {"sft": sft_metrics, "label": {"n_pairs": len(pairs), "sft_style_share": style_share},
+            "comparison_models": model_metrics, "dno": arms, "cycle_probe": probe,
+            "summary_sections": ["intransitive"],
+            "intransitive": {"cycle": "spaced ≻ tight ≻ wide ≻ spaced (answer-line styles), among equally good answers",
+                             "sft_style_share": style_share, "cycle_probe": probe,
+                             "selected": {k: v["selected"] for k, v in arms.items()}}}
+
+
+def _cycle_probe(judge, prompts, pfs) -> dict:
+    """Mean P(style x ≻ style y) of each preference function on gold responses restyled, over 32 prompts."""
+    from rlhfkit.judges.intransitive import BEATS, restyle
+    from rlhfkit.tasks.arith import gold_response
+
+    out = {}
+    probs = [judge.problem(p) for p in prompts[:32]]
+    for name, pf in {"judge": judge, **pfs}.items():
+        row = {}
+        for a, b in BEATS.items():
+            items = [(p, restyle(gold_response(q), a), restyle(gold_response(q), b)) for p, q in zip(prompts[:32], probs)]
+            row[f"P({a} > {b})"] = sum(pf.prob(items)) / len(items)
+        out[name] = row
+    return out

@@ -1,0 +1,274 @@
+"""DPO recipe, DNO (Algorithm 2) pieces, the pairwise preference model and the intransitive judge.
+
+The losses themselves (dpo_loss, IPO, label smoothing, dno_loss, dno_soft_loss) have their
+hand-computed tests in test_losses.py; this file tests what the recipes add around them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+
+import pytest
+import torch
+
+from rlhfkit.recipes.dno import (DNOPair, average_win_rates, mix_pairs, select_pairs, soft_pairs,
+                                 win_rate_matrix)
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# ---------------------------------------------------------------- DNO: ranking, margin filter, mixing
+
+class ShorterWins:
+    """A toy preference function: the shorter text wins surely, equal lengths tie."""
+
+    name = "shorter"
+
+    def prob(self, items):
+        return [1.0 if len(a) < len(b) else 0.0 if len(a) > len(b) else 0.5 for _, a, b in items]
+
+
+def test_win_rate_matrix_and_average_win_rates_by_hand():
+    # lengths 1, 3, 2 and one unfinished (it loses to every finished response, ties itself)
+    w = win_rate_matrix(ShorterWins(), "p", ["a", "ccc", "bb", "d"], [True, True, True, False])
+    assert w == [[0.5, 1.0, 1.0, 1.0],
+                 [0.0, 0.5, 0.0, 1.0],
+                 [0.0, 1.0, 0.5, 1.0],
+                 [0.0, 0.0, 0.0, 0.5]]
+    # averages over the 3 others: (1+1+1)/3, (0+0+1)/3, (0+1+1)/3, 0
+    assert average_win_rates(w) == pytest.approx([1.0, 1 / 3, 2 / 3, 0.0], abs=1e-12)
+
+
+def test_margin_filter_by_hand():
+    responses, rates = ["x", "y", "z"], [0.8, 0.2, 0.5]
+    # best vs worst: gap 0.8 − 0.2 = 0.6
+    kept = select_pairs("p", responses, rates, "best_worst", min_margin=0.6 - 1e-9)
+    assert [(q.chosen, q.rejected) for q in kept] == [("x", "y")]
+    assert select_pairs("p", responses, rates, "best_worst", min_margin=0.61) == []
+    # all pairs: gaps x>y 0.6, x>z 0.3, z>y 0.3
+    assert {(q.chosen, q.rejected) for q in select_pairs("p", responses, rates, "all", 0.25)} == {("x", "y"), ("x", "z"), ("z", "y")}
+    assert {(q.chosen, q.rejected) for q in select_pairs("p", responses, rates, "all", 0.35)} == {("x", "y")}
+    # a zero gap is never a pair, even with min_margin 0; identical texts neither
+    assert select_pairs("p", ["x", "y"], [0.5, 0.5], "best_worst", 0.0) == []
+    assert select_pairs("p", ["x", "x"], [1.0, 0.0], "best_worst", 0.0) == []
+
+
+def test_soft_pairs_targets_by_hand():
+    pairs = soft_pairs("p", ["a", "b", "c"], [0.75, 0.25, 0.5])
+    got = {(q.chosen, q.rejected): q.target for q in pairs}
+    assert got == pytest.approx({("a", "b"): _sig(0.5), ("a", "c"): _sig(0.25), ("b", "c"): _sig(-0.25)})
+
+
+def test_mix_pairs_exact_counts_and_sources():
+    def it(t, n):
+        return [DNOPair(f"p{t}-{i}", "c", "r", iteration=t) for i in range(n)]
+
+    history = [it(1, 10), it(2, 8)]  # oldest first
+    current = it(3, 6)
+    mixed = mix_pairs(current, history, (0.5, 0.3), random.Random(0))
+    # all of t=3, round(0.5·8) = 4 of t=2 (t−1), round(0.3·10) = 3 of t=1 (t−2)
+    by_t = {t: [q for q in mixed if q.iteration == t] for t in (1, 2, 3)}
+    assert [len(by_t[t]) for t in (1, 2, 3)] == [3, 4, 6]
+    assert by_t[3] == current
+    assert len({q.prompt for q in mixed}) == len(mixed)  # drawn without replacement
+    assert all(q in history[0] for q in by_t[1]) and all(q in history[1] for q in by_t[2])
+    # fraction 0 adds nothing; a fraction beyond the available history is ignored
+    assert mix_pairs(current, history[:1], (0.0, 1.0), random.Random(0)) == current
+
+
+# ---------------------------------------------------------------- DPO recipe pieces
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_lm_dir):
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+    return load_causal_lm(tiny_lm_dir), load_tokenizer(tiny_lm_dir)
+
+
+def _pairs(tok, n=8):
+    from rlhfkit.recipes.dpo import tokenize_pairs
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+
+    probs = make_problems(n, seed=3, unanswerable_frac=0.25)
+    Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])
+    raw = [Pair(format_prompt(p), gold_response(p), "Answer: 1" + "0" * (i % 3)) for i, p in enumerate(probs)]
+    return tokenize_pairs(tok, raw, max_len=200)
+
+
+def test_one_concatenated_forward_equals_separate_forwards(tiny_lm):
+    from rlhfkit.recipes.dpo import collate_pairs, sequence_logps
+
+    model, tok = tiny_lm
+    pairs = _pairs(tok, 4)
+    both, _ = sequence_logps(model, collate_pairs(pairs, tok.pad_token_id))
+    for i, p in enumerate(pairs):
+        for row, resp in ((i, p.chosen_ids), (len(pairs) + i, p.rejected_ids)):
+            ids = torch.tensor([p.prompt_ids + resp])
+            logits = model(input_ids=ids).logits[0, :-1]
+            lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+            assert both[row].item() == pytest.approx(lp[len(p.prompt_ids) - 1:].sum().item(), abs=1e-4)
+
+
+def test_dpo_reference_computed_once_and_one_forward_per_step(tiny_lm_dir, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from rlhfkit.io import JsonlLog
+    from rlhfkit.losses import DPOLossType
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.recipes import dpo
+
+    tok = load_tokenizer(tiny_lm_dir)
+    pairs = _pairs(tok, 8)
+    model = load_causal_lm(tiny_lm_dir)
+    calls = {"forward": 0}
+    model.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
+    ref = dpo.precompute_logps(model, pairs, tok.pad_token_id, batch_size=8, device="cpu")
+    assert calls["forward"] == 1  # 8 pairs, one batch of 16 rows
+    cfg = dpo.DPOConfig(batch_size=4, max_steps=3, loss_type=DPOLossType.sigmoid, beta=0.5, lr=1e-3, log_every=1, sft_coef=0.1)
+    weights = torch.ones(len(pairs))
+    log = JsonlLog(tmp_path / "log.jsonl")
+    m = dpo.train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, weights), cfg, Accelerator(cpu=True), log, tok.pad_token_id)
+    log.close()
+    assert calls["forward"] == 1 + 3  # no reference forward during training; one (2B, T) pass per step
+    assert m["train_pairs"] == 12 and "final_sft_nll" in m
+    # the first step's policy equals its reference: implicit rewards 0, loss log 2 (+ the SFT term)
+    first = [__import__("json").loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()][0]
+    assert first["chosen_reward"] == pytest.approx(0.0, abs=1e-5)
+    assert first["loss"] == pytest.approx(math.log(2) + 0.1 * first["sft_nll"], abs=1e-4)
+
+
+def test_best_worst_from_rankings(tmp_path):
+    import json
+
+    from rlhfkit.data.preferences import load_pairs
+    from rlhfkit.recipes.dpo import select_ranking_pairs
+
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "responses": ["a", "b", "c", "b"], "ranking": [2, 0, 1, 3]}) + "\n"
+                 + json.dumps({"prompt": "q2", "chosen": "x", "rejected": "x"}) + "\n")
+    ps = load_pairs(f)
+    bw = select_ranking_pairs(ps, "best_worst")
+    assert [(p.chosen, p.rejected, p.weight) for p in bw] == [("c", "b", 1.0)]  # x/x dropped: identical
+    allp = select_ranking_pairs(ps, "all")
+    assert len(allp) == 5 and all(p.weight == pytest.approx(1 / 6) for p in allp)  # b/b dropped from the 6
+
+
+# ---------------------------------------------------------------- DNO: the reference is the previous iterate
+
+def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tmp_path, monkeypatch):
+    import json
+
+    from accelerate import Accelerator
+
+    import rlhfkit.generation as generation
+    from rlhfkit.io import JsonlLog
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.recipes import dno, dpo
+    from rlhfkit.tasks.arith import format_prompt, make_problems
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": format_prompt(p)}) + "\n" for p in make_problems(20, 5, 0.2)))
+    real_sample = generation.sample
+    # A random tiny model rarely emits EOS; mark samples finished so the toy judge compares them.
+    monkeypatch.setattr(generation, "sample", lambda *a, **k: [dataclasses.replace(s, finished=True) for s in real_sample(*a, **k)])
+    seen = []
+    real_ref = dno.reference_logps
+
+    def recording(model, pairs, *a):
+        out = real_ref(model, pairs, *a)
+        seen.append((pairs, out))
+        return out
+
+    monkeypatch.setattr(dno, "reference_logps", recording)
+    cfg = dno.DNOConfig(iterations=2, prompts_per_iteration=8, samples_per_prompt=3, n_validation=4, batch_size=4,
+                        epochs=1.0, lr=5e-3, eta=1.0, judge="unused", mix_fractions=(1.0,),
+                        sampling=generation.SamplingConfig(max_new_tokens=6, temperature=1.0))
+    log = JsonlLog(tmp_path / "log.jsonl")
+    result = dno.run(cfg, tiny_lm_dir, prompts, tmp_path, tmp_path / "dno", Accelerator(cpu=True), log, pf=ShorterWins())
+    log.close()
+    assert len(seen) == 2 and set(result["iterations"]) == {"dno_1", "dno_2"}
+    tok = load_tokenizer(tiny_lm_dir)
+    pairs2, ref2 = seen[1]
+    prev = dpo.precompute_logps(load_causal_lm(tmp_path / "dno" / "dno_1" / "model"), pairs2, tok.pad_token_id, 64, "cpu")
+    sft = dpo.precompute_logps(load_causal_lm(tiny_lm_dir), pairs2, tok.pad_token_id, 64, "cpu")
+    assert torch.allclose(ref2["chosen"], prev["chosen"], atol=1e-5)
+    assert torch.allclose(ref2["rejected"], prev["rejected"], atol=1e-5)
+    assert (ref2["chosen"] - sft["chosen"]).abs().max() > 1e-2  # training moved π: SFT would differ
+    # iteration 2 trained on its own pairs plus all (fraction 1.0) of iteration 1's
+    n1 = result["iterations"]["dno_1"]["n_new_pairs"]
+    assert result["iterations"]["dno_2"]["n_train_pairs"] == result["iterations"]["dno_2"]["n_new_pairs"] + n1
+    assert (tmp_path / "dno" / "model" / "config.json").exists()  # the selected iterate
+
+
+# ---------------------------------------------------------------- the pairwise preference model
+
+def test_pairwise_preference_model_is_exactly_symmetric(tiny_lm_dir):
+    from rlhfkit.judges.preference_model import PairwisePreferenceModel
+    from rlhfkit.models.reward import build_scalar_model
+
+    net, tok = build_scalar_model(tiny_lm_dir, kind="reward", seed=1)
+    torch.nn.init.normal_(net.head.weight, std=1.0)  # a head far from 0 so f(a, b) is far from ½
+    pm = PairwisePreferenceModel(net, tok)
+    items = [("Question: 1?\n", "Answer: 3", "Answer:  4"), ("Question: 2?\n", "5 + 1 = 6\nAnswer: 6", "Answer: unknown"),
+             ("Question: 3?\n", "zz", "a")]
+    swapped = [(p, b, a) for p, a, b in items]
+    p_ab, p_ba = pm.prob(items), pm.prob(swapped)
+    assert all(x + y == 1.0 for x, y in zip(p_ab, p_ba))  # exactly, not approximately
+    assert pm.prob([("q", "same", "same")]) == [0.5]
+    # the raw single-order f is not symmetric: the averaging is doing the work
+    f = torch.sigmoid(pm.logits(items + swapped)).tolist()
+    assert max(abs(f[i] + f[i + 3] - 1) for i in range(3)) > 1e-3
+
+
+@pytest.mark.slow
+def test_pairwise_model_learns_a_cycle_that_bt_cannot(tiny_lm_dir, tmp_path):
+    """Train both on the cycle spaced ≻ tight ≻ wide ≻ spaced; only the pairwise model reproduces it."""
+    from accelerate import Accelerator
+
+    from rlhfkit.io import JsonlLog
+    from rlhfkit.judges.intransitive import BEATS, restyle
+    from rlhfkit.judges.preference_model import (ComparisonModelConfig, load_bt_preference, load_preference_model,
+                                                 train_comparison_model)
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+
+    Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])
+    probs = make_problems(16, seed=7, unanswerable_frac=0.0)
+    pairs = [Pair(format_prompt(p), restyle(gold_response(p), a), restyle(gold_response(p), b)) for p in probs for a, b in BEATS.items()]
+    cfg = ComparisonModelConfig(max_steps=400, batch_size=16, lr=1e-3, warmup_steps=2, max_len=128)
+    for kind in ("pm", "bt"):
+        train_comparison_model(kind, tiny_lm_dir, pairs, cfg, tmp_path / kind, Accelerator(cpu=True), JsonlLog(tmp_path / f"{kind}.jsonl"))
+    pm, bt = load_preference_model(tmp_path / "pm"), load_bt_preference(tmp_path / "bt")
+    probe = [(format_prompt(p), restyle(gold_response(p), a), restyle(gold_response(p), b)) for p in make_problems(8, 9, 0.0) for a, b in BEATS.items()]
+    p_pm, p_bt = pm.prob(probe), bt.prob(probe)
+    cyc_pm = [sum(p_pm[i::3]) / 8 for i in range(3)]
+    cyc_bt = [sum(p_bt[i::3]) / 8 for i in range(3)]
+    assert min(cyc_pm) > 0.7, cyc_pm  # every edge of the cycle, on unseen problems
+    assert min(cyc_bt) < 0.5, cyc_bt  # transitive: some edge must point the other way
+
+
+# ---------------------------------------------------------------- the intransitive judge
+
+def test_intransitive_judge_by_hand():
+    from rlhfkit.judges.intransitive import IntransitiveJudge, answer_style, restyle
+    from rlhfkit.recipes.evaluate import pairwise_win
+    from rlhfkit.tasks.arith import format_prompt, gold_response, judge, make_problems
+
+    p = make_problems(1, seed=11, unanswerable_frac=0.0)[0]
+    g = gold_response(p)
+    s, t, w = (restyle(g, x) for x in ("spaced", "tight", "wide"))
+    assert [answer_style(x) for x in (s, t, w)] == ["spaced", "tight", "wide"]
+    assert judge(p, t).score == judge(p, w).score == 1.0  # the style does not change the gold score
+    j = IntransitiveJudge([p], beta=10.0, gamma=3.0)
+    q = format_prompt(p)
+    assert j.prob([(q, s, t), (q, t, w), (q, w, s), (q, t, s)]) == pytest.approx([_sig(3), _sig(3), _sig(3), _sig(-3)])
+    # correctness dominates: a wrong answer in the winning style still loses, σ(10·(0.4 − 1) + 3) = σ(−3)
+    wrong = "\n".join(g.split("\n")[:-1] + [f"Answer:  {p.answer + 1}"])
+    assert judge(p, wrong).score == pytest.approx(0.4)
+    assert j.prob([(q, wrong, s)]) == pytest.approx([_sig(-3)])
+    # the eval's noiseless verdict: the sign of the same logit
+    row = lambda r: {"response": r, "score": judge(p, r).score}
+    assert pairwise_win(row(w), row(s), "intransitive") == 1.0 and pairwise_win(row(w), row(s), "oracle") == 0.5
+    assert pairwise_win(row(wrong), row(s), "intransitive") == 0.0
