@@ -79,11 +79,11 @@ def _data_path(cfg_value: str, out: Path, default: str) -> Path:
 
 
 def _stage_data(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from accelerate import PartialState
+    from rlhfkit.training import process_state
 
     from rlhfkit.tasks.arith import write_task_data
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         paths = write_task_data(stage_dir, cfg.task)
         return {"files": {k: Path(v).name for k, v in paths.items()}}
     return {}
@@ -154,20 +154,20 @@ def _stage_intransitive(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict
 
 
 def _stage_eval(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from accelerate import Accelerator
+    from rlhfkit.training import make_accelerator
 
     from rlhfkit.recipes.evaluate import evaluate_policies
 
-    acc = Accelerator()
+    acc = make_accelerator()
     return evaluate_policies(cfg.eval, out, _data_path(cfg.eval.data, out, "heldout.jsonl"), stage_dir, acc)
 
 
 def _stage_label(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from accelerate import Accelerator
+    from rlhfkit.training import make_accelerator
 
     from rlhfkit.recipes import label
 
-    metrics = label.run(cfg.label, out, cfg.task.judge_beta, stage_dir, Accelerator())
+    metrics = label.run(cfg.label, out, cfg.task.judge_beta, stage_dir, make_accelerator())
     label.cleanup(out)  # the merged files are in stage_dir; the chunk store is no longer needed
     return metrics
 
@@ -224,9 +224,9 @@ def _stage_config(cfg: PipelineConfig, stage: str) -> dict:
 
 def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
     """Run one stage unless its output is complete; returns ``"ran"`` or ``"skipped"``."""
-    from accelerate import PartialState
+    from rlhfkit.training import process_state
 
-    state = PartialState()
+    state = process_state()
     final = out / stage
     cfg_now = _stage_config(cfg, stage)
     if final.exists():
@@ -237,7 +237,7 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
                 f"{saved_path}: stage '{stage}' already completed with a different config; "
                 f"remove {final} to rerun it, or use another out="
             )
-        print(f"[rlhfkit] {stage}: complete in {final}, skipped")
+        state.print(f"[rlhfkit] {stage}: complete in {final}, skipped")
         return "skipped"
     partial = final.with_name(stage + ".partial")
     if state.is_main_process:
@@ -245,7 +245,7 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
             shutil.rmtree(partial)  # an interrupted attempt: start the stage over
         partial.mkdir(parents=True)
     state.wait_for_everyone()
-    print(f"[rlhfkit] {stage}: running")
+    state.print(f"[rlhfkit] {stage}: running")
     t0 = time.time()
     metrics = STAGES[stage](cfg, out, partial)
     state.wait_for_everyone()
@@ -257,16 +257,16 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
         save_config(getattr(cfg, SECTION[stage]), partial / "config.yaml")
         commit_dir(partial, final)
     state.wait_for_everyone()
-    print(f"[rlhfkit] {stage}: done in {time.time() - t0:.1f}s")
+    state.print(f"[rlhfkit] {stage}: done in {time.time() - t0:.1f}s")
     return "ran"
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     """Run every stage in ``cfg.stages`` (skipping complete ones), then write the report."""
-    from accelerate import PartialState
+    from rlhfkit.training import process_state
 
     out = Path(cfg.out)
-    state = PartialState()
+    state = process_state()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")

@@ -65,14 +65,31 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
 
 
-def make_accelerator(cfg: TrainConfig):
-    """One Accelerator per stage: single process by default, DDP/FSDP/DeepSpeed under ``accelerate launch``."""
+def _cpu_only() -> bool:
+    # accelerate treats torchrun's LOCAL_RANK as a GPU launch unless told cpu=True; without it two CPU
+    # processes each believe they are the only (main) process and race on the same files.
+    return not torch.cuda.is_available()
+
+
+def process_state():
+    """The shared distributed state (rank, world size, barriers); gloo on CPU under torchrun."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_only())
+
+
+def make_accelerator(cfg: TrainConfig | None = None):
+    """One Accelerator per stage: single process by default, DDP/FSDP/DeepSpeed under ``accelerate launch``.
+
+    Every Accelerator and PartialState in the project is made here or by ``process_state``: the
+    state is a process-wide singleton and the first construction decides the backend.
+    """
     from accelerate import Accelerator
 
-    mp = cfg.mixed_precision
+    mp = getattr(cfg, "mixed_precision", "auto")
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp)
+    return Accelerator(mixed_precision=mp, cpu=_cpu_only())
 
 
 def make_optimizer_and_scheduler(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
@@ -151,7 +168,9 @@ def train_lm(
 
     total = cfg.total_steps(n_examples)
     opt, sched = make_optimizer_and_scheduler(model, cfg, total)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
+    # The scheduler is not passed to prepare(): accelerate would step it once per process per
+    # step (it assumes sharded dataloaders), running the schedule N times too fast on N processes.
+    model, opt = accelerator.prepare(model, opt)
     model.train()
     world, rank = accelerator.num_processes, accelerator.process_index
     t0 = time.time()

@@ -1,0 +1,123 @@
+"""The pipeline: stages in order, atomic outputs, skipping on resume, the report, loadable models."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import tiny_pipeline_overrides
+from rlhfkit.config import ConfigError
+from rlhfkit.data.loading import DataError
+from rlhfkit.pipeline import load_pipeline_config, run_pipeline, run_stage
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    cfg = load_pipeline_config(None, tiny_pipeline_overrides(out))
+    run_pipeline(cfg)
+    return out, cfg
+
+
+def test_every_stage_writes_its_outputs(tiny_run):
+    out, _ = tiny_run
+    for stage in ("data", "pretrain", "sft", "eval"):
+        assert (out / stage / "metrics.json").exists() and (out / stage / "config.yaml").exists()
+        assert not (out / f"{stage}.partial").exists()
+    for stage in ("pretrain", "sft"):
+        m = json.loads((out / stage / "metrics.json").read_text())
+        assert m["train_samples"] == 4 * 8 and m["train_runtime_s"] > 0
+        rows = [json.loads(x) for x in (out / stage / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]
+        assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= rows[0].keys()
+
+
+def test_summary_and_report(tiny_run):
+    out, _ = tiny_run
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["policies"]) == {"base", "sft"}
+    for name in ("base", "sft"):
+        for metric in ("gold_score", "accuracy", "abstain_rate", "invented_number_rate", "win_rate_vs_sft"):
+            v = s["policies"][name][metric]
+            lo, hi = v["ci95"]
+            assert lo <= v["mean"] <= hi
+    # The SFT policy against itself: every comparison a tie.
+    assert s["policies"]["sft"]["win_rate_vs_sft"]["mean"] == 0.5
+    assert set(s["stages"]) == {"data", "pretrain", "sft", "eval"}
+    md = (out / "report.md").read_text()
+    assert "| sft |" in md and "plots/pretrain.png" in md
+    assert (out / "plots" / "sft.png").stat().st_size > 0
+    assert "<table" in (out / "report.html").read_text()
+
+
+def test_model_dir_loads_with_plain_transformers_in_a_fresh_process(tiny_run):
+    out, _ = tiny_run
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); t = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "ids = t('Question: Tom has 3 apples.\\n', return_tensors='pt').input_ids\n"
+        "print(m(ids).logits.shape[-1] == len(t))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code, str(out / "sft" / "model")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("True")
+    names = {p.name for p in (out / "sft" / "model").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # no pickle
+
+
+def test_complete_stages_are_skipped_on_resume(tiny_run, capsys):
+    out, cfg = tiny_run
+    before = {s: (out / s / "metrics.json").stat().st_mtime_ns for s in ("data", "pretrain", "sft", "eval")}
+    run_pipeline(cfg)
+    assert "pretrain: complete" in capsys.readouterr().out
+    after = {s: (out / s / "metrics.json").stat().st_mtime_ns for s in before}
+    assert before == after
+
+
+def test_killed_stage_reruns_and_changed_config_is_refused(tiny_run, tmp_path):
+    out, cfg = tiny_run
+    # A half-written stage (killed mid-way) is a .partial directory: it is started over, not trusted.
+    import shutil
+
+    run2 = tmp_path / "r2"
+    shutil.copytree(out / "data", run2 / "data")
+    (run2 / "pretrain.partial").mkdir()
+    (run2 / "pretrain.partial" / "junk").write_text("half")
+    cfg2 = load_pipeline_config(None, tiny_pipeline_overrides(run2))
+    assert run_stage(cfg2, "pretrain", run2) == "ran"
+    assert not (run2 / "pretrain" / "junk").exists() and not (run2 / "pretrain.partial").exists()
+    changed = load_pipeline_config(None, tiny_pipeline_overrides(run2) + ["pretrain.lr=0.5"])
+    with pytest.raises(ConfigError, match="different config"):
+        run_stage(changed, "pretrain", run2)
+
+
+def test_bad_data_fails_before_training_and_leaves_nothing_complete(tiny_run, tmp_path):
+    out, _ = tiny_run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Question: a\\n", "response": "x"}\n{"prompt": "Question: b\\n", "response": ""}\n')
+    run = tmp_path / "r3"
+    cfg = load_pipeline_config(None, tiny_pipeline_overrides(run) + [f"sft.data={bad}", f"sft.model={out / 'pretrain' / 'model'}"])
+    with pytest.raises(DataError, match=rf"{bad}:2: field 'response' is empty"):
+        run_stage(cfg, "sft", run)
+    assert not (run / "sft").exists()
+
+
+def test_cli_stage_commands_smoke(tiny_run, tmp_path):
+    """`rlhfkit sft` with unqualified overrides, and a clear CLI error on a bad key."""
+    out, _ = tiny_run
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    run = tmp_path / "cli"
+    base = [sys.executable, "-m", "rlhfkit.cli"]
+    r = subprocess.run([*base, "sft", f"out={run}", f"model={out / 'pretrain' / 'model'}", f"data={out / 'data' / 'sft.jsonl'}",
+                        "max_steps=2", "batch_size=4"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (run / "sft" / "model" / "model.safetensors").exists()
+    r = subprocess.run([*base, "sft", f"out={run}", "lrr=3"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "unknown key 'sft.lrr'" in r.stderr
+    r = subprocess.run([*base, "config", "--section", "sft"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and "sft.lr (float" in r.stdout
