@@ -66,7 +66,10 @@ def sample(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[Sample] = []
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    for start in range(0, len(prompts), cfg.batch_size):
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(prompts), cfg.batch_size)
+    for start in tqdm(starts, desc="sampling", disable=len(starts) < 2, leave=False):
         chunk = encoded[start:start + cfg.batch_size]
         ids = pad_batch(chunk, pad, side="left").to(device)
         mask = pad_batch([[1] * len(c) for c in chunk], 0, side="left").to(device)

@@ -27,6 +27,8 @@ class PretrainConfig(TrainConfig):
     """tokens per packed training block"""
     lr: float = 3e-3
     """peak learning rate (AdamW)"""
+    trust_remote_code: bool = False
+    """allow a hub model's own Python code to run when loading ``init`` (off unless you trust the source)"""
 
 
 def run(cfg: PretrainConfig, data_path: Path, out_dir: Path, accelerator, log) -> dict:
@@ -38,8 +40,8 @@ def run(cfg: PretrainConfig, data_path: Path, out_dir: Path, accelerator, log) -
 
     texts = load_texts(data_path)
     if cfg.init:
-        tokenizer = load_tokenizer(cfg.init)
-        model = load_causal_lm(cfg.init)
+        tokenizer = load_tokenizer(cfg.init, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(cfg.init, trust_remote_code=cfg.trust_remote_code)
     else:
         tokenizer = train_bpe_tokenizer(texts, vocab_size=cfg.arch.vocab_size)
         model = build_tiny_causal_lm(cfg.arch, tokenizer, seed=cfg.seed)

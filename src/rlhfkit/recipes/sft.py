@@ -23,6 +23,8 @@ class SFTConfig(TrainConfig):
     """longest prompt + response in tokens; longer examples are reported as errors"""
     epochs: float = 2.0
     """passes over the demonstrations"""
+    trust_remote_code: bool = False
+    """allow a hub model's own Python code to run when loading it (off unless you trust the source)"""
 
 
 def run(cfg: SFTConfig, model_path: str, data_path: Path, out_dir: Path, accelerator, log) -> dict:
@@ -32,12 +34,12 @@ def run(cfg: SFTConfig, model_path: str, data_path: Path, out_dir: Path, acceler
     from rlhfkit.training import train_lm
 
     demos = load_demonstrations(data_path)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     context = getattr(model_config(model_path), "max_position_embeddings", cfg.max_len)
     max_len = min(cfg.max_len, context)
     # Validate every record before loading the model: a bad record fails in seconds, not after training.
     examples = tokenize_demonstrations(tokenizer, demos, max_len)
-    model = load_causal_lm(model_path)
+    model = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     metrics = train_lm(
         model,
         n_examples=len(examples),
