@@ -239,11 +239,16 @@ def make_handler(chat: ChatModel, max_tokens_limit: int, api_key: str | None):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog is 5: a burst of simultaneous connections (20 annotators
+    # opening pages at once) would overflow it and see connection resets.
+    request_queue_size = 128
+
 def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 0, max_tokens_limit: int = 1024,
                 api_key: str | None = None) -> ThreadingHTTPServer:
     """A server bound to (host, port) — port 0 picks a free one; call ``serve_forever`` to run it."""
-    server = ThreadingHTTPServer((host, port), make_handler(chat, max_tokens_limit, api_key))
-    server.daemon_threads = True
+    server = _Server((host, port), make_handler(chat, max_tokens_limit, api_key))
     return server
 
 

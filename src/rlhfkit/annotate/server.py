@@ -195,8 +195,13 @@ def make_handler(store: Store):
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # socketserver's default backlog is 5: a burst of simultaneous connections (20 annotators
+    # opening pages at once) would overflow it and see connection resets.
+    request_queue_size = 128
+
 def make_server(store: Store, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A server bound to (host, port); port 0 picks a free one. Run with ``serve_forever``."""
-    server = ThreadingHTTPServer((host, port), make_handler(store))
-    server.daemon_threads = True
+    server = _Server((host, port), make_handler(store))
     return server
