@@ -70,6 +70,18 @@ def test_llm_judge_eval_on_a_tiny_model(tmp_path, capsys, tiny_lm_dir):
     assert res["position_bias"] == pytest.approx(flips / 4)
 
 
+def test_judge_against_judge(tmp_path, capsys, tiny_lm_dir):
+    oracle, llm = tmp_path / "oracle.yaml", tmp_path / "llm.yaml"
+    oracle.write_text("kind: oracle\n")
+    llm.write_text(f"kind: llm\nmodel: {tiny_lm_dir}\naverage_orders: false\n")
+    assert main(["judge-eval", "--judge", str(llm), "--task-pairs", "6", "--against", str(oracle),
+                 "--out", str(tmp_path / "j.jsonl")]) == 0
+    res, _ = last_json(capsys)
+    # The oracle agrees with its own labels, so judge-vs-oracle equals the judge's label agreement.
+    assert res["against"]["agreement"] == 1.0
+    assert res["against"]["judge_vs_judge"] == pytest.approx(res["agreement_single_order"])
+
+
 def test_bad_judge_configs_fail_clearly(tmp_path, capsys):
     cfg = tmp_path / "j.yaml"
     cfg.write_text("kind: llm\n")

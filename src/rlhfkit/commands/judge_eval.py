@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0, help="order of pair records; problems of --task-pairs")
     p.add_argument("--limit", type=int, default=None, help="judge only the first N pairs")
     p.add_argument("--out", help="write each pair's judgment (with rationales) to this JSONL file")
+    p.add_argument("--against", metavar="CONFIG", help="a second judge config: also report judge-vs-judge agreement")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="judge config overrides")
 
 
@@ -129,6 +130,20 @@ def run(args) -> int:
         raise ConfigError(f"{args.judge}: {e}") from None
     t_load = time.time() - t0
     judgments, fig = evaluate(judge, pairs)
+    if args.against:
+        from rlhfkit.judges.agreement import agreement_between
+
+        other_cfg = load_config(JudgeConfig, args.against)
+        try:
+            other = build_judge(other_cfg, pairs)
+        except ValueError as e:
+            raise ConfigError(f"{args.against}: {e}") from None
+        other_judgments, other_fig = evaluate(other, pairs)
+        pick = (lambda j, avg: j.prob_a_first if not avg else 0.5 * (j.prob_a_first + j.prob_a_second))
+        fig["against"] = {"judge": getattr(other, "name", other_cfg.kind.value), "agreement": other_fig["agreement_averaged"]
+                          if other_cfg.average_orders else other_fig["agreement_single_order"],
+                          "judge_vs_judge": agreement_between([pick(j, cfg.average_orders) for j in judgments],
+                                                              [pick(j, other_cfg.average_orders) for j in other_judgments])}
     seconds = time.time() - t0
     headline = fig["agreement_averaged"] if cfg.average_orders else fig["agreement_single_order"]
     result = {"judge": getattr(judge, "name", cfg.kind.value), "data": str(source), "average_orders": cfg.average_orders,
@@ -142,6 +157,10 @@ def run(args) -> int:
     print(f"{'both orders averaged':34}{fig['agreement_averaged']:.3f}   ({fig['ties_averaged']} ties, half credit)")
     print(f"position bias (verdict flips with the order): {fig['position_bias']:.3f}   "
           f"first slot wins: {fig['first_slot_rate']:.3f}")
+    if "against" in fig:
+        a = fig["against"]
+        print(f"against {a['judge']}: its agreement with the labels {a['agreement']:.3f}; "
+              f"the two judges agree on {a['judge_vs_judge']:.3f} of the pairs")
     print(json.dumps(result))
     sys.stdout.flush()
     return 0
