@@ -14,8 +14,9 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # Stamp files so a second `make` does not reinstall.
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock requirements-nodeps.lock
 	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -r requirements-nodeps.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 

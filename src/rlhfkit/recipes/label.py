@@ -30,7 +30,9 @@ from rlhfkit.generation import SamplingConfig
 
 
 def _sampling() -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=64, temperature=1.0, batch_size=64)
+    # 0.7, not 1.0: a small SFT policy's full-temperature tail is mostly broken tokens ("Answwer"),
+    # which a judge ranks trivially; K samples at 0.7 differ in the ways that matter (steps, answers).
+    return SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=64)
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,7 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
     """
     from rlhfkit.config import ConfigError, to_dict
     from rlhfkit.data.loading import load_prompts
-    from rlhfkit.io import atomic_write_json, atomic_write_text, read_jsonl_plain
+    from rlhfkit.io import atomic_write_json, atomic_write_text
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 
     beta = cfg.judge_beta if cfg.judge_beta >= 0 else task_beta

@@ -44,8 +44,8 @@ class RerankConfig:
     """samples per prompt (best-of-N)"""
     n_prompts: int = 200
     """held-out prompts used (the first ones of the file)"""
-    temperature: float = 1.0
-    """sampling temperature"""
+    temperature: float = 0.7
+    """sampling temperature (as the label stage samples)"""
     max_new_tokens: int = 64
     """longest sampled response"""
     seed: int = 1
@@ -429,8 +429,7 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
 # ------------------------------------------------------------------------------ the stage
 
 def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict:
-    from rlhfkit.data.loading import iter_records
-    from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs, SafetyRecord
+    from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
     from rlhfkit.models.reward import RewardModel, save_scalar_model
     from rlhfkit.models.reward_eval import pair_metrics
 
@@ -504,7 +503,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
             trained["orm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
     if cfg.train_cost:
         sdata = Path(cfg.steps_data) if cfg.steps_data else out / "label" / "steps.jsonl"
-        safety = [x for x in load_safety(sdata)]
+        safety = load_safety(sdata)
         held = {(s.prompt, s.completion) for s in steps_eval}
         tr = [x for x in safety if (x.prompt, x.response) not in held]
         ev = [x for x in safety if (x.prompt, x.response) in held]
@@ -519,9 +518,13 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
             **fit, "train_responses": len(tr)}
         if accelerator.is_main_process:
             save_scalar_model(net, tok, stage_dir / "cost")
+    # The report's view: held-out figures of each model (and agreement with the judge), then reranking.
+    metrics["reward_models"] = {name: {k: v for k, v in m.items() if k in ("heldout", "judge_agreement")}
+                                for name, m in metrics["models"].items()}
+    metrics["summary_sections"] = ["reward_models"]
     if cfg.rerank.enabled:
         metrics["reranking"] = rerank(cfg, out, trained, stage_dir, accelerator)
-        metrics["summary_sections"] = ["reranking"]
+        metrics["summary_sections"].append("reranking")
     return metrics
 
 
