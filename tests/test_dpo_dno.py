@@ -112,6 +112,26 @@ def test_one_concatenated_forward_equals_separate_forwards(tiny_lm):
             assert both[row].item() == pytest.approx(lp[len(p.prompt_ids) - 1:].sum().item(), abs=1e-4)
 
 
+def test_shared_prompt_forward_equals_concatenated_forward_values_and_gradients(tiny_lm):
+    from rlhfkit.recipes.dpo import pair_forward
+
+    model, tok = tiny_lm
+    pairs = _pairs(tok, 5)  # prompts of different lengths: left padding is exercised
+    assert len({len(p.prompt_ids) for p in pairs}) > 1
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        logps, n = pair_forward(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
+        (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if share:
+            assert torch.allclose(logps, ref_logps, atol=1e-4) and torch.equal(n, ref_n)
+        else:
+            ref_logps, ref_n = logps.detach(), n
+    assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-3)
+    model.zero_grad()
+
+
 def test_dpo_reference_computed_once_and_one_forward_per_step(tiny_lm_dir, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
@@ -125,12 +145,13 @@ def test_dpo_reference_computed_once_and_one_forward_per_step(tiny_lm_dir, tmp_p
     model = load_causal_lm(tiny_lm_dir)
     calls = {"forward": 0}
     model.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
-    ref = dpo.precompute_logps(model, pairs, tok.pad_token_id, batch_size=8, device="cpu")
+    ref = dpo.precompute_logps(model, pairs, tok.pad_token_id, batch_size=8, device="cpu", share_prompt=False)
     assert calls["forward"] == 1  # 8 pairs, one batch of 16 rows
     cfg = dpo.DPOConfig(batch_size=4, max_steps=3, loss_type=DPOLossType.sigmoid, beta=0.5, lr=1e-3, log_every=1, sft_coef=0.1)
     weights = torch.ones(len(pairs))
     log = JsonlLog(tmp_path / "log.jsonl")
-    m = dpo.train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, weights), cfg, Accelerator(cpu=True), log, tok.pad_token_id)
+    m = dpo.train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, weights), cfg, Accelerator(cpu=True), log,
+                           tok.pad_token_id, share_prompt=False)
     log.close()
     assert calls["forward"] == 1 + 3  # no reference forward during training; one (2B, T) pass per step
     assert m["train_pairs"] == 12 and "final_sft_nll" in m
@@ -264,11 +285,36 @@ def test_intransitive_judge_by_hand():
     j = IntransitiveJudge([p], beta=10.0, gamma=3.0)
     q = format_prompt(p)
     assert j.prob([(q, s, t), (q, t, w), (q, w, s), (q, t, s)]) == pytest.approx([_sig(3), _sig(3), _sig(3), _sig(-3)])
-    # correctness dominates: a wrong answer in the winning style still loses, σ(10·(0.4 − 1) + 3) = σ(−3)
+    # correctness dominates: a wrong answer in the winning style still loses. Its score is
+    # (6·0 + 3·1 + 1·0)/10 = 0.3 (steps right; the answer is a number never given: invented),
+    # so P = σ(10·(0.3 − 1) + 3) = σ(−4)
     wrong = "\n".join(g.split("\n")[:-1] + [f"Answer:  {p.answer + 1}"])
-    assert judge(p, wrong).score == pytest.approx(0.4)
-    assert j.prob([(q, wrong, s)]) == pytest.approx([_sig(-3)])
+    assert judge(p, wrong).score == pytest.approx(0.3)
+    assert j.prob([(q, wrong, s)]) == pytest.approx([_sig(-4)])
     # the eval's noiseless verdict: the sign of the same logit
     row = lambda r: {"response": r, "score": judge(p, r).score}
     assert pairwise_win(row(w), row(s), "intransitive") == 1.0 and pairwise_win(row(w), row(s), "oracle") == 0.5
     assert pairwise_win(row(wrong), row(s), "intransitive") == 0.0
+
+
+@pytest.mark.slow
+def test_dpo_and_dno_stages_in_a_tiny_pipeline(tmp_path):
+    import json
+
+    from conftest import tiny_pipeline_overrides
+
+    from rlhfkit.pipeline import load_pipeline_config, run_pipeline
+
+    over = [o for o in tiny_pipeline_overrides(tmp_path / "run") if not o.startswith("stages=")] + [
+        "stages=[data, pretrain, sft, label, dpo, dno, eval]", "task.n_prompts=64",
+        "label.sampling.max_new_tokens=16", "label.n_prompts=32",
+        "dpo.batch_size=4", "dpo.max_steps=2", "dpo.from_rankings=best_worst",
+        "dno.iterations=2", "dno.prompts_per_iteration=12", "dno.n_validation=8", "dno.batch_size=2",
+        "dno.sampling.max_new_tokens=16",
+        "eval.policies={sft: sft/model, dpo: dpo/model, dno_1: dno/dno_1/model, dno_2: dno/dno_2/model}",
+    ]
+    out = run_pipeline(load_pipeline_config(None, over))
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"sft", "dpo", "dno_1", "dno_2"} <= set(summary["policies"])
+    assert (out / "plots" / "dno_iterations.png").exists()
+    assert json.loads((out / "dno" / "selected.json").read_text())["best"] in ("dno_1", "dno_2")

@@ -45,7 +45,7 @@ class DNOConfig(TrainConfig):
     model: str = ""
     """starting policy π_1; empty means the sft stage's model"""
     prompts: str = ""
-    """prompts (with task ``meta`` for the task judges); empty means the task's prompts.jsonl"""
+    """prompts (with task ``meta`` for the task judges), relative to the run or absolute; empty means data/prompts.jsonl"""
     judge: str = "oracle"
     """preference function: oracle, intransitive, bt:DIR (σ of a reward model's difference) or pm:DIR (pairwise model); DIR relative to the run"""
     judge_beta: float = 10.0
@@ -61,7 +61,7 @@ class DNOConfig(TrainConfig):
     sampling: SamplingConfig = field(default_factory=_dno_sampling)
     """how the K responses are sampled"""
     reference_responses: str = ""
-    """optional {prompt, response} file: a teacher response added to each prompt's candidates"""
+    """optional {prompt, response} file (relative to the run, or absolute): a teacher response added to each prompt's candidates"""
     pair_selection: str = "best_worst"
     """best_worst: one pair per prompt, highest vs lowest win rate; all: every pair with a large enough gap"""
     min_margin: float = 0.0
@@ -258,7 +258,8 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
             raise DataError(f"{missing[0].where}: judge '{cfg.judge}' needs the task field 'meta'")
     teacher: dict[str, str] = {}
     if cfg.reference_responses:
-        for rec in iter_records(cfg.reference_responses):
+        ref_path = Path(cfg.reference_responses)
+        for rec in iter_records(ref_path if ref_path.is_absolute() else out / ref_path):
             require(rec, {"prompt": str, "response": str}, nonempty=("prompt", "response"))
             teacher[rec.record["prompt"]] = rec.record["response"]
     pf = pf or load_preference_function(cfg.judge, out, raw, cfg.judge_beta, cfg.judge_gamma)

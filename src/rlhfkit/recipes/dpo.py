@@ -7,9 +7,11 @@ The whole algorithm, top to bottom:
 2. compute the frozen reference's sequence log-probs ONCE, before training (the reference never
    changes, so recomputing them every step, as TRL does by default, doubles the forward passes
    for nothing);
-3. for each global batch: ONE forward pass of the policy over chosen and rejected rows
-   concatenated (2B, T), sequence log-probs summed over response tokens, then
-   ``rlhfkit.losses.dpo_loss`` (+ ``sft_coef · sft_nll`` on the chosen rows).
+3. for each global batch: the policy's sequence log-probs of chosen and rejected in one
+   batched pass (2B rows), summed over response tokens, then ``rlhfkit.losses.dpo_loss``
+   (+ ``sft_coef · sft_nll`` on the chosen rows). By default (``share_prompt``) each prompt is
+   encoded once and both responses continue from its key/value cache, as one (2B, R) batch:
+   chosen and rejected share their prompt, so encoding it twice is pure waste.
 
 ``train_on_pairs`` is the loop with the reference log-probs given as tensors; DNO reuses it with
 the previous iterate's log-probs as the reference (``rlhfkit.recipes.dno``).
@@ -52,6 +54,8 @@ class DPOConfig(TrainConfig):
     """longest prompt + response in tokens; a longer pair is reported as a data error"""
     ref_batch_size: int = 64
     """pairs per forward pass when precomputing the reference log-probs"""
+    share_prompt: bool = True
+    """encode each prompt once and continue both responses from its cache (same values, fewer tokens)"""
     epochs: float = 2.0
     """passes over the pairs"""
     lr: float = 1e-4
@@ -127,16 +131,70 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return masked_sum(logp, resp.bool(), dim=1), resp.sum(1)
 
 
+def collate_pairs_shared_prompt(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts once, LEFT-padded (B, P); responses interleaved chosen₀, rejected₀, chosen₁, … RIGHT-padded (2B, R).
+
+    Left padding makes every prompt end at the last column, so each response continues from
+    the same cache position; ``response_mask`` (2B, R) marks real response tokens (EOS included).
+    """
+    from rlhfkit.data.collate import pad_batch
+
+    responses = [r for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+    return {
+        "prompt_ids": pad_batch([p.prompt_ids for p in pairs], pad_id, side="left"),
+        "prompt_mask": pad_batch([[1] * len(p.prompt_ids) for p in pairs], 0, side="left"),
+        "response_ids": pad_batch(responses, pad_id),
+        "response_mask": pad_batch([[1] * len(r) for r in responses], 0),
+    }
+
+
+def sequence_logps_shared_prompt(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``sequence_logps`` (chosen rows then rejected rows), encoding each prompt ONCE.
+
+    Pass 1 runs the prompts (B, P) and keeps their key/value cache and the last position's
+    logits (which predict the first response token; ``logits_to_keep=1`` skips the LM head on
+    every other prompt position). The cache is repeated for the two responses of each pair, and
+    pass 2 runs chosen and rejected together (2B, R) on top of it. Gradients flow through the
+    cache into the prompt pass, so this is the same function as the concatenated forward (to
+    float rounding; tested), at B·P + 2B·R tokens instead of 2B·(P + R).
+    """
+    from rlhfkit.losses import logprobs_from_logits, masked_sum
+
+    pm, ids, rm = batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+    first = model(input_ids=batch["prompt_ids"], attention_mask=pm, position_ids=(pm.cumsum(-1) - 1).clamp(min=0),
+                  use_cache=True, logits_to_keep=1)
+    cache = first.cache
+    cache.batch_repeat_interleave(2)  # (B, …) → (2B, …): rows 2i and 2i+1 share prompt i
+    prompt_len = pm.sum(-1).repeat_interleave(2)  # (2B,)
+    positions = prompt_len[:, None] + torch.arange(ids.shape[1], device=ids.device)[None, :]  # (2B, R)
+    mask = torch.cat([pm.repeat_interleave(2, dim=0), rm], dim=1)  # (2B, P + R)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache).logits  # (2B, R, V)
+    # token 0 is predicted by the prompt's last position; token j ≥ 1 by response position j − 1
+    logits = torch.cat([first.logits[:, -1:].repeat_interleave(2, dim=0), logits[:, :-1]], dim=1)  # (2B, R, V)
+    logp = logprobs_from_logits(logits, ids)  # (2B, R)
+    sums, n = masked_sum(logp, rm.bool(), dim=1), rm.sum(1)
+    # interleaved (c₀, r₀, c₁, r₁, …) → (c₀, c₁, …, r₀, r₁, …), the layout of ``sequence_logps``
+    return torch.cat([sums[0::2], sums[1::2]]), torch.cat([n[0::2], n[1::2]])
+
+
+def pair_forward(model, pairs: Sequence[TokenizedPair], pad_id: int, device, share_prompt: bool):
+    """Sequence log-probs and response lengths of chosen rows then rejected rows, (2B,) each."""
+    if share_prompt:
+        batch = {k: v.to(device) for k, v in collate_pairs_shared_prompt(pairs, pad_id).items()}
+        return sequence_logps_shared_prompt(model, batch)
+    return sequence_logps(model, {k: v.to(device) for k, v in collate_pairs(pairs, pad_id).items()})
+
+
 @torch.no_grad()
-def precompute_logps(model, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int, device) -> dict[str, torch.Tensor]:
+def precompute_logps(model, pairs: Sequence[TokenizedPair], pad_id: int, batch_size: int, device,
+                     share_prompt: bool = True) -> dict[str, torch.Tensor]:
     """Sequence log-probs of every pair under ``model`` (the frozen reference): chosen, rejected (N,) and lengths."""
     was_training = model.training
     model.eval()
     chosen, rejected, n_c, n_r = [], [], [], []
     for s in range(0, len(pairs), batch_size):
         chunk = pairs[s:s + batch_size]
-        b = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        logps, n = sequence_logps(model, b)
+        logps, n = pair_forward(model, chunk, pad_id, device, share_prompt)
         k = len(chunk)
         chosen.append(logps[:k].float().cpu())
         rejected.append(logps[k:].float().cpu())
@@ -188,6 +246,7 @@ def train_on_pairs(
     pad_id: int,
     progress_desc: str = "dpo",
     step_offset: int = 0,
+    share_prompt: bool = True,
 ) -> dict:
     """Optimize ``loss_fn`` over global batches of ``pairs``; ``ref`` holds the precomputed reference log-probs.
 
@@ -214,10 +273,9 @@ def train_on_pairs(
         step_metrics: dict[str, float] = {}
         loss_total = 0.0
         for m, mb in enumerate(micro):
-            batch = {k: v.to(accelerator.device) for k, v in collate_pairs([pairs[i] for i in mb], pad_id).items()}
             ctx = accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext()
             with ctx:
-                logps, n = sequence_logps(model, batch)
+                logps, n = pair_forward(model, [pairs[i] for i in mb], pad_id, accelerator.device, share_prompt)
                 k = len(mb)
                 t = torch.tensor(mb)
                 loss, w_local, metrics = loss_fn(
@@ -288,11 +346,11 @@ def run(cfg: DPOConfig, model_path: str | Path, data_path: str | Path, out_dir: 
     torch.manual_seed(cfg.seed)
     model = load_causal_lm(model_path).to(accelerator.device)
     t0 = time.time()
-    ref = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.ref_batch_size, accelerator.device)
+    ref = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.ref_batch_size, accelerator.device, cfg.share_prompt)
     ref_s = time.time() - t0
     weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     metrics = train_on_pairs(model, pairs, ref, dpo_pair_loss(cfg, weights), cfg, accelerator, log,
-                             tokenizer.pad_token_id, progress_desc=f"dpo ({cfg.loss_type.value})")
+                             tokenizer.pad_token_id, progress_desc=f"dpo ({cfg.loss_type.value})", share_prompt=cfg.share_prompt)
     if accelerator.is_main_process:
         save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
     return metrics | {"n_pairs": len(pairs), "n_pairs_in_file": len(pair_set.pairs), "reference_logps_s": ref_s}
