@@ -19,10 +19,7 @@ import yaml
 from rlhfkit.config import ConfigError, load_config, save_config, to_dict
 from rlhfkit.recipes.dno import DNOConfig
 from rlhfkit.recipes.dpo import DPOConfig
-from rlhfkit.recipes.dno import DNOConfig
-from rlhfkit.recipes.dpo import DPOConfig
 from rlhfkit.recipes.evaluate import EvalConfig
-from rlhfkit.recipes.intransitive import IntransitiveConfig
 from rlhfkit.recipes.intransitive import IntransitiveConfig
 from rlhfkit.recipes.label import LabelConfig
 from rlhfkit.recipes.ppo import PPOConfig
@@ -48,12 +45,6 @@ class PipelineConfig:
     """supervised fine-tuning stage"""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """evaluation stage"""
-    dpo: DPOConfig = field(default_factory=DPOConfig)
-    """offline DPO-family stage on the label stage's pairs: writes OUT/dpo/model"""
-    dno: DNOConfig = field(default_factory=DNOConfig)
-    """Direct Nash Optimization stage: writes OUT/dno/dno_<t>/model and the selected OUT/dno/model"""
-    intransitive: IntransitiveConfig = field(default_factory=IntransitiveConfig)
-    """the intransitive experiment (configs/intransitive.yaml): DNO with a BT vs a pairwise preference function"""
     dpo: DPOConfig = field(default_factory=DPOConfig)
     """offline DPO-family stage on the label stage's pairs: writes OUT/dpo/model"""
     dno: DNOConfig = field(default_factory=DNOConfig)
@@ -151,43 +142,6 @@ def _stage_dno(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
     model = cfg.dno.model or str(out / "sft" / "model")
     try:
-        return dno.run(cfg.dno, model, _data_path(cfg.dno.prompts, out, "prompts.jsonl"), out, stage_dir, acc, log)
-    finally:
-        log.close()
-
-
-def _stage_intransitive(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.recipes import intransitive
-
-    return intransitive.run(cfg.intransitive, out, stage_dir)
-
-
-def _stage_dpo(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.io import JsonlLog
-    from rlhfkit.recipes import dpo
-    from rlhfkit.training import make_accelerator
-
-    acc = make_accelerator(cfg.dpo)
-    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
-    model = cfg.dpo.model or str(out / "sft" / "model")
-    data = Path(cfg.dpo.data) if cfg.dpo.data else out / "label" / "pairs.jsonl"
-    if not cfg.dpo.data and not data.exists():
-        data = out / "label" / "rankings.jsonl"  # the oracle judge writes rankings only
-    try:
-        return dpo.run(cfg.dpo, model, data, stage_dir, acc, log)
-    finally:
-        log.close()
-
-
-def _stage_dno(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.io import JsonlLog
-    from rlhfkit.recipes import dno
-    from rlhfkit.training import make_accelerator
-
-    acc = make_accelerator(cfg.dno)
-    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
-    model = cfg.dno.model or str(out / "sft" / "model")
-    try:
         prompts = Path(cfg.dno.prompts) if Path(cfg.dno.prompts).is_absolute() else out / (cfg.dno.prompts or "data/prompts.jsonl")
         return dno.run(cfg.dno, model, prompts, out, stage_dir, acc, log)
     finally:
@@ -256,16 +210,13 @@ STAGES: dict[str, Callable[[PipelineConfig, Path, Path], dict]] = {
     "dpo": _stage_dpo,
     "dno": _stage_dno,
     "intransitive": _stage_intransitive,
-    "dpo": _stage_dpo,
-    "dno": _stage_dno,
-    "intransitive": _stage_intransitive,
     "label": _stage_label,
     "reward": _stage_reward,
     **{name: _stage_rl(name) for name in RL_STAGES},
 }
 
 # Which config section belongs to each stage (saved beside its output and compared on resume).
-SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval", "dpo": "dpo", "dno": "dno", "intransitive": "intransitive", "dpo": "dpo", "dno": "dno", "intransitive": "intransitive", "label": "label", "reward": "reward", **{n: n for n in RL_STAGES}}
+SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval", "dpo": "dpo", "dno": "dno", "intransitive": "intransitive", "label": "label", "reward": "reward", **{n: n for n in RL_STAGES}}
 
 
 def _stage_config(cfg: PipelineConfig, stage: str) -> dict:
