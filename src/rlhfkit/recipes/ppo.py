@@ -228,8 +228,6 @@ class PPOConfig:
             raise ValueError("kl_estimator k1 as a loss term has zero expected gradient; use k2 or k3 in the loss")
         if self.reward_source is RewardSource.model and not self.reward_models:
             raise ValueError("reward_source is model but reward_models is empty")
-        if self.reward_source is RewardSource.callable and ":" not in self.reward_fn:
-            raise ValueError("reward_source is callable: set reward_fn to 'module:function'")
         if self.reward_source is RewardSource.prm and self.prm_step_rewards and (self.score_whiten or self.score_clip > 0):
             raise ValueError("prm_step_rewards places each step's reward on its token; score_whiten and score_clip "
                              "act on whole-sequence scores, so set prm_step_rewards=false to use them")
@@ -408,6 +406,10 @@ def _resolve(out: Path, rel: str) -> Path:
 
 
 def _import_callable(spec: str) -> RewardFn:
+    # Checked here, not in __post_init__: each command-line override is validated alone against
+    # the defaults, so "reward_source=callable reward_fn=m:f" would fail on its first half there.
+    if ":" not in spec:
+        raise ValueError(f"reward_source is callable: reward_fn must be 'module:function', got {spec!r}")
     module, _, name = spec.partition(":")
     return getattr(importlib.import_module(module), name)
 
@@ -523,6 +525,10 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
     else:
         step_lp = None
         outcome = torch.tensor(scorer.outcome(ps, texts), dtype=torch.float32)
+    if step_lp is not None:
+        # A PRM has no step to judge in an empty response: its Σ log q over zero steps would be 0,
+        # the best possible score. It is not an answer at all; it gets the unfinished penalty.
+        finished = finished & torch.tensor([len(row) > 0 for row in step_lp])
     raw = torch.where(finished, outcome, torch.full_like(outcome, cfg.unfinished_score))
     scores = raw.clone()
     if cfg.score_whiten:
@@ -537,7 +543,7 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
         # the penalty alone). The per-step rewards sum to the sequence score placed otherwise.
         placed = []
         for b, s in enumerate(samples):
-            if not s.finished or not step_lp[b]:
+            if not finished[b]:
                 placed.append([])
                 continue
             pos = line_end_positions(tokenizer, s.response_ids, int(n_resp[b]))
