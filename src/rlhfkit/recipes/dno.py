@@ -21,6 +21,7 @@ of a prompt's samples with target σ(r_t(y₁) − r_t(y₂)), r_t the win rate,
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 import time
@@ -305,9 +306,14 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
             atomic_write_jsonl(it_dir / "pairs.jsonl", [p.__dict__ for p in train])
         info = {"n_prompts": len(prompts), "n_new_pairs": len(pairs), "n_train_pairs": len(train),
                 "finished_rate": sum(s.finished for s in samples) / len(samples)}
-        if len(train) < cfg.batch_size:
-            raise RuntimeError(f"dno iteration {t}: only {len(train)} pairs survive the margin filter "
-                               f"(min_margin={cfg.min_margin}); lower it or sample more prompts")
+        if not train:
+            raise RuntimeError(f"dno iteration {t}: no pair survives the margin filter (min_margin={cfg.min_margin}): "
+                               f"every prompt's responses tie; lower it, sample more, or add reference_responses")
+        train_cfg = cfg
+        if len(train) < cfg.batch_size and cfg.grad_accum_steps == 1:
+            # Fewer pairs than one batch: train on them as one batch rather than stop the run; logged.
+            print(f"[rlhfkit] dno {t}: only {len(train)} pairs, fewer than batch_size {cfg.batch_size}; one batch of {len(train)}")
+            train_cfg = dataclasses.replace(cfg, batch_size=len(train))
         # 5. train from π_t against π_t's own log-probs (computed once, now)
         tokenized = tokenize_pairs(tok, train, max_len)
         ref = reference_logps(policy, tokenized, tok.pad_token_id, cfg.ref_batch_size, device)
@@ -320,7 +326,7 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
                 loss, m = dno_loss(pc, pr, rc, rr, cfg.eta)
             return loss, float(len(ix)), m
 
-        metrics = train_on_pairs(policy, tokenized, ref, loss_fn, cfg, accelerator, log, tok.pad_token_id,
+        metrics = train_on_pairs(policy, tokenized, ref, loss_fn, train_cfg, accelerator, log, tok.pad_token_id,
                                  progress_desc=f"dno {t}/{cfg.iterations}", step_offset=(t - 1) * cfg.total_steps(len(train)))
         policy = accelerator.unwrap_model(policy)
         if accelerator.is_main_process:
