@@ -275,16 +275,22 @@ def _random_equation(rng: random.Random) -> str:
 def pretrain_corpus(n_docs: int, seed: int, *, exclude: Collection[str] = ()) -> list[str]:
     """Documents that teach the stories' language and arithmetic, but not the Q→A format.
 
-    Half are stories (sometimes vague, sometimes with the question sentence or the final
-    amount in prose), half are equation lines with numbers in 0..200, some chained like a
-    solution. Neither ``Question:`` nor ``Answer:`` ever appears, so a model pretrained on
-    this alone scores ~0 until SFT teaches the format. Stories whose question text is in
+    A third are stories (sometimes vague, sometimes with the question sentence or the final
+    amount in prose), a third equation lines with numbers in 0..200, some chained like a
+    solution, and a third worked stories: a story, the equations that follow its amounts, and
+    the result in prose (capability — reading numbers off a story and computing — belongs to
+    pretraining, as it does for real models). Neither ``Question:`` nor ``Answer:`` ever
+    appears, so a model pretrained on this alone scores ~0 until SFT teaches the format. Stories whose question text is in
     ``exclude`` (pass the held-out questions) are skipped, so no held-out answer leaks.
     """
     rng = random.Random(seed)
     docs = []
     while len(docs) < n_docs:
-        if rng.random() < 0.5:
+        kind = rng.random()
+        if kind < 1 / 3:
+            docs.append(_worked_stories(rng, exclude))
+            continue
+        if kind < 2 / 3:
             lines = [_random_equation(rng) for _ in range(rng.randint(2, 6))]
             if rng.random() < 0.5:  # chained steps: the running amount carries to the next line
                 lines = _solve(*_random_chain(rng, 4))[0] + lines[:2]
@@ -309,6 +315,23 @@ def pretrain_corpus(n_docs: int, seed: int, *, exclude: Collection[str] = ()) ->
         if stories:
             docs.append("\n".join(stories))
     return docs
+
+
+def _worked_stories(rng: random.Random, exclude: Collection[str]) -> str:
+    """One or two answerable stories, each followed by its step lines and the amount in prose."""
+    parts = []
+    while not parts:
+        for _ in range(rng.randint(1, 2)):
+            name, pron = rng.choice(NAMES)
+            item = rng.choice(ITEMS)
+            ops, full = _random_chain(rng, 3)
+            sentences = _story(name, pron, item, ops, list(full), "")
+            question = f"How many {item} does {name} have now?"
+            if " ".join(sentences + [question]) in exclude:
+                continue
+            steps, results = _solve(ops, full)
+            parts.append("\n".join([" ".join(sentences), *steps, f"So {name} has {results[-1]} {item} now."]))
+    return "\n".join(parts)
 
 
 # ----------------------------------------------------------------------------- judge
