@@ -21,7 +21,6 @@ On disk: the scalar-model directory of ``rlhfkit.models.reward`` plus ``preferen
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,21 +82,6 @@ class PairwisePreferenceModel:
         return out
 
 
-class RewardDifferencePreference:
-    """σ(r(a) − r(b)) from a scalar reward model: the Bradley-Terry preference function."""
-
-    name = "bt-reward-model"
-
-    def __init__(self, reward_model):
-        self.rm = reward_model
-
-    def prob(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
-        ra = self.rm.score([p for p, _, _ in items], [a for _, a, _ in items])
-        rb = self.rm.score([p for p, _, _ in items], [b for _, _, b in items])
-        return [1.0 / (1.0 + math.exp(-(x - y))) if x >= y else math.exp(x - y) / (1.0 + math.exp(x - y))
-                for x, y in zip(ra, rb)]
-
-
 def load_preference_model(path: str | Path, device=None, batch_size: int = 32) -> PairwisePreferenceModel:
     from rlhfkit.models.reward import load_reward_model
 
@@ -109,15 +93,10 @@ def load_preference_model(path: str | Path, device=None, batch_size: int = 32) -
 
 
 def load_bt_preference(path: str | Path, device=None):
-    """The preference function σ(r(a) − r(b)) of a saved reward model (the reward developer's wrapper if present)."""
-    try:
-        from rlhfkit.judges.reward_model import RewardModelPreference  # type: ignore
+    """σ(r(a) − r(b)) of a saved Bradley-Terry reward model (``rlhfkit.judges.reward_model``)."""
+    from rlhfkit.judges.reward_model import RewardModelPreference
 
-        return RewardModelPreference(str(path))
-    except ImportError:
-        from rlhfkit.models.reward import load_reward_model
-
-        return RewardDifferencePreference(load_reward_model(path, device=device))
+    return RewardModelPreference(path, device=device)
 
 
 # ---------------------------------------------------------------- training
