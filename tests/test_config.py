@@ -55,6 +55,10 @@ def test_overrides_win_and_types_are_coerced(tmp_path):
     cfg = load_config(PipelineConfig, f, ["sft.lr=5e-4", "out=x", "eval.policies={a: b}"])
     assert cfg.sft.lr == 5e-4 and isinstance(cfg.sft.lr, float)
     assert cfg.sft.batch_size == 16 and cfg.out == "x" and cfg.eval.policies == {"a": "b"}
+    # A mapping-valued field is replaced whole by an override, not merged key by key.
+    g = tmp_path / "d.yaml"
+    g.write_text("eval:\n  policies: {base: pretrain/model, sft: sft/model, ppo: ppo/model}\n")
+    assert load_config(PipelineConfig, g, ["eval.policies={sft: sft/model}"]).eval.policies == {"sft": "sft/model"}
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
 
 

@@ -116,11 +116,15 @@ def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
         raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def _merge(base: dict, override: dict) -> dict:
+def _merge(cls: type, base: dict, override: dict) -> dict:
+    """Overlay ``override`` on ``base``: nested configs merge key by key; any other value (a
+    mapping-valued field such as ``eval.policies`` too) is replaced whole."""
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for k, v in override.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+        tp = hints.get(k)
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(tp, out[k], v)
         else:
             out[k] = v
     return out
@@ -168,7 +172,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
     for text in overrides:
         one = parse_override(text)
         _build(cls, one, f"command line override '{text}'")
-        data = _merge(data, one)
+        data = _merge(cls, data, one)
     return _build(cls, data, str(path) if path is not None else "config")
 
 
