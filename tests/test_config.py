@@ -49,6 +49,12 @@ def test_value_check_in_post_init_is_reported():
         load_config(PipelineConfig, None, ["stages=[data, fly]"])
 
 
+def test_cross_field_checks_apply_to_the_merged_config():
+    # grad_accum_steps=3 alone would not divide the default batch of 32; with batch_size=12 it does.
+    cfg = load_config(PipelineConfig, None, ["sft.grad_accum_steps=3", "sft.batch_size=12"])
+    assert (cfg.sft.batch_size, cfg.sft.grad_accum_steps) == (12, 3)
+
+
 def test_overrides_win_and_types_are_coerced(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("sft:\n  lr: 1.0e-3\n  batch_size: 16\n")

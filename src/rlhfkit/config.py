@@ -33,7 +33,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, where: str, construct: bool = True) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where lossless (int → float, list → tuple)."""
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -47,14 +47,14 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key, where)
+                return _coerce(value, arg, key, where, construct)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{where}: key '{key}': {value!r} is not of type {tp}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, where, prefix=f"{key}.")
+        return _build(tp, value, where, prefix=f"{key}.", construct=construct)
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: key '{key}' must be a list, got {value!r}")
@@ -99,7 +99,9 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: key '{key}': unsupported type {_type_name(tp)}")
 
 
-def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
+def _build(cls: type[T], data: dict, where: str, prefix: str = "", construct: bool = True) -> T:
+    """Check keys and types of ``data`` against ``cls``; build it when ``construct`` (which also runs
+    the cross-field checks of ``__post_init__``, meaningful only on the merged config)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for k in data:
@@ -107,7 +109,9 @@ def _build(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
             raise ConfigError(
                 f"{where}: unknown key '{prefix}{k}' (known keys of {cls.__name__}: {', '.join(sorted(names))})"
             )
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", where) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", where, construct) for k, v in data.items()}
+    if not construct:
+        return None  # type: ignore[return-value]
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -167,11 +171,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
-        _build(cls, loaded, str(path))  # report file errors against the file, before overrides
+        _build(cls, loaded, str(path), construct=False)  # name the file in key/type errors
         data = loaded
     for text in overrides:
         one = parse_override(text)
-        _build(cls, one, f"command line override '{text}'")
+        _build(cls, one, f"command line override '{text}'", construct=False)  # name the override
         data = _merge(cls, data, one)
     return _build(cls, data, str(path) if path is not None else "config")
 
