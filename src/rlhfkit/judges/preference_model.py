@@ -140,7 +140,8 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
         rev = [encode(tok, net.info, p.prompt, p.rejected)[0] for p in pairs]
     total = cfg.total_steps(len(pairs))
     opt, sched = make_optimizer_and_scheduler(net, cfg, total)
-    net, opt, sched = accelerator.prepare(net, opt, sched)
+    # The scheduler stays out of prepare(): accelerate would step it once per process (see training.py).
+    net, opt = accelerator.prepare(net, opt)
     net.eval()  # dropout off
     t0, acc_sum, n_seen = time.time(), 0.0, 0
     for step, idx in enumerate(tqdm(global_batches(len(pairs), cfg.batch_size, total, cfg.seed), total=total,

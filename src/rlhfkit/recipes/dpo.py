@@ -263,7 +263,8 @@ def train_on_pairs(
     weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     total = cfg.total_steps(len(pairs))
     opt, sched = make_optimizer_and_scheduler(model, cfg, total)
-    model, opt, sched = accelerator.prepare(model, opt, sched)
+    # The scheduler stays out of prepare(): accelerate would step it once per process (see training.py).
+    model, opt = accelerator.prepare(model, opt)
     model.eval()  # dropout off; gradients flow all the same
     world, rank = accelerator.num_processes, accelerator.process_index
     t0, seen, last = time.time(), 0, {}

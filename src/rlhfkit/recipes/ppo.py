@@ -704,7 +704,7 @@ def load_checkpoint(ckpt: Path, objects: dict, controllers: dict, log_path: Path
     meta = json.loads(meta_path.read_text())
     if meta["config"] != config:
         raise ValueError(f"{meta_path}: checkpoint was written with a different config; remove {ckpt} to start over")
-    state = torch.load(ckpt / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # no pickle: tensors, numbers, tuples only
     for name, obj in objects.items():
         if obj is not None:
             obj.load_state_dict(state[name])
