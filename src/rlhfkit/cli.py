@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-rm": ("rlhfkit.commands.eval_rm", "reward-model accuracy, margin and calibration on a pair file"),
     "eval-prm": ("rlhfkit.commands.eval_rm", "process-reward-model step accuracy and ROC-AUC on a step-labelled file"),
     "ppo": ("rlhfkit.commands.stage", "RL fine-tuning against a reward: PPO, GRPO or RLOO (a pipeline stage)"),
+    "dpo": ("rlhfkit.commands.stage", "offline DPO / IPO / conservative DPO on preference pairs (a pipeline stage)"),
+    "dno": ("rlhfkit.commands.stage", "Direct Nash Optimization: iterative contrastive self-improvement (a pipeline stage)"),
     "judge-eval": ("rlhfkit.commands.judge_eval", "measure a judge: agreement with gold labels and position bias"),
     "annotate": ("rlhfkit.commands.annotate", "human annotation: import items, add annotators, serve the web app, export rankings"),
     "serve": ("rlhfkit.serve", "serve a causal LM through an OpenAI-compatible chat-completions API"),
