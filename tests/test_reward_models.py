@@ -247,10 +247,10 @@ def test_pair_metrics_and_ece_by_hand():
     # diffs 2, −1, 0: accuracy 1/3 (a tie is wrong), margin 1/3
     m = pair_metrics([3.0, 0.0, 1.0], [1.0, 1.0, 1.0])
     assert m["accuracy"] == pytest.approx(1 / 3) and m["mean_margin"] == pytest.approx(1 / 3) and m["pairs"] == 3
-    # probs σ(2)=0.8808 (bin 8), σ(−1)=0.2689 (bin 2), σ(0)=0.5 (bin 5); outcome 1 each:
-    # ECE = (|1−0.8808| + |1−0.2689| + |1−0.5|) / 3
-    s = [1 / (1 + math.exp(-d)) for d in (2, -1, 0)]
-    assert m["ece"] == pytest.approx(sum(1 - p for p in s) / 3)
+    # confidence in the pick max(p, 1−p): σ(2)=0.8808 (bin 8, right), 1−σ(−1)=0.7311 (bin 7, wrong),
+    # 0.5 (bin 5, a tie: wrong); ECE = (|1 − 0.8808| + |0 − 0.7311| + |0 − 0.5|) / 3
+    sig = [1 / (1 + math.exp(-d)) for d in (2, -1, 0)]
+    assert m["ece"] == pytest.approx(((1 - sig[0]) + (1 - sig[1]) + 0.5) / 3)
     # two predictions in one bin: |mean outcome − mean prob| = |0.5 − 0.75| = 0.25
     assert expected_calibration_error([0.72, 0.78], [1, 0]) == pytest.approx(0.25)
 

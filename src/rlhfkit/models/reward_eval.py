@@ -28,13 +28,19 @@ def expected_calibration_error(probs: Sequence[float], outcomes: Sequence[int], 
 
 
 def pair_metrics(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
-    """accuracy (ties count as wrong), mean margin r_c − r_r, ECE of σ(r_c − r_r), and the pair count."""
+    """accuracy (ties count as wrong), mean margin r_c − r_r, ECE of σ(r_c − r_r), and the pair count.
+
+    ECE is taken on the model's confidence in its own pick, max(p, 1 − p) with p = σ(r_c − r_r),
+    against whether the pick was the human's (Guo et al. 2017). Binning p against "chosen won"
+    would be degenerate: the label is 1 for every pair, so it would only measure 1 − mean p.
+    """
     diffs = [c - r for c, r in zip(chosen, rejected)]
     n = len(diffs)
+    conf = [max(sigmoid(d), 1 - sigmoid(d)) for d in diffs]
     return {
         "accuracy": sum(d > 0 for d in diffs) / n if n else float("nan"),
         "mean_margin": sum(diffs) / n if n else float("nan"),
-        "ece": expected_calibration_error([sigmoid(d) for d in diffs], [1] * n),
+        "ece": expected_calibration_error(conf, [int(d > 0) for d in diffs]),
         "pairs": n,
     }
 
