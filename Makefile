@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-test quickstart test test-slow bench clean
+.PHONY: install install-test quickstart test test-slow test-e2e bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: install-test
 
 test-slow: install-test
 	$(BIN)/python -m pytest -q -m slow
+
+# The quickstart's figures as the end-to-end check (runs the whole bundled quickstart, ~8 minutes).
+test-e2e: install-test
+	$(BIN)/python -m pytest -q -m slow tests/test_quickstart_e2e.py
 
 clean:
 	rm -rf $(VENV) runs
