@@ -245,6 +245,8 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_lm_dir):
     assert any(not torch.equal(a[k], base[k]) for k in a if k in base)
     log = [json.loads(line) for line in (killed / "ppo" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
+    # Once the stage is complete its resume state is spent and removed.
+    assert not (killed / "ppo.ckpt").exists() and not (whole / "ppo.ckpt").exists()
 
 
 @pytest.fixture(scope="module")

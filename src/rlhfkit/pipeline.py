@@ -257,6 +257,8 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
         atomic_write_json(partial / "metrics.json", metrics)
         save_config(getattr(cfg, SECTION[stage]), partial / "config.yaml")
         commit_dir(partial, final)
+        # Resume state a stage kept outside its directory (RL checkpoints) is spent once it is complete.
+        shutil.rmtree(out / f"{stage}.ckpt", ignore_errors=True)
     state.wait_for_everyone()
     state.print(f"[rlhfkit] {stage}: done in {time.time() - t0:.1f}s")
     return "ran"
