@@ -7,6 +7,7 @@ it would report results of a different experiment).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -89,63 +90,53 @@ def _stage_data(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     return {}
 
 
-def _stage_pretrain(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+@contextlib.contextmanager
+def _accelerated(section, stage_dir: Path):
+    """The accelerator and log.jsonl of a training stage (the log written by the main process only)."""
     from rlhfkit.io import JsonlLog
-    from rlhfkit.recipes import pretrain
     from rlhfkit.training import make_accelerator
 
-    acc = make_accelerator(cfg.pretrain)
+    acc = make_accelerator(section)
     log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
     try:
-        return pretrain.run(cfg.pretrain, _data_path(cfg.pretrain.data, out, "pretrain.jsonl"), stage_dir, acc, log)
+        yield acc, log
     finally:
         log.close()
+
+
+def _stage_pretrain(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
+    from rlhfkit.recipes import pretrain
+
+    with _accelerated(cfg.pretrain, stage_dir) as (acc, log):
+        return pretrain.run(cfg.pretrain, _data_path(cfg.pretrain.data, out, "pretrain.jsonl"), stage_dir, acc, log)
 
 
 def _stage_sft(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.io import JsonlLog
     from rlhfkit.recipes import sft
-    from rlhfkit.training import make_accelerator
 
-    acc = make_accelerator(cfg.sft)
-    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
     model = cfg.sft.model or str(out / "pretrain" / "model")
-    try:
+    with _accelerated(cfg.sft, stage_dir) as (acc, log):
         return sft.run(cfg.sft, model, _data_path(cfg.sft.data, out, "sft.jsonl"), stage_dir, acc, log)
-    finally:
-        log.close()
 
 
 def _stage_dpo(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.io import JsonlLog
     from rlhfkit.recipes import dpo
-    from rlhfkit.training import make_accelerator
 
-    acc = make_accelerator(cfg.dpo)
-    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
     model = cfg.dpo.model or str(out / "sft" / "model")
     data = Path(cfg.dpo.data) if cfg.dpo.data else out / "label" / "pairs.jsonl"
     if not cfg.dpo.data and not data.exists():
         data = out / "label" / "rankings.jsonl"  # the oracle judge writes rankings only
-    try:
+    with _accelerated(cfg.dpo, stage_dir) as (acc, log):
         return dpo.run(cfg.dpo, model, data, stage_dir, acc, log)
-    finally:
-        log.close()
 
 
 def _stage_dno(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.io import JsonlLog
     from rlhfkit.recipes import dno
-    from rlhfkit.training import make_accelerator
 
-    acc = make_accelerator(cfg.dno)
-    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
     model = cfg.dno.model or str(out / "sft" / "model")
-    try:
-        prompts = Path(cfg.dno.prompts) if Path(cfg.dno.prompts).is_absolute() else out / (cfg.dno.prompts or "data/prompts.jsonl")
+    prompts = Path(cfg.dno.prompts) if Path(cfg.dno.prompts).is_absolute() else out / (cfg.dno.prompts or "data/prompts.jsonl")
+    with _accelerated(cfg.dno, stage_dir) as (acc, log):
         return dno.run(cfg.dno, model, prompts, out, stage_dir, acc, log)
-    finally:
-        log.close()
 
 
 def _stage_intransitive(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
@@ -174,16 +165,10 @@ def _stage_label(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
 
 
 def _stage_reward(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.io import JsonlLog
     from rlhfkit.recipes import reward
-    from rlhfkit.training import make_accelerator
 
-    acc = make_accelerator(cfg.reward)
-    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
-    try:
+    with _accelerated(cfg.reward, stage_dir) as (acc, log):
         return reward.run(cfg.reward, out, stage_dir, acc, log)
-    finally:
-        log.close()
 
 
 def _stage_rl(name: str) -> Callable[[PipelineConfig, Path, Path], dict]:

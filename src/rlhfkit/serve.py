@@ -270,12 +270,17 @@ def run(args) -> int:
     name = args.name or Path(args.model.split(":", 1)[-1]).name
     server = make_server(ChatModel(model, tok, name), args.host, args.port, args.max_tokens_limit, api_key)
     host, port = server.server_address[:2]
-    print(f"serving {name} at http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    serve_until_interrupted(server, f"serving {name} at http://{host}:{port}/v1 (Ctrl-C to stop)")
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def serve_until_interrupted(server, banner: str) -> None:
+    """Print ``banner``, serve until Ctrl-C, then close the socket (used by ``serve`` and ``annotate serve``)."""
+    print(banner, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
-    print("stopped", file=sys.stderr)
-    return 0

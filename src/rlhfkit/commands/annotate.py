@@ -69,13 +69,9 @@ def run(args) -> int:
                 _import(store, args.data)
             server = make_server(store, args.host, args.port)
             host, port = server.server_address[:2]
-            print(f"annotation app at http://{host}:{port}/ (Ctrl-C to stop)", flush=True)
-            try:
-                server.serve_forever()
-            except KeyboardInterrupt:
-                pass
-            finally:
-                server.server_close()
+            from rlhfkit.serve import serve_until_interrupted
+
+            serve_until_interrupted(server, f"annotation app at http://{host}:{port}/ (Ctrl-C to stop)")
         elif action == "export":
             from rlhfkit.annotate.export import agreement_path, export, format_agreement
 
