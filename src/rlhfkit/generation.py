@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from rlhfkit.data.collate import encode_prompt, pad_batch
+from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,15 @@ def sample(
     seed: int = 0,
     num_return_sequences: int = 1,
     device: torch.device | None = None,
+    response_prefixes: Sequence[str] | None = None,
 ) -> list[Sample]:
-    """Sample ``num_return_sequences`` responses per prompt (prompt-major order)."""
+    """Sample ``num_return_sequences`` responses per prompt (prompt-major order).
+
+    ``response_prefixes`` (one per prompt): a start of the response to continue, placed after
+    the prompt's own text (after a chat template's assistant turn, not inside the user turn)
+    and tokenized on its own as a response is; ``prompt_ids`` then end with the prefix's ids and
+    ``text`` is only the continuation.
+    """
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -66,6 +73,10 @@ def sample(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out: list[Sample] = []
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    if response_prefixes is not None:
+        if len(response_prefixes) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(response_prefixes)} response prefixes")
+        encoded = [ids + encode_response(tokenizer, r, add_eos=False) for ids, r in zip(encoded, response_prefixes)]
     from tqdm.auto import tqdm
 
     starts = range(0, len(prompts), cfg.batch_size)
