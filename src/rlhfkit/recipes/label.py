@@ -8,9 +8,13 @@ For each chunk of prompts: sample K responses (``rlhfkit.generation.sample``), t
   both orders, P(a ≻ b) averaged over the two orders, with the both-order agreement kept →
   ``pairs.jsonl``, plus ``rankings.jsonl`` ordered by summed win probability (Borda).
 
-When prompts carry the task ``meta``, the oracle also labels every line of every response
-(``step_labels``: the human step annotators), its outcome and its safety → ``steps.jsonl``, which
-the PRM, ORM and cost model read. Every record has ``provenance`` (judge, model, time, chunk, seed).
+When prompts carry the task ``meta``, every line of every response gets a step label, and the
+oracle gives its outcome and its safety → ``steps.jsonl``, which the PRM, ORM and cost model read.
+Step labels come from the oracle's per-line ``step_labels`` (the human step annotators;
+``step_labels: oracle``) or, for a task without step annotators, are estimated Math-Shepherd
+style (``step_labels: estimate``, :mod:`rlhfkit.data.step_estimation`): the label policy
+completes each step prefix ``estimate_n`` times and only the final answers are checked. Every
+record has ``provenance`` (judge, model, time, chunk, seed).
 
 Resumable: chunk c uses seeds derived only from (seed, c), and is written atomically as its own
 file under ``OUT/label.chunks/`` once judged. A killed run skips the chunks on disk and ends with
@@ -24,8 +28,10 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
+from rlhfkit.data.step_estimation import EstimateMode
 from rlhfkit.generation import SamplingConfig
 
 
@@ -33,6 +39,15 @@ def _sampling() -> SamplingConfig:
     # 0.7, not 1.0: a small SFT policy's full-temperature tail is mostly broken tokens ("Answwer"),
     # which a judge ranks trivially; K samples at 0.7 differ in the ways that matter (steps, answers).
     return SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=64)
+
+
+class StepLabels(StrEnum):
+    """Where the per-line labels of ``steps.jsonl`` come from."""
+
+    oracle = "oracle"
+    """the task's judge labels every line (the embedded task's human step annotators)"""
+    estimate = "estimate"
+    """Math-Shepherd: the share of the policy's completions from the step that reach the right answer"""
 
 
 @dataclass(frozen=True)
@@ -57,12 +72,33 @@ class LabelConfig:
     """prompts per chunk: the unit of work that is saved, and resumed from"""
     seed: int = 0
     """master seed; chunk c's seeds derive from (seed, c) only"""
+    step_labels: StepLabels = StepLabels.oracle
+    """``oracle``: the task's judge labels every line; ``estimate``: Math-Shepherd estimates from
+    the policy's completions of each step prefix, checking final answers only"""
+    estimate_n: int = 4
+    """with ``step_labels: estimate``: completions per step prefix (sampled as ``sampling`` says)"""
+    estimate_mode: EstimateMode = EstimateMode.soft
+    """with ``step_labels: estimate``: ``soft``, the share of completions that reach the right
+    answer, or ``hard``, 1 if any does"""
 
     def __post_init__(self):
         if self.k < 2:
             raise ValueError(f"k must be at least 2 to compare responses, got {self.k}")
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
+        for name, kind in (("step_labels", StepLabels), ("estimate_mode", EstimateMode)):
+            if getattr(self, name) not in set(kind):
+                raise ValueError(f"{name} must be one of {', '.join(kind)}, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, kind(getattr(self, name)))  # a plain string from Python code
+        if self.estimate_n < 1:
+            raise ValueError(f"estimate_n must be at least 1, got {self.estimate_n}")
+
+    @property
+    def step_labeller(self) -> str:
+        """Who labelled the steps, for the steps records' ``provenance.judge``."""
+        if self.step_labels == StepLabels.oracle:
+            return "oracle step labels"
+        return f"math-shepherd(n={self.estimate_n}, {self.estimate_mode})"
 
 
 def _seed(*parts) -> int:
@@ -136,17 +172,47 @@ def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: Lab
             ranking = sorted(range(cfg.k), key=lambda i: (-wins[i], i))
             out["rankings"].append({"prompt": rec.prompt, "responses": texts, "ranking": ranking, **extra,
                                     "provenance": {**prov, "ranking_from": "borda over averaged pair probabilities"}})
-        if rec.meta is not None:
-            prob = Problem.from_meta(rec.meta)
-            for s in group:
-                v = oracle_judge(prob, s.text)
-                if not v.step_labels:
-                    continue  # an empty response has no step to label
-                out["steps"].append({"prompt": rec.prompt, "completion": s.text, "labels": list(v.step_labels),
-                                     "correct": bool(v.correct and s.finished), "is_safe": not v.unsafe,
-                                     "finished": s.finished, "meta": rec.meta,
-                                     "provenance": {**prov, "judge": "oracle step labels"}})
+    graded = [(rec, s, Problem.from_meta(rec.meta)) for rec, group in zip(records, groups) if rec.meta is not None
+              for s in group]
+    verdicts = [oracle_judge(prob, s.text) for _, s, prob in graded]
+    if cfg.step_labels == StepLabels.estimate:
+        step_labels = _estimated_step_labels(graded, lm, tok, cfg, c, device)
+    else:
+        step_labels = [list(v.step_labels) for v in verdicts]
+    for (rec, s, _), v, labels in zip(graded, verdicts, step_labels):
+        if not labels:
+            continue  # an empty response has no step to label
+        out["steps"].append({"prompt": rec.prompt, "completion": s.text, "labels": labels,
+                             "correct": bool(v.correct and s.finished), "is_safe": not v.unsafe,
+                             "finished": s.finished, "meta": rec.meta,
+                             "provenance": {**prov, "judge": cfg.step_labeller}})
     return out
+
+
+def _estimated_step_labels(graded: list, lm, tok, cfg: LabelConfig, c: int, device) -> list[list[float]]:
+    """Math-Shepherd labels of each (record, sample, problem) in ``graded``: the label policy
+    completes every step prefix ``cfg.estimate_n`` times, and only the final answer is checked."""
+    from rlhfkit.data.step_estimation import estimate_step_labels
+    from rlhfkit.generation import sample
+    from rlhfkit.tasks.arith import judge as oracle_judge
+
+    seed = _seed(cfg.seed, "estimate", c)
+
+    def complete(queries: list[tuple[str, str]], n: int) -> list[list[str | None]]:
+        done = sample(lm, tok, [p for p, _ in queries], cfg.sampling, seed=seed, num_return_sequences=n,
+                      device=device, response_prefixes=[prefix for _, prefix in queries])
+        # An unfinished completion was cut by max_new_tokens: its last line may be a cut-off number.
+        return [[s.text if s.finished else None for s in done[q * n:(q + 1) * n]] for q in range(len(queries))]
+
+    def is_correct(i: int, text: str) -> bool:
+        return oracle_judge(graded[i][2], text).correct  # the final answer only; never its step labels
+
+    labels = estimate_step_labels([rec.prompt for rec, _, _ in graded], [s.text for _, s, _ in graded],
+                                  complete, is_correct, cfg.estimate_n, cfg.estimate_mode)
+    for (_, s, _), row in zip(graded, labels):
+        if row and not s.finished:
+            row[-1] = 0.0  # the same trap for the sample itself: its last line never reached an answer
+    return labels
 
 
 def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelerator,
@@ -206,7 +272,7 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
                 atomic_write_text(stage_dir / f"{k}.jsonl", "".join(json.dumps(r) + "\n" for r in merged[k]))
                 files[k] = f"{k}.jsonl"
     metrics = {"files": files, "prompts": len(records), "k": cfg.k, "judge": judge_name,
-               "chunks": n_chunks, "chunks_labeled": done_now, "chunks_resumed": reused,
+               "step_labels": cfg.step_labeller, "chunks": n_chunks, "chunks_labeled": done_now, "chunks_resumed": reused,
                "label_runtime_s": time.time() - t0,
                "rankings": len(merged["rankings"]), "pairs": len(merged["pairs"]), "steps": len(merged["steps"])}
     if merged["steps"]:
