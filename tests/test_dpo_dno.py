@@ -62,6 +62,22 @@ def test_soft_pairs_targets_by_hand():
     assert got == pytest.approx({("a", "b"): _sig(0.5), ("a", "c"): _sig(0.25), ("b", "c"): _sig(-0.25)})
 
 
+def test_dno_pair_loss_with_sft_term_by_hand():
+    """Chosen: Σ log π = −2 over 4 tokens, π_t gave −2.5; rejected: −3, π_t gave −2.5; η = 0.1.
+
+    contrastive: −log σ(0.1·((−2 + 2.5) − (−3 + 2.5))) = −log σ(0.1) = ln(1 + e^−0.1) = 0.644397;
+    SFT term: per-token NLL of the chosen = 2 / 4 = 0.5; with sft_coef 2: 0.644397 + 2·0.5 = 1.644397.
+    """
+    from rlhfkit.recipes.dno import DNOConfig, dno_pair_loss
+
+    args = (torch.tensor([-2.0]), torch.tensor([-3.0]), torch.tensor([-2.5]), torch.tensor([-2.5]),
+            (torch.tensor([4]), torch.tensor([3])), torch.tensor([0]))
+    plain, w, _ = dno_pair_loss(DNOConfig(eta=0.1), torch.ones(1))(*args)
+    assert plain.item() == pytest.approx(0.644397, abs=1e-6) and w == 1.0
+    with_sft, _, m = dno_pair_loss(DNOConfig(eta=0.1, sft_coef=2.0), torch.ones(1))(*args)
+    assert with_sft.item() == pytest.approx(1.644397, abs=1e-6) and m["sft_nll"] == pytest.approx(0.5)
+
+
 def test_mix_pairs_exact_counts_and_sources():
     def it(t, n):
         return [DNOPair(f"p{t}-{i}", "c", "r", iteration=t) for i in range(n)]

@@ -71,6 +71,9 @@ class DNOConfig(TrainConfig):
     """hard: dno_loss on filtered pairs (Algorithm 2); soft: dno_soft_loss on all pairs (Algorithm 1)"""
     eta: float = 0.1
     """η, inverse temperature of the contrastive loss"""
+    sft_coef: float = 0.0
+    """weight of the per-token NLL of each pair's chosen response added to the loss (0 disables): iterative
+    RPO (Pang et al. 2024) found the contrastive loss alone lowers the chosen likelihood on math reasoning"""
     mix_fractions: tuple[float, ...] = (0.5,)
     """fraction of iteration t−1's, t−2's, … pairs mixed into iteration t's training set"""
     n_validation: int = 64
@@ -232,6 +235,25 @@ def validation_win_rate(pf, prompts, policy_samples, base_samples) -> float:
     return sum(wins) / len(wins)
 
 
+def dno_pair_loss(cfg: DNOConfig, targets: torch.Tensor):
+    """The iteration's loss as a ``recipes.dpo.PairLoss``: ``dno_loss`` (hard) or ``dno_soft_loss`` with the
+    pairs' soft ``targets`` (N,), plus ``sft_coef`` × the chosen responses' per-token NLL when set."""
+    from rlhfkit.losses import dno_loss, dno_soft_loss, sft_nll
+
+    def loss_fn(pc, pr, rc, rr, lengths, ix):
+        if cfg.loss == "soft":
+            loss, m = dno_soft_loss(pc, pr, rc, rr, targets[ix].to(pc.device), cfg.eta)
+        else:
+            loss, m = dno_loss(pc, pr, rc, rr, cfg.eta)
+        if cfg.sft_coef:
+            nll = sft_nll(pc, lengths[0])
+            loss = loss + cfg.sft_coef * nll
+            m["sft_nll"] = nll.item()
+        return loss, float(len(ix)), m
+
+    return loss_fn
+
+
 def reference_logps(model, pairs, pad_id: int, batch_size: int, device) -> dict[str, torch.Tensor]:
     """π_t's log-probs of this iteration's pairs: the DNO reference is the model as it stands now."""
     from rlhfkit.recipes.dpo import precompute_logps
@@ -245,7 +267,6 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
     from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
     from rlhfkit.generation import sample
     from rlhfkit.io import atomic_write_json, atomic_write_jsonl
-    from rlhfkit.losses import dno_loss, dno_soft_loss
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config, save_pretrained_atomic
     from rlhfkit.recipes.dpo import tokenize_pairs, train_on_pairs
 
@@ -319,14 +340,7 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
         ref = reference_logps(policy, tokenized, tok.pad_token_id, cfg.ref_batch_size, device)
         targets = torch.tensor([p.target for p in train], dtype=torch.float32)
 
-        def loss_fn(pc, pr, rc, rr, lengths, ix):
-            if cfg.loss == "soft":
-                loss, m = dno_soft_loss(pc, pr, rc, rr, targets[ix].to(pc.device), cfg.eta)
-            else:
-                loss, m = dno_loss(pc, pr, rc, rr, cfg.eta)
-            return loss, float(len(ix)), m
-
-        metrics = train_on_pairs(policy, tokenized, ref, loss_fn, train_cfg, accelerator, log, tok.pad_token_id,
+        metrics = train_on_pairs(policy, tokenized, ref, dno_pair_loss(cfg, targets), train_cfg, accelerator, log, tok.pad_token_id,
                                  progress_desc=f"dno {t}/{cfg.iterations}", step_offset=(t - 1) * cfg.total_steps(len(train)))
         policy = accelerator.unwrap_model(policy)
         if accelerator.is_main_process:
