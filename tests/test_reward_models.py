@@ -96,6 +96,18 @@ def test_step_records_from_completion_steps_and_prm800k_rows(tmp_path):
     assert [(r.response, r.is_safe) for r in load_safety(safety)] == [("a", False)]
 
 
+def test_prefix_targets_are_the_running_minimum_of_rated_labels():
+    """prm_target=prefix: the PRM learns 'steps 1..k are all right'; an unrated step stays unrated."""
+    from rlhfkit.recipes.reward import RewardConfig, prefix_targets
+
+    assert prefix_targets([1, 0, None, 1]) == (1, 0, None, 0)
+    assert prefix_targets([1, 1, 1]) == (1, 1, 1)
+    assert prefix_targets([None, 0.75, 1.0, 0.5, 0.9]) == (None, 0.75, 0.75, 0.5, 0.5)  # soft labels
+    assert prefix_targets([]) == ()
+    with pytest.raises(ValueError, match="prm_target"):
+        RewardConfig(prm_target="suffix")
+
+
 def test_safety_pairs_by_hand():
     s1, s2, u1 = SafetyRecord("q", "a", True), SafetyRecord("q", "b", True), SafetyRecord("q", "c", False)
     lone = SafetyRecord("r", "d", True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -89,6 +89,9 @@ class RewardConfig(TrainConfig):
     """reward-centering coefficient of the BT loss (Eisenstein et al. 2023)"""
     ambiguous: str = "drop"
     """PRM800K rating 0 (ambiguous): drop, positive or negative"""
+    prm_target: str = "step"
+    """what the PRM learns at step k: ``step`` (the label of line k as given) or ``prefix`` (steps 1..k all right:
+    the running minimum of the rated labels, so P(the solution so far is right), as Lightman et al. read a PRM)"""
     max_train_examples: int = 0
     """cap on training records per model (first ones after a seeded shuffle); 0 = all"""
     max_eval_examples: int = 0
@@ -108,6 +111,8 @@ class RewardConfig(TrainConfig):
         super().__post_init__()
         if self.pooling not in ("last", "mean"):
             raise ValueError(f"pooling must be last or mean, got {self.pooling!r}")
+        if self.prm_target not in ("step", "prefix"):
+            raise ValueError(f"prm_target must be step or prefix, got {self.prm_target!r}")
         if self.ambiguous not in ("drop", "positive", "negative"):
             raise ValueError(f"ambiguous must be drop, positive or negative, got {self.ambiguous!r}")
 
@@ -251,6 +256,16 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log) -> tupl
 
     fit = _fit(net, len(groups), batch_loss, cfg, accelerator, log, "rm")
     return net, tok, fit
+
+
+def prefix_targets(labels) -> tuple:
+    """Running minimum of the rated labels (None stays None and does not reset it): [1, 0, None, 1] → [1, 0, None, 0]."""
+    out, low = [], 1.0
+    for v in labels:
+        if v is not None:
+            low = min(low, v)
+        out.append(None if v is None else low)
+    return tuple(out)
 
 
 def _step_targets(records, device):
@@ -467,6 +482,9 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
             steps_train, steps_eval = _split(recs, cfg.heldout_frac, cfg.seed)
         steps_train = _cap(steps_train, cfg.max_train_examples, cfg.seed)
         steps_eval = _cap(steps_eval, cfg.max_eval_examples, cfg.seed)
+        if cfg.prm_target == "prefix":
+            steps_train = [replace(r, labels=prefix_targets(r.labels)) for r in steps_train]
+            steps_eval = [replace(r, labels=prefix_targets(r.labels)) for r in steps_eval]
 
     if cfg.train_rm:
         net, tok, fit = train_rm(cfg, backbone, rm_train, accelerator, log)
