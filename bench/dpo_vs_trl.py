@@ -97,9 +97,9 @@ def run_ours(model_dir, pairs, args, tmp: Path) -> float:
     acc = Accelerator(cpu=True)
     log = JsonlLog(tmp / "ours.jsonl")
     t0 = time.perf_counter()
-    ref = dpo.precompute_logps(model, tokenized, tok.pad_token_id, cfg.ref_batch_size, acc.device)
+    ref = dpo.precompute_logps(model, tokenized, tok.pad_token_id, cfg.ref_batch_size, acc.device, cfg.layout)
     m = dpo.train_on_pairs(model, tokenized, ref, dpo.dpo_pair_loss(cfg, torch.ones(len(tokenized))), cfg, acc, log,
-                           tok.pad_token_id)
+                           tok.pad_token_id, layout=cfg.layout)
     dt = time.perf_counter() - t0
     log.close()
     assert m["train_pairs"] == args.epochs * len(pairs), m["train_pairs"]

@@ -129,15 +129,16 @@ def test_one_concatenated_forward_equals_separate_forwards(tiny_lm):
 
 
 def test_shared_prompt_forward_equals_concatenated_forward_values_and_gradients(tiny_lm):
-    from rlhfkit.recipes.dpo import pair_forward
+    from rlhfkit.recipes.dpo import PairLayout, pair_forward
 
     model, tok = tiny_lm
     pairs = _pairs(tok, 5)  # prompts of different lengths: left padding is exercised
     assert len({len(p.prompt_ids) for p in pairs}) > 1
     grads = []
-    for share in (False, True):
+    for share in (False, True):  # the packed layout has its own tests in test_dpo_layouts.py
         model.zero_grad()
-        logps, n = pair_forward(model, pairs, tok.pad_token_id, "cpu", share_prompt=share)
+        logps, n = pair_forward(model, pairs, tok.pad_token_id, "cpu",
+                                PairLayout.prompt_cache if share else PairLayout.concatenated)
         (logps * torch.linspace(-1, 1, len(logps))).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         if share:
@@ -161,15 +162,15 @@ def test_dpo_reference_computed_once_and_one_forward_per_step(tiny_lm_dir, tmp_p
     model = load_causal_lm(tiny_lm_dir)
     calls = {"forward": 0}
     model.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
-    ref = dpo.precompute_logps(model, pairs, tok.pad_token_id, batch_size=8, device="cpu", share_prompt=False)
-    assert calls["forward"] == 1  # 8 pairs, one batch of 16 rows
+    ref = dpo.precompute_logps(model, pairs, tok.pad_token_id, batch_size=8, device="cpu")
+    assert calls["forward"] == 1  # 8 pairs, one batch
     cfg = dpo.DPOConfig(batch_size=4, max_steps=3, loss_type=DPOLossType.sigmoid, beta=0.5, lr=1e-3, log_every=1, sft_coef=0.1)
     weights = torch.ones(len(pairs))
     log = JsonlLog(tmp_path / "log.jsonl")
     m = dpo.train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, weights), cfg, Accelerator(cpu=True), log,
-                           tok.pad_token_id, share_prompt=False)
+                           tok.pad_token_id)
     log.close()
-    assert calls["forward"] == 1 + 3  # no reference forward during training; one (2B, T) pass per step
+    assert calls["forward"] == 1 + 3  # no reference forward during training; one pass per step for both sides
     assert m["train_pairs"] == 12 and "final_sft_nll" in m
     # the first step's policy equals its reference: implicit rewards 0, loss log 2 (+ the SFT term)
     first = [__import__("json").loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()][0]

@@ -1,0 +1,91 @@
+"""Attention over one packed, unpadded row of tokens, in which each token attends causally within its *view*.
+
+A view is a list of positions in the row read as one causal sequence. DPO packs each pair as
+``[prompt, chosen, rejected]`` with no padding: chosen's view is (prompt, chosen) and rejected's
+is (prompt, rejected), so each prompt is encoded once and rejected never sees chosen. Everything
+outside attention (projections, MLP, norms, the LM head: most of the compute of a small model)
+then runs on real tokens only, never on padding; attention itself runs on the views, gathered
+into a right-padded (views, L) batch, with the model's own ``sdpa`` kernel.
+
+It plugs in through transformers' ``AttentionInterface``, so the model's own layers, RoPE
+(``position_ids`` restart for each view's response) and weights are used unchanged; only the
+attention pattern differs. Gradients flow through the gathers, so this computes the same function
+as running each view as its own padded sequence (to float rounding; tested against it).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+VIEW_ATTENTION = "rlhfkit_view_attention"
+"""the name under which ``view_attention_forward`` is registered with transformers"""
+
+
+def view_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                           token_views: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs):
+    """query (1, h, N, d), key and value (1, h_kv, N, d) → ((1, N, h, d), None), as transformers' attention functions.
+
+    ``token_views = (index, source)``: ``index`` (V, L) holds each view's row positions, right-padded
+    with any valid position (a real query never sees the padding: attention is causal and padding
+    comes after every real token of its view); ``source`` (N,) holds, for each token of the row, the
+    flat position (view · L + column) of the one view whose output it takes.
+    """
+    if token_views is None:
+        raise ValueError("view attention needs token_views=(index, source); use it through view_attention()")
+    if attention_mask is not None:
+        raise ValueError("view attention takes its pattern from token_views; the model built an attention mask")
+    for unsupported in ("softcap", "s_aux"):  # Gemma-2 logit soft-capping, attention sinks
+        if kwargs.get(unsupported) is not None:
+            raise NotImplementedError(f"view attention does not implement {unsupported}")
+    index, source = token_views
+    n_views, length = index.shape
+    window = kwargs.get("sliding_window")
+    if window is not None and window < length:  # a window at least as long as every view changes nothing
+        raise NotImplementedError(f"view attention does not implement a sliding window ({window} < {length} tokens)")
+
+    def gather(x):  # (1, heads, N, d) → (V, heads, L, d)
+        return x[0].index_select(1, index.reshape(-1)).unflatten(1, (n_views, length)).transpose(0, 1)
+
+    q, k, v = gather(query), gather(key), gather(value)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])  # (V, h, L, d)
+    out = out.transpose(1, 2).flatten(0, 1)  # (V·L, h, d)
+    return out.index_select(0, source).unsqueeze(0), None  # (1, N, h, d)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VIEW_ATTENTION, view_attention_forward)
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):  # DDP / FSDP / DeepSpeed wrappers
+        model = model.module
+    return model
+
+
+def supports_view_attention(model) -> bool:
+    """Whether ``model`` can run view attention: its attention goes through ``AttentionInterface`` and
+    activation checkpointing is off (a checkpointed layer re-runs its forward during backward, after
+    ``view_attention`` has restored the model's own attention, which would attend across views)."""
+    from transformers import PreTrainedModel
+
+    inner = _unwrap(model)
+    return (isinstance(inner, PreTrainedModel) and inner.is_backend_compatible()
+            and inner._can_set_attn_implementation() and not inner.is_activation_checkpointing)
+
+
+@contextlib.contextmanager
+def view_attention(model) -> Iterator[None]:
+    """Within the block, ``model`` attends by views (pass ``token_views=`` to its forward); its own attention after."""
+    inner = _unwrap(model)
+    previous = inner.config._attn_implementation
+    _register()
+    inner.set_attn_implementation(VIEW_ATTENTION)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(previous)
