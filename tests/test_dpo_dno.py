@@ -335,3 +335,11 @@ def test_dpo_and_dno_stages_in_a_tiny_pipeline(tmp_path):
     assert {"sft", "dpo", "dno_1", "dno_2"} <= set(summary["policies"])
     assert (out / "plots" / "dno_iterations.png").exists()
     assert json.loads((out / "dno" / "selected.json").read_text())["best"] in ("dno_1", "dno_2")
+
+
+def test_intransitive_label_styles_is_checked():
+    from rlhfkit.recipes.intransitive import IntransitiveConfig
+
+    assert IntransitiveConfig(label_styles="uniform").label_styles == "uniform"
+    with pytest.raises(ValueError, match="label_styles"):
+        IntransitiveConfig(label_styles="balanced")

@@ -51,6 +51,9 @@ class IntransitiveConfig:
     """prompts (from prompts.jsonl, after DNO's) labelled with one comparison each"""
     label_temperature: float = 1.0
     """sampling temperature of the two responses compared per labeling prompt"""
+    label_styles: str = "sft"
+    """``sft``: compare the samples as written; ``uniform``: rewrite each compared answer line in a style drawn
+    uniformly first, so every pair of styles is labelled about equally often (the SFT mix leaves rare pairs unseen)"""
     judge_beta: float = 10.0
     """the intransitive judge's weight on gold-score differences"""
     judge_gamma: float = 3.0
@@ -61,6 +64,10 @@ class IntransitiveConfig:
     """DNO settings shared by both arms (its ``judge``, ``model`` and ``prompts`` are set here)"""
     seed: int = 0
     """style assignment and label-draw seed"""
+
+    def __post_init__(self):
+        if self.label_styles not in ("sft", "uniform"):
+            raise ValueError(f"label_styles must be sft or uniform, got {self.label_styles!r}")
 
 
 def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
@@ -105,12 +112,14 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     del policy
     pairs, styles = [], []
     for i, prompt in enumerate(label_prompts):
-        a, b = samples[2 * i], samples[2 * i + 1]
-        styles += [answer_style(a.text), answer_style(b.text)]
-        if a.text == b.text or not (a.finished and b.finished):
+        a, b = samples[2 * i].text, samples[2 * i + 1].text
+        if cfg.label_styles == "uniform":
+            a, b = restyle(a, rng.choice(STYLES)), restyle(b, rng.choice(STYLES))
+        styles += [answer_style(a), answer_style(b)]
+        if a == b or not (samples[2 * i].finished and samples[2 * i + 1].finished):
             continue
-        a_wins = rng.random() < judge.prob([(prompt, a.text, b.text)])[0]
-        pairs.append({"prompt": prompt, "chosen": a.text if a_wins else b.text, "rejected": b.text if a_wins else a.text})
+        a_wins = rng.random() < judge.prob([(prompt, a, b)])[0]
+        pairs.append({"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
     atomic_write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     style_share = {s: styles.count(s) / len(styles) for s in (*STYLES, None)}
 
@@ -137,11 +146,11 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     # How each learned preference function reads the cycle, on one labeling prompt's answer line.
     probe = _cycle_probe(judge, label_prompts, {k: (load_bt_preference(stage_dir / "bt_model") if k == "bt" else
                                                    load_preference_model(stage_dir / "pm_model")) for k in ("bt", "pm")})
-    return {"sft": sft_metrics, "label": {"n_pairs": len(pairs), "sft_style_share": style_share},
+    return {"sft": sft_metrics, "label": {"n_pairs": len(pairs), "compared_style_share": style_share},
             "comparison_models": model_metrics, "dno": arms, "cycle_probe": probe,
             "summary_sections": ["intransitive"],
             "intransitive": {"cycle": "spaced ≻ tight ≻ wide ≻ spaced (answer-line styles), among equally good answers",
-                             "sft_style_share": style_share, "cycle_probe": probe,
+                             "compared_style_share": style_share, "cycle_probe": probe,
                              "selected": {k: v["selected"] for k, v in arms.items()}}}
 
 
