@@ -148,7 +148,7 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     from rlhfkit.losses import logprobs_from_logits, masked_sum
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (2B, T-1, V)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (2B, T-1, V)
     logp = logprobs_from_logits(logits, ids[:, 1:])  # (2B, T-1)
     resp = batch["response_mask"][:, 1:]
     return masked_sum(logp, resp.bool(), dim=1), resp.sum(1)
@@ -249,7 +249,7 @@ def sequence_logps_packed(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
     from rlhfkit.models.view_attention import view_attention
 
     with view_attention(model):
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                        token_views=(batch["view_index"], batch["view_source"]),
                        logits_to_keep=batch["predictor"]).logits  # (1, M, V)
     logp = logprobs_from_logits(logits, batch["labels"][None])[0]  # (M,)
