@@ -7,9 +7,11 @@ Both train the same freshly built Llama-style model (the quickstart's architectu
 preference pairs of the embedded task, with the same batch size, learning rate, β and maximum
 sequence length and number of epochs (TRL's default, 3), in one process, alternating TRL / ours for ``--rounds`` rounds so that machine
 load hits both alike. TRL runs with its defaults except what must match (batch, steps, lr, β,
-max_length, epochs, CPU, constant lr, no logging/saving); its defaults include gradient checkpointing and a reference
-forward pass every step. For transparency the bench also times TRL with gradient checkpointing
-off and reports that ratio too.
+max_length, epochs, CPU, constant lr, no logging/saving); its defaults include gradient checkpointing, bf16
+autocast (also on a CPU) and a reference forward pass every step. For transparency the bench also times TRL with
+gradient checkpointing off, and with gradient checkpointing and bf16 both off (ours runs in fp32 on a CPU), and
+reports those ratios too. Each run starts from a fresh accelerate state (TRL's TrainingArguments resets
+it; ``run_ours`` resets it too), so that neither side inherits the other's mixed precision.
 
 Pairs per second = pair-updates (pairs × epochs) / wall time of training. Ours includes its one-time
 reference pass over the pairs (it is part of training; over several epochs it is where the
@@ -57,7 +59,8 @@ def build(tmp: Path, n_pairs: int, seed: int = 0):
     return tmp / "model", pairs
 
 
-def run_trl(model_dir, pairs, args, tmp: Path, gradient_checkpointing: bool | None) -> float:
+def run_trl(model_dir, pairs, args, tmp: Path, **overrides) -> float:
+    """TRL's DPOTrainer with its defaults, except what must match and the transparency ``overrides``."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
@@ -68,9 +71,7 @@ def run_trl(model_dir, pairs, args, tmp: Path, gradient_checkpointing: bool | No
                   num_train_epochs=args.epochs, learning_rate=args.lr, beta=args.beta, max_length=args.max_len, use_cpu=True,
                   report_to="none", save_strategy="no", logging_steps=10_000, lr_scheduler_type="constant",
                   warmup_steps=0, seed=0)
-    if gradient_checkpointing is not None:
-        kwargs["gradient_checkpointing"] = gradient_checkpointing
-    cfg = DPOConfig(**kwargs)
+    cfg = DPOConfig(**kwargs, **overrides)
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(pairs), processing_class=tok)
     t0 = time.perf_counter()
     trainer.train()
@@ -82,11 +83,12 @@ def run_ours(model_dir, pairs, args, tmp: Path) -> float:
     import dataclasses
 
     import torch
-    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from rlhfkit.io import JsonlLog
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.recipes import dpo
+    from rlhfkit.training import make_accelerator
 
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
@@ -94,7 +96,12 @@ def run_ours(model_dir, pairs, args, tmp: Path) -> float:
     tokenized = dpo.tokenize_pairs(tok, [Pair(**p) for p in pairs], args.max_len)
     cfg = dpo.DPOConfig(batch_size=args.batch_size, epochs=float(args.epochs), lr=args.lr, beta=args.beta,
                         max_len=args.max_len, scheduler="constant", warmup_steps=0, log_every=10_000)
-    acc = Accelerator(cpu=True)
+    # accelerate's state is process-wide: after a TRL run it still holds TRL's mixed precision (its default bf16
+    # autocast), which a new Accelerator silently inherits, so ours used to run under TRL's bf16 autocast. TRL's
+    # TrainingArguments resets that state before each TRL run; reset it before ours too, and build the accelerator
+    # as the recipe does (fp32 on a CPU).
+    AcceleratorState._reset_state(reset_partial_state=True)
+    acc = make_accelerator(cfg)
     log = JsonlLog(tmp / "ours.jsonl")
     t0 = time.perf_counter()
     ref = dpo.precompute_logps(model, tokenized, tok.pad_token_id, cfg.ref_batch_size, acc.device, cfg.layout)
@@ -130,18 +137,22 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         model_dir, pairs = build(tmp, args.pairs)
-        results = {"trl": [], "trl_no_checkpointing": [], "ours": []}
+        results = {"trl": [], "trl_no_checkpointing": [], "trl_fp32_no_checkpointing": [], "ours": []}
         for r in range(args.rounds):
-            results["trl"].append(run_trl(model_dir, pairs, args, tmp, gradient_checkpointing=None))
+            results["trl"].append(run_trl(model_dir, pairs, args, tmp))
             results["ours"].append(run_ours(model_dir, pairs, args, tmp))
             results["trl_no_checkpointing"].append(run_trl(model_dir, pairs, args, tmp, gradient_checkpointing=False))
+            results["trl_fp32_no_checkpointing"].append(
+                run_trl(model_dir, pairs, args, tmp, gradient_checkpointing=False, bf16=False))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} pairs/s" for k, v in results.items()), file=sys.stderr)
     med = {k: statistics.median(v) for k, v in results.items()}
     print(json.dumps({
         "ratio": med["ours"] / med["trl"],
         "ratio_vs_trl_without_gradient_checkpointing": med["ours"] / med["trl_no_checkpointing"],
+        "ratio_vs_trl_fp32_without_gradient_checkpointing": med["ours"] / med["trl_fp32_no_checkpointing"],
         "ours_pairs_per_s": med["ours"], "trl_pairs_per_s": med["trl"],
         "trl_no_checkpointing_pairs_per_s": med["trl_no_checkpointing"],
+        "trl_fp32_no_checkpointing_pairs_per_s": med["trl_fp32_no_checkpointing"],
         "runs": results, "pairs": args.pairs, "epochs": args.epochs, "batch_size": args.batch_size, "max_len": args.max_len,
         "threads": args.threads, "trl_version": trl.__version__, "torch_version": torch.__version__,
     }))
