@@ -153,7 +153,7 @@ def test_dpo_reference_computed_once_and_one_forward_per_step(tiny_lm_dir, tmp_p
     from accelerate import Accelerator
 
     from rlhfkit.io import JsonlLog
-    from rlhfkit.losses import DPOLossType
+    from rlhfkit.preference_losses import DPOLossType
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.recipes import dpo
 

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from rlhfkit.losses import (
-    DPOLossType,
     bradley_terry_loss,
     cost_model_loss,
-    dno_loss,
-    dno_soft_loss,
-    dpo_loss,
     entropy_from_logits,
     logprobs_from_logits,
     masked_mean,
@@ -24,9 +20,9 @@ from rlhfkit.losses import (
     ppo_policy_loss,
     ppo_value_loss,
     ranking_pairs,
-    sft_nll,
     step_bce_loss,
 )
+from rlhfkit.preference_losses import DPOLossType, dno_loss, dno_soft_loss, dpo_loss, sft_nll
 
 LN3 = math.log(3)
 

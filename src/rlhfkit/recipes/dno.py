@@ -9,7 +9,7 @@ iterative contrastive self-improvement. For t = 1..T:
    by its average win rate against the others (an estimate of P(y ≻ π_t));
 3. keep large-margin pairs: best vs worst by default, only when their win-rate gap ≥ ``min_margin``;
 4. mix in pairs from earlier iterations (``mix_fractions``);
-5. train π_{t+1} from π_t with ``rlhfkit.losses.dno_loss``:
+5. train π_{t+1} from π_t with ``rlhfkit.preference_losses.dno_loss``:
    −log σ(η log(π/π_t)(y⁺) − η log(π/π_t)(y⁻)) where the reference is the PREVIOUS ITERATE π_t
    (its log-probs computed once, before the iteration's training, from the model as it stands;
    using the SFT model instead silently turns DNO into iterated DPO);
@@ -238,7 +238,7 @@ def validation_win_rate(pf, prompts, policy_samples, base_samples) -> float:
 def dno_pair_loss(cfg: DNOConfig, targets: torch.Tensor):
     """The iteration's loss as a ``recipes.dpo.PairLoss``: ``dno_loss`` (hard) or ``dno_soft_loss`` with the
     pairs' soft ``targets`` (N,), plus ``sft_coef`` × the chosen responses' per-token NLL when set."""
-    from rlhfkit.losses import dno_loss, dno_soft_loss, sft_nll
+    from rlhfkit.preference_losses import dno_loss, dno_soft_loss, sft_nll
 
     def loss_fn(pc, pr, rc, rr, lengths, ix):
         if cfg.loss == "soft":

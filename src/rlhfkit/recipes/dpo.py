@@ -8,7 +8,7 @@ The whole algorithm, top to bottom:
    changes, so recomputing them every step, as TRL does by default, doubles the forward passes
    for nothing);
 3. for each global batch: the policy's sequence log-probs of chosen and rejected in one
-   forward pass, summed over response tokens, then ``rlhfkit.losses.dpo_loss``
+   forward pass, summed over response tokens, then ``rlhfkit.preference_losses.dpo_loss``
    (+ ``sft_coef · sft_nll`` on the chosen rows). ``PairLayout`` says how the pairs enter that
    pass; all layouts compute the same values (to float rounding; tested). By default (``packed``)
    every pair goes into one unpadded row, each prompt once, and attention keeps chosen and
@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlhfkit.losses import DPOLossType
+from rlhfkit.preference_losses import DPOLossType
 from rlhfkit.training import TrainConfig
 
 
@@ -303,7 +303,7 @@ PairLoss = Callable[..., tuple[torch.Tensor, float, dict]]
 
 def dpo_pair_loss(cfg: DPOConfig, weights: torch.Tensor) -> PairLoss:
     """The DPO-family loss of ``cfg`` as a PairLoss (losses from ``rlhfkit.losses``)."""
-    from rlhfkit.losses import dpo_loss, sft_nll
+    from rlhfkit.preference_losses import dpo_loss, sft_nll
 
     def loss_fn(pc, pr, rc, rr, lengths, idx):
         w = weights[idx].to(pc.device)
