@@ -135,3 +135,12 @@ def test_view_attention_refuses_a_sliding_window_shorter_than_a_view():
     view_attention_forward(None, q, q, q, None, token_views=views, sliding_window=5)  # covers the view: fine
     with pytest.raises(NotImplementedError, match="sliding window"):
         view_attention_forward(None, q, q, q, None, token_views=views, sliding_window=4)
+
+
+def test_a_soft_capped_model_is_not_offered_view_attention():
+    from rlhfkit.models.view_attention import supports_view_attention
+
+    model = _model("llama")
+    assert supports_view_attention(model)
+    model.config.attn_logit_softcapping = 50.0  # as Gemma-2 sets it
+    assert not supports_view_attention(model)

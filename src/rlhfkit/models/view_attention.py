@@ -70,11 +70,16 @@ def _unwrap(model):
 def supports_view_attention(model) -> bool:
     """Whether ``model`` can run view attention: its attention goes through ``AttentionInterface`` and
     activation checkpointing is off (a checkpointed layer re-runs its forward during backward, after
-    ``view_attention`` has restored the model's own attention, which would attend across views)."""
+    ``view_attention`` has restored the model's own attention, which would attend across views), and it has
+    no attention soft-capping. A sliding window shorter than a view is refused at the forward, where the
+    view length is known."""
     from transformers import PreTrainedModel
 
     inner = _unwrap(model)
-    return (isinstance(inner, PreTrainedModel) and inner.is_backend_compatible()
+    # Attention logit soft-capping (Gemma-2) is not implemented here: such a model takes the concatenated path
+    # instead of reaching the refusal in view_attention_forward mid-training.
+    softcap = getattr(getattr(inner, "config", None), "attn_logit_softcapping", None)
+    return (isinstance(inner, PreTrainedModel) and inner.is_backend_compatible() and softcap is None
             and inner._can_set_attn_implementation() and not inner.is_activation_checkpointing)
 
 
