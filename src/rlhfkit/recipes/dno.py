@@ -238,18 +238,15 @@ def validation_win_rate(pf, prompts, policy_samples, base_samples) -> float:
 def dno_pair_loss(cfg: DNOConfig, targets: torch.Tensor):
     """The iteration's loss as a ``recipes.dpo.PairLoss``: ``dno_loss`` (hard) or ``dno_soft_loss`` with the
     pairs' soft ``targets`` (N,), plus ``sft_coef`` × the chosen responses' per-token NLL when set."""
-    from rlhfkit.preference_losses import dno_loss, dno_soft_loss, sft_nll
+    from rlhfkit.preference_losses import dno_loss, dno_soft_loss
+    from rlhfkit.recipes.dpo import add_sft_term
 
     def loss_fn(pc, pr, rc, rr, lengths, ix):
         if cfg.loss == "soft":
             loss, m = dno_soft_loss(pc, pr, rc, rr, targets[ix].to(pc.device), cfg.eta)
         else:
             loss, m = dno_loss(pc, pr, rc, rr, cfg.eta)
-        if cfg.sft_coef:
-            nll = sft_nll(pc, lengths[0])
-            loss = loss + cfg.sft_coef * nll
-            m["sft_nll"] = nll.item()
-        return loss, float(len(ix)), m
+        return add_sft_term(loss, m, pc, lengths[0], cfg.sft_coef), float(len(ix)), m
 
     return loss_fn
 

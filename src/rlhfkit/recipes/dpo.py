@@ -301,9 +301,21 @@ def precompute_logps(model, pairs: Sequence[TokenizedPair], pad_id: int, batch_s
 PairLoss = Callable[..., tuple[torch.Tensor, float, dict]]
 
 
+def add_sft_term(loss: torch.Tensor, metrics: dict, chosen_logps: torch.Tensor, chosen_len: torch.Tensor,
+                 coef: float) -> torch.Tensor:
+    """``loss`` + coef × the chosen responses' per-token NLL (RPO), logged as ``sft_nll``; ``loss`` when coef is 0."""
+    from rlhfkit.preference_losses import sft_nll
+
+    if not coef:
+        return loss
+    nll = sft_nll(chosen_logps, chosen_len)
+    metrics["sft_nll"] = nll.item()
+    return loss + coef * nll
+
+
 def dpo_pair_loss(cfg: DPOConfig, weights: torch.Tensor) -> PairLoss:
-    """The DPO-family loss of ``cfg`` as a PairLoss (losses from ``rlhfkit.losses``)."""
-    from rlhfkit.preference_losses import dpo_loss, sft_nll
+    """The DPO-family loss of ``cfg`` as a PairLoss (losses from ``rlhfkit.preference_losses``)."""
+    from rlhfkit.preference_losses import dpo_loss
 
     def loss_fn(pc, pr, rc, rr, lengths, idx):
         w = weights[idx].to(pc.device)
@@ -314,11 +326,7 @@ def dpo_pair_loss(cfg: DPOConfig, weights: torch.Tensor) -> PairLoss:
         else:
             pc_, pr_, rc_, rr_ = pc, pr, rc, rr
         loss, metrics = dpo_loss(pc_, pr_, rc_, rr_, cfg.beta, cfg.loss_type, cfg.label_smoothing, weights=w)
-        if cfg.sft_coef:
-            nll = sft_nll(pc, nc)
-            loss = loss + cfg.sft_coef * nll
-            metrics["sft_nll"] = nll.item()
-        return loss, float(w.sum()), metrics
+        return add_sft_term(loss, metrics, pc, nc, cfg.sft_coef), float(w.sum()), metrics
 
     return loss_fn
 
