@@ -292,7 +292,8 @@ def test_pairwise_model_learns_a_cycle_that_bt_cannot(tiny_lm_dir, tmp_path):
 def test_intransitive_judge_by_hand():
     from rlhfkit.judges.intransitive import IntransitiveJudge, answer_style, restyle
     from rlhfkit.recipes.evaluate import pairwise_win
-    from rlhfkit.tasks.arith import format_prompt, gold_response, judge, make_problems
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+    from rlhfkit.tasks.arith_judge import judge
 
     p = make_problems(1, seed=11, unanswerable_frac=0.0)[0]
     g = gold_response(p)

@@ -64,7 +64,7 @@ def test_step_rewards_go_to_their_tokens_within_the_response():
 
 
 def test_line_end_positions_find_the_newline_tokens(tiny_tokenizer):
-    from rlhfkit.tasks.arith import response_lines
+    from rlhfkit.tasks.arith_judge import response_lines
 
     text = "3 + 4 = 7\n7 * 2 = 14\nAnswer: 14"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]

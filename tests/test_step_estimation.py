@@ -24,7 +24,7 @@ def _is_correct(i: int, text: str) -> bool:
 
 def test_step_prefixes_cut_after_each_line_and_end_with_a_newline():
     assert step_prefixes(RESPONSE) == [PREFIX_1, PREFIX_2, "2 + 3 = 5\n5 * 2 = 10\nAnswer: 10\n"]
-    # lines as the PRM and load_steps see them (rlhfkit.tasks.arith.response_lines): stripped, blank lines kept
+    # lines as the PRM and load_steps see them (rlhfkit.tasks.arith_judge.response_lines): stripped, blank lines kept
     assert step_prefixes("  a \n\nb\n") == ["a\n", "a\n\n", "a\n\nb\n"]
     assert step_prefixes("") == [] and step_prefixes(" \n ") == []
 
@@ -121,7 +121,8 @@ def test_label_stage_estimates_step_labels_from_policy_completions(tiny_lm_dir, 
     from rlhfkit.data.preferences import load_steps
     from rlhfkit.pipeline import load_pipeline_config
     from rlhfkit.recipes import label
-    from rlhfkit.tasks.arith import Problem, format_prompt, judge, make_problems, response_lines
+    from rlhfkit.tasks.arith import Problem, format_prompt, make_problems
+    from rlhfkit.tasks.arith_judge import judge, response_lines
 
     load, sample = rlhfkit.models.loading.load_causal_lm, rlhfkit.generation.sample
 

@@ -64,7 +64,8 @@ def task_pairs(n: int, seed: int) -> list[dict]:
 
     The label is the oracle's (P > 0.5), and the order is shuffled with ``seed``.
     """
-    from rlhfkit.tasks.arith import demonstration, format_prompt, gold_response, make_problems, preference_prob
+    from rlhfkit.tasks.arith import demonstration, format_prompt, gold_response, make_problems
+    from rlhfkit.tasks.arith_judge import preference_prob
 
     rng = random.Random(seed)
     out = []

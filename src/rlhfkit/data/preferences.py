@@ -189,7 +189,7 @@ def load_steps(path: str | Path, ambiguous: str = "drop") -> list[StepRecord]:
                 raise DataError(f"{rec.where}: a step may not contain a newline (a step is a line)")
         elif "completion" in r:
             require(rec, {"completion": str})
-            from rlhfkit.tasks.arith import response_lines
+            from rlhfkit.tasks.arith_judge import response_lines
 
             steps = response_lines(r["completion"])
         else:

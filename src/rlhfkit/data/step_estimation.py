@@ -7,7 +7,7 @@ N completions (s_{i+1,j}, ..., s_{K_j,j}, a_j), j = 1..N, and with the gold answ
     hard estimation (HE):  y_i = 1 if ∃ j: a_j = a*, else 0
     soft estimation (SE):  y_i = (1/N) Σ_j 1[a_j = a*]
 
-Here a step is a line (:func:`rlhfkit.tasks.arith.response_lines`, the lines the PRM and
+Here a step is a line (:func:`rlhfkit.tasks.arith_judge.response_lines`, the lines the PRM and
 ``load_steps`` use), and "a_j = a*" is whatever final-answer check the caller passes, so only
 the outcome is ever checked, never a step. The last line already holds the response's own
 answer: it is labelled by that answer's correctness, with no completions (its only
@@ -21,7 +21,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Callable, Sequence
 
-from rlhfkit.tasks.arith import response_lines
+from rlhfkit.tasks.arith_judge import response_lines
 
 
 class EstimateMode(StrEnum):

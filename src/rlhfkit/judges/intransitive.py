@@ -25,7 +25,8 @@ import re
 from typing import Iterable, Sequence
 
 from rlhfkit.judges.oracle import TaskOracle
-from rlhfkit.tasks.arith import Problem, judge
+from rlhfkit.tasks.arith import Problem
+from rlhfkit.tasks.arith_judge import judge
 
 STYLES = ("spaced", "tight", "wide")
 _SPACES = {"spaced": " ", "tight": "", "wide": "  "}

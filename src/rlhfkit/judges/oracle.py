@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from rlhfkit.tasks.arith import Problem, Verdict, format_prompt, judge, preference_prob
+from rlhfkit.tasks.arith import Problem, format_prompt
+
+from rlhfkit.tasks.arith_judge import Verdict, judge, preference_prob
 
 
 class TaskOracle:
-    """P(a ≻ b | prompt) = σ(beta · (score_a − score_b)) from :func:`rlhfkit.tasks.arith.judge`.
+    """P(a ≻ b | prompt) = σ(beta · (score_a − score_b)) from :func:`rlhfkit.tasks.arith_judge.judge`.
 
     Implements :class:`rlhfkit.judges.base.PreferenceFunction`. Prompts are looked up by
     their text with surrounding whitespace ignored, so a collator that strips the trailing

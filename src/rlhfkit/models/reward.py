@@ -183,7 +183,7 @@ class RewardModel:
     @torch.no_grad()
     def step_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[float]]:
         """P(steps 1..k are right) for each line k of each response (``response_lines`` splits them)."""
-        from rlhfkit.tasks.arith import response_lines
+        from rlhfkit.tasks.arith_judge import response_lines
 
         self.net.eval()
         steps = [response_lines(r) for r in responses]

@@ -49,7 +49,7 @@ class EvalConfig:
 
 def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
     """Oracle verdicts for samples aligned with problems, as plain records."""
-    from rlhfkit.tasks.arith import judge
+    from rlhfkit.tasks.arith_judge import judge
 
     rows = []
     for prob, s in zip(problems, samples):

@@ -127,7 +127,8 @@ def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: Lab
     """Sample, judge and label one chunk; returns {"rankings": [...], "pairs": [...], "steps": [...]}."""
     from rlhfkit.generation import sample
     from rlhfkit.losses import ranking_pairs
-    from rlhfkit.tasks.arith import Problem, judge as oracle_judge, sample_ranking
+    from rlhfkit.tasks.arith import Problem
+    from rlhfkit.tasks.arith_judge import judge as oracle_judge, sample_ranking
 
     seed = _seed(cfg.seed, "chunk", c)
     prompts = [r.prompt for r in records]
@@ -194,7 +195,7 @@ def _estimated_step_labels(graded: list, lm, tok, cfg: LabelConfig, c: int, devi
     completes every step prefix ``cfg.estimate_n`` times, and only the final answer is checked."""
     from rlhfkit.data.step_estimation import estimate_step_labels
     from rlhfkit.generation import sample
-    from rlhfkit.tasks.arith import judge as oracle_judge
+    from rlhfkit.tasks.arith_judge import judge as oracle_judge
 
     seed = _seed(cfg.seed, "estimate", c)
 

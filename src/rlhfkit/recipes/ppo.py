@@ -423,7 +423,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
         fn = _import_callable(cfg.reward_fn)
         outcome = lambda p, r: [float(x) for x in fn(p, r)]  # noqa: E731
     elif cfg.reward_source is RewardSource.judge:
-        from rlhfkit.tasks.arith import judge
+        from rlhfkit.tasks.arith_judge import judge
 
         if not problems_by_prompt:
             raise ValueError("reward_source judge needs prompts with task 'meta'")
@@ -845,7 +845,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
             if gold_available:
                 # The oracle's opinion of the very responses trained on: a diagnostic only, never a reward
                 # here (unless reward is judge), for the gold-vs-proxy over-optimisation plot.
-                from rlhfkit.tasks.arith import judge
+                from rlhfkit.tasks.arith_judge import judge
 
                 gold = [judge(problems[s.prompt], s.text).score if s.finished else 0.0 for s in ro.samples]
                 rec["gold_score"] = sum(gold) / len(gold)

@@ -357,7 +357,8 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log) -> tu
 def judge_agreement(pairs, chosen: list[float], rejected: list[float], metas: dict[str, dict]) -> dict:
     """How often the model orders a pair as the noiseless judge does (pairs with equal gold scores skipped)."""
     from rlhfkit.stats import mean_ci
-    from rlhfkit.tasks.arith import Problem, judge
+    from rlhfkit.tasks.arith import Problem
+    from rlhfkit.tasks.arith_judge import judge
 
     agree, noisy_agree = [], []
     for p, c, r in zip(pairs, chosen, rejected):
@@ -387,7 +388,8 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
     from rlhfkit.io import atomic_write_jsonl
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.stats import mean_ci
-    from rlhfkit.tasks.arith import Problem, judge
+    from rlhfkit.tasks.arith import Problem
+    from rlhfkit.tasks.arith_judge import judge
 
     rc = cfg.rerank
     data = Path(rc.data) if rc.data else out / "data" / "heldout.jsonl"

@@ -1,20 +1,10 @@
 """The embedded default task: generated arithmetic word problems and their oracle judge."""
 from rlhfkit.tasks.arith import (
-    Problem,
-    TaskConfig,
-    Verdict,
-    demonstration,
-    format_prompt,
-    gold_response,
-    judge,
-    make_problems,
-    missing_line,
-    preference_prob,
-    pretrain_corpus,
-    response_lines,
-    sample_preference,
-    sample_ranking,
-    write_task_data,
+    Problem, TaskConfig, demonstration, format_prompt, gold_response, make_problems, missing_line,
+    pretrain_corpus, write_task_data,
+)
+from rlhfkit.tasks.arith_judge import (
+    Verdict, judge, preference_prob, response_lines, sample_preference, sample_ranking,
 )
 
 __all__ = [
