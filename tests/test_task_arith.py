@@ -8,10 +8,8 @@ import pytest
 
 from rlhfkit.judges.base import PreferenceFunction
 from rlhfkit.judges.oracle import TaskOracle
-from rlhfkit.tasks.arith import (
-    Problem, TaskConfig, demonstration, format_prompt, gold_response, make_problems, pretrain_corpus,
-    write_task_data,
-)
+from rlhfkit.tasks.arith import Problem, demonstration, format_prompt, gold_response, make_problems, pretrain_corpus
+from rlhfkit.tasks.arith_data import TaskConfig, write_task_data
 from rlhfkit.tasks.arith_judge import judge, preference_prob, sample_preference, sample_ranking
 
 # Given numbers 3, 4, 2; gold steps 3 + 4 = 7, 7 - 2 = 5; answer 5.

@@ -27,7 +27,7 @@ from rlhfkit.recipes.ppo import PPOConfig
 from rlhfkit.recipes.pretrain import PretrainConfig
 from rlhfkit.recipes.reward import RewardConfig
 from rlhfkit.recipes.sft import SFTConfig
-from rlhfkit.tasks.arith import TaskConfig
+from rlhfkit.tasks.arith_data import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def _data_path(cfg_value: str, out: Path, default: str) -> Path:
 def _stage_data(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.training import process_state
 
-    from rlhfkit.tasks.arith import write_task_data
+    from rlhfkit.tasks.arith_data import write_task_data
 
     if process_state().is_main_process:
         paths = write_task_data(stage_dir, cfg.task)

@@ -1,8 +1,8 @@
 """The embedded default task: generated arithmetic word problems and their oracle judge."""
 from rlhfkit.tasks.arith import (
-    Problem, TaskConfig, demonstration, format_prompt, gold_response, make_problems, missing_line,
-    pretrain_corpus, write_task_data,
+    Problem, demonstration, format_prompt, gold_response, make_problems, missing_line, pretrain_corpus,
 )
+from rlhfkit.tasks.arith_data import TaskConfig, write_task_data
 from rlhfkit.tasks.arith_judge import (
     Verdict, judge, preference_prob, response_lines, sample_preference, sample_ranking,
 )

@@ -15,14 +15,8 @@ Prompt and response formats are fixed strings shared by the whole project:
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Collection, Sequence
 
 NAMES = (("Tom", "he"), ("Ana", "she"), ("Ben", "he"), ("Mia", "she"),
@@ -330,90 +324,3 @@ def _worked_stories(rng: random.Random, exclude: Collection[str]) -> str:
             steps, results = _solve(ops, full)
             parts.append("\n".join([" ".join(sentences), *steps, f"So {name} has {results[-1]} {item} now."]))
     return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- data files
-@dataclass(frozen=True)
-class TaskConfig:
-    """How much task data to generate, and how fallible the simulated people are."""
-
-    seed: int = 0
-    """master seed; each split draws from its own stream derived from it"""
-    n_pretrain_docs: int = 4000
-    """documents in pretrain.jsonl (stories and equations, no Q→A format)"""
-    n_sft: int = 2000
-    """demonstrations in sft.jsonl"""
-    n_prompts: int = 1000
-    """train prompts for labeling and RL, in prompts.jsonl"""
-    n_heldout: int = 200
-    """evaluation prompts, never in sft.jsonl or prompts.jsonl, nor as stories in pretrain.jsonl"""
-    unanswerable_frac: float = 0.2
-    """share of problems in every split whose needed number is vague"""
-    max_steps: int = 3
-    """most operations in a story (each problem has 1..max_steps)"""
-    hallucination_rate: float = 0.5
-    """chance a demonstrator invents the missing number of an unanswerable problem"""
-    slip_rate: float = 0.1
-    """chance a demonstrator makes one arithmetic slip on an answerable problem"""
-    judge_beta: float = 10.0
-    """annotator noise, Bradley–Terry inverse temperature on gold scores; higher = less noise"""
-
-    def __post_init__(self):
-        for rate in ("unanswerable_frac", "hallucination_rate", "slip_rate"):
-            if not 0.0 <= getattr(self, rate) <= 1.0:
-                raise ValueError(f"{rate} must be in [0, 1], got {getattr(self, rate)}")
-        if min(self.n_pretrain_docs, self.n_sft, self.n_prompts, self.n_heldout) < 0:
-            raise ValueError("counts must be non-negative")
-        if self.max_steps < 1 or self.judge_beta < 0:
-            raise ValueError("max_steps must be >= 1 and judge_beta >= 0")
-
-
-def _split_seed(seed: int, split: str) -> int:
-    # A hash, not seed + k, so seed 0's "sft" stream is never seed 1's "heldout" stream.
-    return int.from_bytes(hashlib.sha256(f"{seed}:{split}".encode()).digest()[:8], "big")
-
-
-def _write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic within one filesystem: readers see old or new, never half
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_task_data(out_dir: Path, cfg: TaskConfig) -> dict[str, Path]:
-    """Write pretrain/sft/prompts/heldout ``.jsonl`` files into ``out_dir``; return their paths.
-
-    Held-out problems come first from their own stream; sft then prompts exclude every
-    question drawn before them, so the three splits are pairwise disjoint by question text.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    taken: set[str] = set()
-    splits = {}
-    for split, n in (("heldout", cfg.n_heldout), ("sft", cfg.n_sft), ("prompts", cfg.n_prompts)):
-        splits[split] = make_problems(n, _split_seed(cfg.seed, split), cfg.unanswerable_frac,
-                                      cfg.max_steps, exclude=taken, id_prefix=split)
-        taken |= {p.question for p in splits[split]}
-    demo_rng = random.Random(_split_seed(cfg.seed, "demonstrations"))
-    heldout_questions = {p.question for p in splits["heldout"]}
-    rows = {
-        "pretrain": [{"text": t} for t in pretrain_corpus(
-            cfg.n_pretrain_docs, _split_seed(cfg.seed, "pretrain"), exclude=heldout_questions)],
-        "sft": [{"prompt": format_prompt(p), "meta": p.to_meta(),
-                 "response": demonstration(p, demo_rng, cfg.hallucination_rate, cfg.slip_rate)}
-                for p in splits["sft"]],
-        "prompts": [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in splits["prompts"]],
-        "heldout": [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in splits["heldout"]],
-    }
-    paths = {}
-    for name, records in rows.items():
-        paths[name] = out_dir / f"{name}.jsonl"
-        _write_jsonl_atomic(paths[name], records)
-    return paths
