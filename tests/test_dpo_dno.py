@@ -342,5 +342,43 @@ def test_intransitive_label_styles_is_checked():
     from rlhfkit.recipes.intransitive import IntransitiveConfig
 
     assert IntransitiveConfig(label_styles="uniform").label_styles == "uniform"
+    assert IntransitiveConfig(label_styles="contrast").label_styles == "contrast"
     with pytest.raises(ValueError, match="label_styles"):
         IntransitiveConfig(label_styles="balanced")
+
+
+def test_contrast_labels_are_style_pairs_decided_by_the_cycle():
+    import random
+    from types import SimpleNamespace as S
+
+    from rlhfkit.judges.intransitive import BEATS, IntransitiveJudge, answer_style, restyle
+    from rlhfkit.recipes.intransitive import label_pairs
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+
+    probs = make_problems(60, seed=5, unanswerable_frac=0.0)
+    prompts = [format_prompt(p) for p in probs]
+    # gamma 40 and beta 100: σ(±40) and σ(±10 per tenth of score) round to 0 or 1, so every draw is decided
+    judge = IntransitiveJudge(probs, beta=100.0, gamma=40.0)
+    g = [gold_response(p) for p in probs]
+    wrong = ["\n".join(r.split("\n")[:-1] + [f"Answer:{p.answer + 1}"]) for r, p in zip(g, probs)]  # tight, wrong
+    # first sample: the gold answer; second: identical (not compared), unfinished (not compared), or wrong
+    samples = []
+    for i, r in enumerate(g):
+        second = [S(text=r, finished=True), S(text=r, finished=False), S(text=wrong[i], finished=True)][i % 3]
+        samples += [S(text=r, finished=True), second]
+    pairs, styles = label_pairs(judge, prompts, samples, "contrast", random.Random(0))
+    assert len(styles) == 120
+    same_content = lambda p: p["chosen"].rsplit("\n", 1)[0] == p["rejected"].rsplit("\n", 1)[0]  # noqa: E731
+    contrast = [p for p in pairs if same_content(p) and answer_style(p["chosen"]) != answer_style(p["rejected"])]
+    content = [p for p in pairs if p not in contrast]
+    # one style-only pair per prompt (60), and the 20 gold-vs-wrong pairs, each side in one common style
+    assert len(contrast) == 60 and len(content) == 20
+    assert all(answer_style(p["chosen"]) == answer_style(p["rejected"]) for p in content)
+    assert all(p["chosen"] == restyle(g[prompts.index(p["prompt"])], answer_style(p["chosen"])) for p in content)
+    assert all(BEATS[answer_style(p["chosen"])] == answer_style(p["rejected"]) for p in contrast)
+    # the three edges of the cycle are drawn about equally often (expected 20 each)
+    edges = [answer_style(p["chosen"]) for p in contrast]
+    assert all(edges.count(s) >= 12 for s in BEATS), edges
+    # as sampled (sft): only the 20 pairs that differ and are both finished, gold (spaced) over wrong (tight)
+    sft_pairs, _ = label_pairs(judge, prompts, samples, "sft", random.Random(0))
+    assert len(sft_pairs) == 20 and all(answer_style(p["chosen"]) == "spaced" for p in sft_pairs)

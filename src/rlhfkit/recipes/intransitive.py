@@ -6,18 +6,22 @@ Read top to bottom, from the pretrained model, on the same data and budget for b
    drawn with ``style_weights`` (spaced, tight, wide), so the SFT policy samples all three;
 2. label comparisons like annotators would: for each labeling prompt, two samples of the SFT
    policy, the intransitive judge's choice drawn from its P(a ≻ b)
-   (``rlhfkit.judges.intransitive``: spaced ≻ tight ≻ wide ≻ spaced among equally good answers);
+   (``rlhfkit.judges.intransitive``: spaced ≻ tight ≻ wide ≻ spaced among equally good answers),
+   as sampled or in the factorial design of ``label_styles: contrast`` (content and style compared
+   apart, each edge of the cycle labelled equally often);
 3. train, on those comparisons, a Bradley-Terry reward model (``bt``) and a pairwise preference
    model (``pm``) with the same backbone (the SFT model), steps and learning rate;
 4. run DNO (``rlhfkit.recipes.dno``) from the SFT policy twice, with P = σ(r(a) − r(b)) and with
    the pairwise P, same iterations, prompts and samples; each arm keeps the iterate its own
    preference function rates best on validation prompts.
 
-Why BT should lose: σ(r(a) − r(b)) is transitive, so a BT model fitted on a cycle learns an order
-(the Borda order on the SFT samples) and keeps pushing the policy towards the top style, even
-once the policy's dominant style is one that another style beats. The pairwise model predicts
-what beats what, so DNO's ranking against the current iterate follows the cycle, and its
-validation selection sees which iterate beats the SFT policy. The eval stage then measures
+Why BT should lose: σ(r(a) − r(b)) is transitive. Fitted on a balanced cycle (``contrast``), the
+best scalar gives the three styles the same reward, so the BT arm has no reason to change the
+policy's style; the pairwise model learns each edge, so DNO's ranking against the current iterate
+follows the cycle towards the style that beats the policy's, and its validation selection sees
+which iterate beats the SFT policy. (On labels as sampled, BT fits the two frequent edges and
+violates the rare one, which never involves the SFT policy's own greedy style, so there it finds
+the style that beats SFT as well as the pairwise model does.) The eval stage then measures
 ``win_rate_vs_sft`` with the intransitive judge itself (``eval.judge: intransitive``).
 """
 from __future__ import annotations
@@ -43,6 +47,9 @@ class IntransitiveConfig:
 
     model: str = ""
     """pretrained model to fine-tune; empty means the pretrain stage's model"""
+    sft_model: str = ""
+    """an SFT policy already trained on styled demonstrations (e.g. an earlier run's ``intransitive/sft/model``;
+    relative to the run's ``out``) to start from instead of step 1; empty trains one"""
     style_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
     """share of SFT demonstrations whose answer line is spaced, tight, wide"""
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -53,7 +60,10 @@ class IntransitiveConfig:
     """sampling temperature of the two responses compared per labeling prompt"""
     label_styles: str = "sft"
     """``sft``: compare the samples as written; ``uniform``: rewrite each compared answer line in a style drawn
-    uniformly first, so every pair of styles is labelled about equally often (the SFT mix leaves rare pairs unseen)"""
+    uniformly first, so every pair of styles is labelled about equally often (the SFT mix leaves rare pairs unseen);
+    ``contrast``: a factorial design: the two samples compared in one common style drawn uniformly (a comparison
+    of content only), plus a comparison of style only: the first sample written in two styles, the pair of styles
+    drawn uniformly from the cycle's three, so each edge of the cycle is labelled equally often"""
     judge_beta: float = 10.0
     """the intransitive judge's weight on gold-score differences"""
     judge_gamma: float = 3.0
@@ -66,8 +76,8 @@ class IntransitiveConfig:
     """style assignment and label-draw seed"""
 
     def __post_init__(self):
-        if self.label_styles not in ("sft", "uniform"):
-            raise ValueError(f"label_styles must be sft or uniform, got {self.label_styles!r}")
+        if self.label_styles not in ("sft", "uniform", "contrast"):
+            raise ValueError(f"label_styles must be sft, uniform or contrast, got {self.label_styles!r}")
 
 
 def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
@@ -76,7 +86,7 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.data.loading import load_demonstrations, load_prompts
     from rlhfkit.generation import SamplingConfig, sample
     from rlhfkit.io import JsonlLog, atomic_write_jsonl
-    from rlhfkit.judges.intransitive import STYLES, IntransitiveJudge, answer_style, restyle
+    from rlhfkit.judges.intransitive import STYLES, IntransitiveJudge, restyle
     from rlhfkit.judges.preference_model import (PairwisePreferenceModel, load_bt_preference,
                                                  load_preference_model, train_comparison_model)
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
@@ -86,17 +96,23 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     data = out / "data"
     rng = random.Random(cfg.seed)
     # 1. styled demonstrations → SFT
-    demos = load_demonstrations(data / "sft.jsonl")
-    styled = [{"prompt": d.prompt, "response": restyle(d.response, rng.choices(STYLES, cfg.style_weights)[0])} for d in demos]
-    atomic_write_jsonl(stage_dir / "sft_styled.jsonl", styled)
-    acc = make_accelerator(cfg.sft)
-    log = JsonlLog(stage_dir / "sft_log.jsonl", enabled=acc.is_main_process)
-    sft_metrics = sft.run(cfg.sft, cfg.model or str(out / "pretrain" / "model"), stage_dir / "sft_styled.jsonl",
-                          stage_dir / "sft", acc, log)
-    log.close()
-    sft_dir = stage_dir / "sft" / "model"
+    sft_dir = Path(cfg.sft_model) if Path(cfg.sft_model).is_absolute() else out / cfg.sft_model
+    sft_metrics = {"reused": str(sft_dir)}
+    if not cfg.sft_model:
+        demos = load_demonstrations(data / "sft.jsonl")
+        styled = [{"prompt": d.prompt, "response": restyle(d.response, rng.choices(STYLES, cfg.style_weights)[0])}
+                  for d in demos]
+        atomic_write_jsonl(stage_dir / "sft_styled.jsonl", styled)
+        acc = make_accelerator(cfg.sft)
+        log = JsonlLog(stage_dir / "sft_log.jsonl", enabled=acc.is_main_process)
+        sft_metrics = sft.run(cfg.sft, cfg.model or str(out / "pretrain" / "model"), stage_dir / "sft_styled.jsonl",
+                              stage_dir / "sft", acc, log)
+        log.close()
+        sft_dir = stage_dir / "sft" / "model"
 
-    # 2. comparisons by the intransitive judge on pairs of SFT samples
+    # 2. comparisons by the intransitive judge on pairs of SFT samples (their own seeded draws, so a reused
+    #    SFT policy gets the labels a fresh run would)
+    rng = random.Random(cfg.seed + 1)
     records = load_prompts(data / "prompts.jsonl")
     raw = [{"prompt": r.prompt, "meta": r.meta} for r in records]
     judge = IntransitiveJudge.from_records(raw, beta=cfg.judge_beta, gamma=cfg.judge_gamma)
@@ -110,16 +126,7 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     sampling = SamplingConfig(max_new_tokens=cfg.dno.sampling.max_new_tokens, temperature=cfg.label_temperature, batch_size=64)
     samples = sample(policy, tok, label_prompts, sampling, seed=cfg.seed, num_return_sequences=2, device=device)
     del policy
-    pairs, styles = [], []
-    for i, prompt in enumerate(label_prompts):
-        a, b = samples[2 * i].text, samples[2 * i + 1].text
-        if cfg.label_styles == "uniform":
-            a, b = restyle(a, rng.choice(STYLES)), restyle(b, rng.choice(STYLES))
-        styles += [answer_style(a), answer_style(b)]
-        if a == b or not (samples[2 * i].finished and samples[2 * i + 1].finished):
-            continue
-        a_wins = rng.random() < judge.prob([(prompt, a, b)])[0]
-        pairs.append({"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a})
+    pairs, styles = label_pairs(judge, label_prompts, samples, cfg.label_styles, rng)
     atomic_write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     style_share = {s: styles.count(s) / len(styles) for s in (*STYLES, None)}
 
@@ -152,6 +159,40 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
             "intransitive": {"cycle": "spaced ≻ tight ≻ wide ≻ spaced (answer-line styles), among equally good answers",
                              "compared_style_share": style_share, "cycle_probe": probe,
                              "selected": {k: v["selected"] for k, v in arms.items()}}}
+
+
+def label_pairs(judge, prompts: list[str], samples, label_styles: str, rng: random.Random) -> tuple[list[dict], list]:
+    """Comparisons of two samples per prompt (``samples[2i]``, ``samples[2i + 1]``, each with ``.text`` and
+    ``.finished``), each decided by one draw from the judge's P(a ≻ b); see ``label_styles``.
+
+    Returns the comparisons ``{prompt, chosen, rejected}`` and the answer style of every compared sample.
+    A pair of identical or unfinished samples is not compared; a contrast pair needs only the first sample
+    finished and with an answer line.
+    """
+    from rlhfkit.judges.intransitive import BEATS, STYLES, answer_style, restyle
+
+    pairs, styles = [], []
+    for i, prompt in enumerate(prompts):
+        a, b = samples[2 * i].text, samples[2 * i + 1].text
+        if label_styles == "uniform":
+            a, b = restyle(a, rng.choice(STYLES)), restyle(b, rng.choice(STYLES))
+        elif label_styles == "contrast":
+            common = rng.choice(STYLES)  # the content comparison carries no style difference
+            a, b = restyle(a, common), restyle(b, common)
+        styles += [answer_style(a), answer_style(b)]
+        if label_styles == "contrast" and samples[2 * i].finished and answer_style(a) is not None:
+            x, y = rng.choice(list(BEATS.items()))  # one of the cycle's three style pairs, uniformly
+            pairs.append(_labelled(judge, rng, prompt, restyle(a, x), restyle(a, y)))
+        if a == b or not (samples[2 * i].finished and samples[2 * i + 1].finished):
+            continue
+        pairs.append(_labelled(judge, rng, prompt, a, b))
+    return pairs, styles
+
+
+def _labelled(judge, rng: random.Random, prompt: str, a: str, b: str) -> dict:
+    """One annotator's comparison of ``a`` and ``b``: the winner drawn from the judge's P(a ≻ b)."""
+    a_wins = rng.random() < judge.prob([(prompt, a, b)])[0]
+    return {"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a}
 
 
 def _cycle_probe(judge, prompts, pfs) -> dict:
