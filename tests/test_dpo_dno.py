@@ -382,3 +382,34 @@ def test_contrast_labels_are_style_pairs_decided_by_the_cycle():
     # as sampled (sft): only the 20 pairs that differ and are both finished, gold (spaced) over wrong (tight)
     sft_pairs, _ = label_pairs(judge, prompts, samples, "sft", random.Random(0))
     assert len(sft_pairs) == 20 and all(answer_style(p["chosen"]) == "spaced" for p in sft_pairs)
+
+
+@pytest.mark.slow
+def test_intransitive_stage_in_a_tiny_pipeline(tmp_path):
+    """The intransitive config end to end on a tiny model: both arms, the probe, the summary's rows."""
+    import json
+    from pathlib import Path
+
+    from conftest import tiny_pipeline_overrides
+
+    from rlhfkit.pipeline import load_pipeline_config, run_pipeline
+
+    tiny = [o for o in tiny_pipeline_overrides(tmp_path / "run") if o.startswith(("out=", "task.", "pretrain."))]
+    over = tiny + [
+        "stages=[data, pretrain, intransitive, eval]", "task.n_prompts=40",
+        # enough SFT for the tiny model to end its answers with EOS, so the labeling prompts give comparisons
+        "intransitive.sft.max_steps=60", "intransitive.sft.lr=1e-2", "intransitive.sft.batch_size=8",
+        "intransitive.n_label_prompts=12",
+        "intransitive.comparison_model.max_steps=2", "intransitive.comparison_model.batch_size=4",
+        "intransitive.dno.iterations=2", "intransitive.dno.prompts_per_iteration=8", "intransitive.dno.n_validation=4",
+        "intransitive.dno.batch_size=2", "intransitive.dno.max_steps=2", "intransitive.dno.sampling.max_new_tokens=48",
+        "eval.sampling.max_new_tokens=16",
+    ]
+    config = Path(__file__).resolve().parents[1] / "configs" / "intransitive.yaml"
+    out = run_pipeline(load_pipeline_config(str(config), over))
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"sft", "bt", "pm"} <= set(summary["policies"])
+    assert "win_rate_vs_sft" in summary["policies"]["pm"]
+    metrics = json.loads((out / "intransitive" / "metrics.json").read_text())
+    assert set(metrics["cycle_probe"]) == {"judge", "bt", "pm"}
+    assert metrics["label"]["n_pairs"] > 0

@@ -127,6 +127,10 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     samples = sample(policy, tok, label_prompts, sampling, seed=cfg.seed, num_return_sequences=2, device=device)
     del policy
     pairs, styles = label_pairs(judge, label_prompts, samples, cfg.label_styles, rng)
+    if not pairs:
+        raise RuntimeError(f"intransitive: none of the {len(label_prompts)} labeling prompts gave a comparison: every "
+                           f"pair of samples was identical or unfinished (no EOS within "
+                           f"{cfg.dno.sampling.max_new_tokens} tokens); raise dno.sampling.max_new_tokens or train SFT longer")
     atomic_write_jsonl(stage_dir / "comparisons.jsonl", pairs)
     style_share = {s: styles.count(s) / len(styles) for s in (*STYLES, None)}
 
