@@ -38,3 +38,10 @@ def test_every_quickstart_policy_and_stage_is_reported(summary):
     for name in ("prm", "orm", "majority"):
         lo, hi = summary["reranking"][name]["accuracy"]["ci95"]
         assert lo <= summary["reranking"][name]["accuracy"]["mean"] <= hi
+
+
+def test_dno_rises_over_its_iterations_and_ends_above_dpo(summary):
+    """Issue 5's figure: DNO's win rate against SFT rises over 3 iterations and ends above offline DPO's."""
+    win = {k: summary["policies"][k]["win_rate_vs_sft"]["mean"] for k in ("dpo", "dno_1", "dno_2", "dno_3")}
+    assert win["dno_1"] < win["dno_2"] < win["dno_3"], win
+    assert win["dno_3"] > win["dpo"], win
