@@ -44,5 +44,10 @@ test-slow: install-test
 test-e2e: install-test
 	$(BIN)/python -m pytest -q -m slow tests/test_quickstart_e2e.py
 
+# The speed comparisons against peers (TRL, a bench-only extra); prints the ratio on its last line.
+bench: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/dpo_vs_trl.py
+
 clean:
 	rm -rf $(VENV) runs

@@ -328,3 +328,33 @@ def test_gradient_accumulation_equals_the_whole_minibatch(tmp_path, tiny_lm_dir)
     moved = max((weights[0][k] - base.state_dict()[k]).abs().max().item() for k in weights[0])
     diff = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
     assert moved > 1e-4 and diff < 1e-6 * moved
+
+
+def _one(prompts, responses):
+    """Every finished response scores 1; an unfinished one gets ``unfinished_score`` (−1) from the recipe."""
+    return [1.0] * len(responses)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
+def test_rl_raises_a_learnable_reward(tmp_path, tiny_lm_dir, algorithm):
+    """The recipe's direction, end to end: on a reward the policy can reach, the rollouts' mean reward rises.
+
+    The tiny random model rarely emits EOS within 16 tokens; finishing scores 1 and not finishing −1,
+    so the mean reward is 2·(finished rate) − 1 and can only rise if the update raises EOS where it
+    was rewarded. Guards against a sign or alignment error anywhere between rollout, advantages and
+    update (each piece also has exact tests); the step-by-step rewards are in the failure message.
+    """
+    from accelerate import Accelerator
+
+    from rlhfkit.io import read_jsonl_plain
+
+    _write_prompts(tmp_path)
+    stage = tmp_path / "ppo.partial"
+    stage.mkdir()
+    cfg = _tiny_cfg(tiny_lm_dir, algorithm=algorithm, reward_source="callable", total_steps=16, save_every=0,
+                    kl_coef=0.0, prompts_per_step=8, minibatch_size=8, group_size=4 if algorithm == "grpo" else 1, lr=3e-3,
+                    sampling=SamplingConfig(max_new_tokens=16, temperature=1.0, batch_size=32))
+    ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl", reward_fn=_one)
+    rewards = [r["reward"] for r in read_jsonl_plain(stage / "log.jsonl")]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert last > first + 0.3, str([round(r, 3) for r in rewards])
