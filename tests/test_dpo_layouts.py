@@ -133,8 +133,23 @@ def test_view_attention_refuses_a_sliding_window_shorter_than_a_view():
     q = torch.zeros(1, 2, 5, 4)
     views = (torch.tensor([[0, 1, 2, 3, 4]]), torch.arange(5))
     view_attention_forward(None, q, q, q, None, token_views=views, sliding_window=5)  # covers the view: fine
-    with pytest.raises(NotImplementedError, match="sliding window"):
+    with pytest.raises(ValueError, match="sliding_window"):
         view_attention_forward(None, q, q, q, None, token_views=views, sliding_window=4)
+
+
+def test_a_sliding_window_model_is_not_offered_view_attention():
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from rlhfkit.models.view_attention import supports_view_attention
+
+    def mistral(window):
+        cfg = MistralConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, sliding_window=window)
+        return AutoModelForCausalLM.from_config(cfg)
+
+    assert supports_view_attention(mistral(None))
+    assert not supports_view_attention(mistral(8))
+    assert supports_view_attention(_model("qwen2"))  # Qwen2 carries a window size but does not use it
 
 
 def test_a_soft_capped_model_is_not_offered_view_attention():

@@ -36,14 +36,16 @@ def view_attention_forward(module, query, key, value, attention_mask, dropout: f
         raise ValueError("view attention needs token_views=(index, source); use it through view_attention()")
     if attention_mask is not None:
         raise ValueError("view attention takes its pattern from token_views; the model built an attention mask")
-    for unsupported in ("softcap", "s_aux"):  # Gemma-2 logit soft-capping, attention sinks
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"view attention does not implement {unsupported}")
+    # Plain causal attention only: ``supports_view_attention`` keeps models with soft-capping, attention sinks
+    # or sliding windows on the concatenated path, so reaching one of these is a caller's error.
     index, source = token_views
     n_views, length = index.shape
     window = kwargs.get("sliding_window")
-    if window is not None and window < length:  # a window at least as long as every view changes nothing
-        raise NotImplementedError(f"view attention does not implement a sliding window ({window} < {length} tokens)")
+    for name, given in (("softcap", kwargs.get("softcap") is not None), ("s_aux", kwargs.get("s_aux") is not None),
+                        (f"sliding_window {window} < {length} tokens", window is not None and window < length)):
+        if given:
+            raise ValueError(f"view attention is plain causal attention and got {name}; "
+                             "check supports_view_attention(model) before using it")
 
     def gather(x):  # (1, heads, N, d) → (V, heads, L, d)
         return x[0].index_select(1, index.reshape(-1)).unflatten(1, (n_views, length)).transpose(0, 1)
@@ -68,19 +70,23 @@ def _unwrap(model):
 
 
 def supports_view_attention(model) -> bool:
-    """Whether ``model`` can run view attention: its attention goes through ``AttentionInterface`` and
-    activation checkpointing is off (a checkpointed layer re-runs its forward during backward, after
-    ``view_attention`` has restored the model's own attention, which would attend across views), and it has
-    no attention soft-capping. A sliding window shorter than a view is refused at the forward, where the
-    view length is known."""
+    """Whether ``model`` can run view attention: its attention goes through ``AttentionInterface``, activation
+    checkpointing is off (a checkpointed layer re-runs its forward during backward, after ``view_attention``
+    has restored the model's own attention, which would attend across views), and its attention is plain
+    causal attention: no logit soft-capping (Gemma-2), no sliding window (Mistral, Gemma-2) and no attention
+    sinks (gpt-oss). Any other model takes the concatenated path."""
     from transformers import PreTrainedModel
 
     inner = _unwrap(model)
-    # Attention logit soft-capping (Gemma-2) is not implemented here: such a model takes the concatenated path
-    # instead of reaching the refusal in view_attention_forward mid-training.
-    softcap = getattr(getattr(inner, "config", None), "attn_logit_softcapping", None)
-    return (isinstance(inner, PreTrainedModel) and inner.is_backend_compatible() and softcap is None
-            and inner._can_set_attn_implementation() and not inner.is_activation_checkpointing)
+    if not (isinstance(inner, PreTrainedModel) and inner.is_backend_compatible()
+            and inner._can_set_attn_implementation() and not inner.is_activation_checkpointing):
+        return False
+    cfg = inner.config
+    layer_types = getattr(cfg, "layer_types", None)
+    sliding = ("sliding_attention" in layer_types if layer_types else
+               getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False)
+    sinks = any(hasattr(m, "sinks") for m in inner.modules())
+    return getattr(cfg, "attn_logit_softcapping", None) is None and not sliding and not sinks
 
 
 @contextlib.contextmanager
