@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def run_path(out: Path, rel: str | Path) -> Path:
+    """A path from a config: absolute as given, otherwise relative to the run's directory ``out``."""
+    p = Path(rel)
+    return p if p.is_absolute() else Path(out) / p
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

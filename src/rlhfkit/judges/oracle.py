@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 from rlhfkit.tasks.arith import Problem, format_prompt
-
 from rlhfkit.tasks.arith_judge import Verdict, judge, preference_prob
 
 

@@ -121,6 +121,7 @@ class DNOPair:
 
 def load_preference_function(spec: str, out: Path, records: Sequence[dict], beta: float = 10.0, gamma: float = 3.0):
     """``oracle`` | ``intransitive`` | ``bt:DIR`` | ``pm:DIR`` → a PreferenceFunction (DIR relative to ``out``)."""
+    from rlhfkit.io import run_path
     kind, _, rel = spec.partition(":")
     if kind == "oracle":
         from rlhfkit.judges.oracle import TaskOracle
@@ -131,7 +132,7 @@ def load_preference_function(spec: str, out: Path, records: Sequence[dict], beta
 
         return IntransitiveJudge.from_records(records, beta=beta, gamma=gamma)
     if kind in ("bt", "pm") and rel:
-        path = Path(rel) if Path(rel).is_absolute() else out / rel
+        path = run_path(out, rel)
         if not path.exists():
             raise FileNotFoundError(f"judge {spec!r}: {path} does not exist")
         from rlhfkit.judges.preference_model import load_bt_preference, load_preference_model
@@ -263,7 +264,7 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
     """Run T iterations from ``model_path``; writes ``out_dir/dno_t/model``, ``out_dir/model`` (the selected one)."""
     from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
     from rlhfkit.generation import sample
-    from rlhfkit.io import atomic_write_json, atomic_write_jsonl
+    from rlhfkit.io import atomic_write_json, atomic_write_jsonl, run_path
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config, save_pretrained_atomic
     from rlhfkit.recipes.dpo import tokenize_pairs, train_on_pairs
 
@@ -278,7 +279,7 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
     teacher: dict[str, str] = {}
     if cfg.reference_responses:
         ref_path = Path(cfg.reference_responses)
-        for rec in iter_records(ref_path if ref_path.is_absolute() else out / ref_path):
+        for rec in iter_records(run_path(out, ref_path)):
             require(rec, {"prompt": str, "response": str}, nonempty=("prompt", "response"))
             teacher[rec.record["prompt"]] = rec.record["response"]
     pf = pf or load_preference_function(cfg.judge, out, raw, cfg.judge_beta, cfg.judge_gamma)

@@ -265,8 +265,8 @@ def pair_forward(model, pairs: Sequence[TokenizedPair], pad_id: int, device,
     if layout == PairLayout.packed:
         if supports_view_attention(model):
             return sequence_logps_packed(model, {k: v.to(device) for k, v in collate_pairs_packed(pairs).items()})
-        warnings.warn(f"{type(model).__name__}: attention is not pluggable (or activation checkpointing or soft-capping is on); "
-                      "the packed layout falls back to concatenated")
+        warnings.warn(f"{type(model).__name__}: attention is not plain causal and pluggable, or activation checkpointing "
+                      "is on (see supports_view_attention); the packed layout falls back to concatenated")
     if layout == PairLayout.prompt_cache:
         batch = {k: v.to(device) for k, v in collate_pairs_shared_prompt(pairs, pad_id).items()}
         return sequence_logps_shared_prompt(model, batch)

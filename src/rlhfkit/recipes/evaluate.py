@@ -112,7 +112,7 @@ def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, jud
 def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Path, accelerator) -> dict:
     from rlhfkit.data.loading import DataError, load_prompts
     from rlhfkit.generation import sample
-    from rlhfkit.io import atomic_write_jsonl
+    from rlhfkit.io import atomic_write_jsonl, run_path
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.tasks.arith import Problem
 
@@ -124,7 +124,7 @@ def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Pa
     prompts = [r.prompt for r in records]
     paths = {}
     for name, rel in cfg.policies.items():
-        p = Path(rel) if Path(rel).is_absolute() else out / rel
+        p = run_path(out, rel)
         if not p.exists():
             raise FileNotFoundError(f"eval.policies.{name}: model directory {p} does not exist")
         paths[name] = p

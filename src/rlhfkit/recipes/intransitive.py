@@ -85,7 +85,7 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
 
     from rlhfkit.data.loading import load_demonstrations, load_prompts
     from rlhfkit.generation import SamplingConfig, sample
-    from rlhfkit.io import JsonlLog, atomic_write_jsonl
+    from rlhfkit.io import JsonlLog, atomic_write_jsonl, run_path
     from rlhfkit.judges.intransitive import STYLES, IntransitiveJudge, restyle
     from rlhfkit.judges.preference_model import (PairwisePreferenceModel, load_bt_preference,
                                                  load_preference_model, train_comparison_model)
@@ -94,11 +94,12 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.training import make_accelerator
 
     data = out / "data"
-    rng = random.Random(cfg.seed)
     # 1. styled demonstrations → SFT
-    sft_dir = Path(cfg.sft_model) if Path(cfg.sft_model).is_absolute() else out / cfg.sft_model
-    sft_metrics = {"reused": str(sft_dir)}
-    if not cfg.sft_model:
+    if cfg.sft_model:
+        sft_dir = run_path(out, cfg.sft_model)
+        sft_metrics = {"reused": str(sft_dir)}
+    else:
+        rng = random.Random(cfg.seed)
         demos = load_demonstrations(data / "sft.jsonl")
         styled = [{"prompt": d.prompt, "response": restyle(d.response, rng.choices(STYLES, cfg.style_weights)[0])}
                   for d in demos]

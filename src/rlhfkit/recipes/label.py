@@ -224,7 +224,7 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
     """
     from rlhfkit.config import ConfigError, to_dict
     from rlhfkit.data.loading import load_prompts
-    from rlhfkit.io import atomic_write_json, atomic_write_text
+    from rlhfkit.io import atomic_write_json, atomic_write_text, run_path
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 
     beta = cfg.judge_beta if cfg.judge_beta >= 0 else task_beta
@@ -232,7 +232,7 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
     records = load_prompts(data)
     if cfg.n_prompts:
         records = records[: cfg.n_prompts]
-    policy = Path(cfg.policy) if Path(cfg.policy).is_absolute() else out / cfg.policy
+    policy = run_path(out, cfg.policy)
     if not policy.exists():
         raise FileNotFoundError(f"label.policy: model directory {policy} does not exist")
     work = out / "label.chunks"

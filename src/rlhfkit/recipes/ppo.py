@@ -41,6 +41,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhfkit.generation import SamplingConfig
+from rlhfkit.io import run_path
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -400,11 +401,6 @@ class Scorer:
     cost: Callable[[list[str], list[str]], list[float]] | None
 
 
-def _resolve(out: Path, rel: str) -> Path:
-    p = Path(rel)
-    return p if p.is_absolute() else out / p
-
-
 def _import_callable(spec: str) -> RewardFn:
     # Checked here, not in __post_init__: each command-line override is validated alone against
     # the defaults, so "reward_source=callable reward_fn=m:f" would fail on its first half there.
@@ -433,7 +429,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
 
         members = []
         for rel in cfg.reward_models:
-            path = _resolve(out, rel)
+            path = run_path(out, rel)
             if not path.exists():
                 raise FileNotFoundError(f"reward_models: {path} does not exist (run the reward stage first)")
             members.append(load_reward_model(path))
@@ -447,7 +443,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
     else:  # prm
         from rlhfkit.models.reward import load_reward_model
 
-        path = _resolve(out, cfg.prm)
+        path = run_path(out, cfg.prm)
         if not path.exists():
             raise FileNotFoundError(f"prm: {path} does not exist (run the reward stage first)")
         prm = load_reward_model(path)
@@ -457,7 +453,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
     if cfg.cost_model:
         from rlhfkit.models.reward import load_reward_model
 
-        path = _resolve(out, cfg.cost_model)
+        path = run_path(out, cfg.cost_model)
         if not path.exists():
             raise FileNotFoundError(f"cost_model: {path} does not exist (run the reward stage first)")
         cost_model = load_reward_model(path)
@@ -742,10 +738,10 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     device = accelerator.device
     t0 = time.time()
     # --- inputs, checked before any model is loaded
-    policy_path = _resolve(out, cfg.policy or "sft/model")
+    policy_path = run_path(out, cfg.policy or "sft/model")
     if not policy_path.exists():
         raise FileNotFoundError(f"policy: model directory {policy_path} does not exist")
-    records = load_prompts(_resolve(out, cfg.data) if cfg.data else out / "data" / "prompts.jsonl")
+    records = load_prompts(run_path(out, cfg.data) if cfg.data else out / "data" / "prompts.jsonl")
     prompts = [r.prompt for r in records]
     problems = {r.prompt: Problem.from_meta(r.meta) for r in records if r.meta is not None}
     if len(prompts) < cfg.prompts_per_step:
@@ -767,9 +763,9 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     critic = None
     if Algorithm(cfg.algorithm).uses_critic:
         if cfg.critic_init:
-            critic_path = _resolve(out, cfg.critic_init)
+            critic_path = run_path(out, cfg.critic_init)
         elif cfg.reward_source is RewardSource.model and reward_fn is None:
-            critic_path = _resolve(out, cfg.reward_models[0])
+            critic_path = run_path(out, cfg.reward_models[0])
         else:
             critic_path = policy_path
         critic = build_critic(critic_path, 2 if cfg.cost_model else 1, cfg.seed)
@@ -864,7 +860,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
 
     # --- final figures on held-out prompts: KL from the reference, and cost when constrained
     final = {}
-    held_path = _resolve(out, cfg.heldout) if cfg.heldout else out / "data" / "heldout.jsonl"
+    held_path = run_path(out, cfg.heldout) if cfg.heldout else out / "data" / "heldout.jsonl"
     if held_path.exists():
         final = heldout_figures(policy, reference, tokenizer, [r.prompt for r in load_prompts(held_path)], scorer, cfg, device)
     unwrapped = accelerator.unwrap_model(policy)

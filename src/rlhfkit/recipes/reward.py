@@ -385,7 +385,7 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
     """Best-of-N on held-out prompts: gold accuracy of the response each method picks, with 95% CIs."""
     from rlhfkit.data.loading import DataError, load_prompts
     from rlhfkit.generation import SamplingConfig, sample
-    from rlhfkit.io import atomic_write_jsonl
+    from rlhfkit.io import atomic_write_jsonl, run_path
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.stats import mean_ci
     from rlhfkit.tasks.arith import Problem
@@ -397,7 +397,7 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
     for r in records:
         if r.meta is None:
             raise DataError(f"{r.where}: reranking with the task judge needs the field 'meta'")
-    policy = Path(rc.policy) if Path(rc.policy).is_absolute() else out / rc.policy
+    policy = run_path(out, rc.policy)
     tok = load_tokenizer(policy)
     lm = load_causal_lm(policy).to(accelerator.device)
     prompts = [r.prompt for r in records]
