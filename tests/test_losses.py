@@ -82,6 +82,19 @@ def test_masked_whiten_by_hand_uses_unbiased_variance():
     assert torch.allclose(masked_whiten(x, mask, shift_mean=False), t(4 - 2 * scale, 4, 4 + 2 * scale, 0))
 
 
+def test_masked_whiten_over_processes_uses_the_whole_batch():
+    """Two processes, each holding 2, 4, 6 (all_sum doubles: the other shard is the same).
+
+    The whole batch is 2, 4, 6, 2, 4, 6: mean 4, unbiased var = (4+0+4+4+0+4) / (6 − 1) = 16/5,
+    so each process whitens its shard to (−2, 0, 2) / sqrt(16/5), not by its own var 4.
+    """
+    x, mask = t(2, 4, 6, 9), torch.tensor([1, 1, 1, 0])
+    twice = lambda v: 2 * v  # noqa: E731
+    assert close(masked_var(x, mask, all_sum=twice), 16 / 5)
+    scale = 1 / math.sqrt(16 / 5 + 1e-8)
+    assert torch.allclose(masked_whiten(x, mask, all_sum=twice), t(-2 * scale, 0, 2 * scale, 0), atol=1e-15)
+
+
 def test_masked_whiten_single_element_is_zero_not_nan():
     assert torch.equal(masked_whiten(t(5, 7), torch.tensor([1, 0])), t(0, 0))
 

@@ -86,11 +86,12 @@ def _grouped(rewards: Tensor, group_size: int) -> Tensor:
 
 
 @torch.no_grad()
-def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True) -> Tensor:
+def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, all_sum=None) -> Tensor:
     """Whiten ``x`` (any shape) over its masked elements; all elements when ``mask`` is None.
 
     Delegates to ``losses.masked_whiten``: masked mean, unbiased masked variance, padding → 0.
+    ``all_sum`` (a sum over processes) whitens a batch sharded across processes as one batch.
     """
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
-    return masked_whiten(x, mask, shift_mean=shift_mean)
+    return masked_whiten(x, mask, shift_mean=shift_mean, all_sum=all_sum)

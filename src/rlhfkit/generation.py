@@ -56,6 +56,7 @@ def sample(
     num_return_sequences: int = 1,
     device: torch.device | None = None,
     response_prefixes: Sequence[str] | None = None,
+    first_chunk: int = 0,
 ) -> list[Sample]:
     """Sample ``num_return_sequences`` responses per prompt (prompt-major order).
 
@@ -63,6 +64,10 @@ def sample(
     the prompt's own text (after a chat template's assistant turn, not inside the user turn)
     and tokenized on its own as a response is; ``prompt_ids`` then end with the prefix's ids and
     ``text`` is only the continuation.
+
+    Each generate call (``cfg.batch_size`` prompts) is seeded by the next draw of a generator
+    seeded with ``seed``. ``first_chunk`` skips that many draws: a process sampling a shard that
+    starts at prompt ``first_chunk · cfg.batch_size`` of a batch draws what one process would.
     """
     model = unwrap(model)
     was_training = model.training
@@ -71,6 +76,8 @@ def sample(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    for _ in range(first_chunk):
+        torch.randint(0, 2**31 - 1, (1,), generator=gen)
     out: list[Sample] = []
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     if response_prefixes is not None:

@@ -7,6 +7,8 @@ are *sums* over response tokens unless a docstring says otherwise. Every loss re
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -56,28 +58,34 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Variance of the masked elements of ``x`` (one scalar over all of them).
 
     ``unbiased`` divides by n − 1 (Bessel), as TRL's and torchtune's ``masked_var`` do, so our
     whitened advantages match theirs. With a single element that would divide by zero; the
     divisor is clamped to 1, giving variance 0 (there is no spread to measure).
+
+    ``all_sum`` sums a tensor over processes (each holding a shard of the batch), so the
+    statistics are those of the whole batch; None means this process holds all of it.
     """
-    mean = masked_mean(x, mask)
-    squares = masked_sum((x - mean) ** 2, mask)
-    n = mask.to(x.dtype).sum()
+    total = all_sum or (lambda t: t)
+    n = total(mask.to(x.dtype).sum())
+    mean = total(masked_sum(x, mask)) / n.clamp(min=1)
+    squares = total(masked_sum((x - mean) ** 2, mask))
     return squares / ((n - 1) if unbiased else n).clamp(min=1)
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """(x − mean) / sqrt(var + 1e-8) over the masked elements, any shape; padding comes back 0.
 
     Mean and *unbiased* variance (see ``masked_var``) come from masked elements only: padding
     zeros would drag the mean toward 0 and shrink the variance. ``shift_mean=False`` keeps
     the original mean (rescales only), as PPO implementations do when whitening rewards.
+    ``all_sum`` as in ``masked_var``: whiten by the statistics of the batch over all processes.
     """
-    mean = masked_mean(x, mask)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask) + 1e-8)
+    total = all_sum or (lambda t: t)
+    mean = total(masked_sum(x, mask)) / total(mask.to(x.dtype).sum()).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, all_sum=all_sum) + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))

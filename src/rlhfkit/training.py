@@ -92,6 +92,28 @@ def make_accelerator(cfg: TrainConfig | None = None):
     return Accelerator(mixed_precision=mp, cpu=_cpu_only())
 
 
+class Collective:
+    """Sums, means and gathers over the processes of ``accelerator``; the identity in one process.
+
+    For recipes whose batch is sharded by hand (RL: each process samples and scores its own
+    prompts), so statistics of the batch (whitening, KL, cost, logs) are those of the whole batch.
+    """
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.world == 1 else self.accelerator.reduce(t.detach().clone(), reduction="sum")
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.world == 1 else self.sum(t) / self.world
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate equal-shaped (B, ...) shards in rank order."""
+        return t if self.world == 1 else self.accelerator.gather(t.detach().contiguous())
+
+
 def make_optimizer_and_scheduler(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
     from transformers import get_scheduler
 

@@ -479,8 +479,10 @@ def reference_forward(policy, reference, batch: dict, temperature: float) -> tor
     with torch.no_grad():
         if reference is not None:
             return policy_forward(reference, batch, temperature)[0]
-        with policy.disable_adapter():
-            return policy_forward(policy, batch, temperature)[0]
+        from rlhfkit.generation import unwrap
+
+        with unwrap(policy).disable_adapter():
+            return policy_forward(unwrap(policy), batch, temperature)[0]
 
 
 # ============================================================================ rollout
@@ -504,11 +506,13 @@ class Rollout:
 
 
 def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], scorer: Scorer, cfg: PPOConfig,
-                 seed: int, device) -> Rollout:
+                 seed: int, device, all_sum=None, first_chunk: int = 0) -> Rollout:
+    """This process's share of a rollout batch; ``all_sum`` (a sum over processes) makes score
+    whitening use the whole batch, ``first_chunk`` is passed to ``generation.sample``."""
     from rlhfkit.generation import sample, sequences_from_samples, unwrap
 
     samples = sample(unwrap(policy), tokenizer, prompts, cfg.sampling, seed=seed,
-                     num_return_sequences=cfg.group_size, device=device)
+                     num_return_sequences=cfg.group_size, device=device, first_chunk=first_chunk)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = {k: v.to(device) for k, v in sequences_from_samples(samples, pad, tokenizer.eos_token_id).items()}
     texts = [s.text for s in samples]
@@ -530,7 +534,7 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
     if cfg.score_whiten:
         from rlhfkit.advantages import whiten
 
-        scores = whiten(scores)
+        scores = whiten(scores, all_sum=all_sum)
     if cfg.score_clip > 0:
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
     n_resp = batch["response_mask"].sum(1).tolist()
@@ -554,10 +558,10 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
     # --- log-probs and values from forward passes (never from generate)
     from rlhfkit.kl import kl_estimate
 
-    with torch.no_grad():
-        old_logprobs = policy_forward(policy, batch, cfg.sampling.temperature)[0]
+    with torch.no_grad():  # the unwrapped models: no DDP bookkeeping outside the update
+        old_logprobs = policy_forward(unwrap(policy), batch, cfg.sampling.temperature)[0]
         ref_logprobs = reference_forward(policy, reference, batch, cfg.sampling.temperature)
-        old_values = critic(batch["input_ids"], batch["attention_mask"]) if critic is not None else None
+        old_values = unwrap(critic)(batch["input_ids"], batch["attention_mask"]) if critic is not None else None
     mask = batch["response_mask"].bool()
     kl = torch.where(mask, kl_estimate(old_logprobs, ref_logprobs, cfg.estimator), torch.zeros_like(old_logprobs))
     return Rollout(batch["input_ids"], batch["attention_mask"], batch["response_mask"], old_logprobs, ref_logprobs,
@@ -566,8 +570,10 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
 
 # ============================================================================ advantages
 
-def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: float | None):
+def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: float | None, all_sum=None):
     """Advantages (B, T) and value targets (B, T, H) or None, from a rollout.
+
+    ``all_sum`` (a sum over processes): whitening uses the statistics of the whole rollout batch.
 
     PPO: rewards_t = token_rewards_t − β·KL_t (reward mode), GAE with the critic's values.
     GRPO/RLOO: sequence return = Σ_t rewards_t, advantage of the group, spread over its tokens.
@@ -590,7 +596,7 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
         else:
             seq = alg.sequence_advantages((r * mask).sum(1), cfg.group_size)  # (B,)
             a = seq[:, None] * mask
-        advs.append(whiten(a, mask) if cfg.whiten_advantages else a)
+        advs.append(whiten(a, mask, all_sum=all_sum) if cfg.whiten_advantages else a)
     adv = advs[0]
     if ro.costs is not None:
         adv = (advs[0] - lagrange * advs[1]) / (1.0 + lagrange)
@@ -600,12 +606,21 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
 # ============================================================================ update
 
 def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout, adv, returns, cfg: PPOConfig,
-               kl_coef: float, accelerator, generator: torch.Generator) -> dict:
-    """``ppo_epochs`` passes of shuffled minibatches; returns the mean of each diagnostic."""
+               kl_coef: float, accelerator, generator: torch.Generator, coll=None) -> dict:
+    """``ppo_epochs`` passes of shuffled minibatches; returns the mean of each diagnostic.
+
+    With several processes (``coll``, a ``training.Collective``) process r holds rows
+    [r·b, (r+1)·b) of the rollout batch. Every process draws the same permutation of the whole
+    batch, so a minibatch is the same set of rows as in one process; each process runs its own
+    rows of it, weighted so that DDP's mean over processes is the gradient of the minibatch's
+    token mean: 2 processes equal 1 at the same global batch.
+    """
     from rlhfkit.kl import kl_estimate
     from rlhfkit.losses import masked_mean, ppo_policy_loss, ppo_value_loss
 
-    B = ro.input_ids.shape[0]
+    world, rank = (coll.world, coll.rank) if coll is not None else (1, 0)
+    b = ro.input_ids.shape[0]
+    B = b * world
     stats: dict[str, list[float]] = {}
     policy.train()
     if critic is not None:
@@ -613,18 +628,26 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(B, generator=generator).tolist()
         for start in range(0, B, cfg.minibatch):
-            mb = perm[start:start + cfg.minibatch]
+            mb = [i - rank * b for i in perm[start:start + cfg.minibatch] if rank * b <= i < (rank + 1) * b]
             n_tokens = ro.response_mask[mb].sum()
-            micro = cfg.minibatch // cfg.grad_accum_steps
-            for m in range(0, len(mb), micro):
-                idx = torch.tensor(mb[m:m + micro], device=ro.input_ids.device)
+            if coll is not None:
+                n_tokens = coll.sum(n_tokens)
+            # grad_accum_steps micro-batches on every process (DDP syncs at each backward); one a
+            # process has no rows for runs row 0 at weight 0.
+            k, extra = divmod(len(mb), cfg.grad_accum_steps)
+            bounds = [a * k + min(a, extra) for a in range(cfg.grad_accum_steps + 1)]
+            for a in range(cfg.grad_accum_steps):
+                rows = mb[bounds[a]:bounds[a + 1]]
+                dummy = not rows
+                idx = torch.tensor(rows or [0], device=ro.input_ids.device)
                 width = int(ro.attention_mask[idx].sum(1).max())  # right padding: trim shared tail
                 cut = lambda t: t[idx, :width]  # noqa: E731
                 batch = {"input_ids": cut(ro.input_ids), "attention_mask": cut(ro.attention_mask)}
                 mask = cut(ro.response_mask)
-                # Each micro-batch's masked mean is weighted by its share of the minibatch's tokens,
-                # so accumulation gives the gradient of the minibatch's token mean exactly.
-                w = mask.sum() / n_tokens
+                # Each micro-batch's masked mean is weighted by its share of the minibatch's tokens
+                # (times the process count, which DDP's mean divides out), so accumulation gives the
+                # gradient of the minibatch's token mean exactly.
+                w = 0.0 if dummy else mask.sum() / n_tokens * world
                 logp, ent = policy_forward(policy, batch, cfg.sampling.temperature, with_entropy=True)
                 loss, pm = ppo_policy_loss(logp, cut(ro.old_logprobs), cut(adv), mask, cfg.clip_eps)
                 if cfg.kl_uses_loss:
@@ -647,8 +670,9 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                             pm["value_clipfrac"] = vm["value_clipfrac"]
                     accelerator.backward(cfg.vf_coef * vloss * w)
                     pm["value_loss"] = float(vloss.detach())
-                for k, v in pm.items():
-                    stats.setdefault(k, []).append(v)
+                if not dummy:
+                    for key, v in pm.items():
+                        stats.setdefault(key, []).append(v)
             for model, o, s in ((policy, opt, sched), (critic, critic_opt, critic_sched)):
                 if model is None:
                     continue
@@ -660,7 +684,12 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     policy.eval()
     if critic is not None:
         critic.eval()
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    means = {key: sum(v) / len(v) for key, v in stats.items()}
+    if coll is not None and coll.world > 1:  # diagnostics: the mean of the processes' means
+        keys = sorted(means)
+        avg = coll.mean(torch.tensor([means[key] for key in keys], dtype=torch.float64)).tolist()
+        means = dict(zip(keys, avg))
+    return means
 
 
 # ============================================================================ checkpoints
@@ -692,8 +721,11 @@ def save_checkpoint(ckpt: Path, step: int, objects: dict, controllers: dict, log
     replace_dir(tmp, ckpt)
 
 
-def load_checkpoint(ckpt: Path, objects: dict, controllers: dict, log_path: Path, config: dict) -> int:
-    """Restore a checkpoint into ``objects``/``controllers``; returns the step it was taken after (0 if none)."""
+def load_checkpoint(ckpt: Path, objects: dict, controllers: dict, log_path: Path | None, config: dict) -> int:
+    """Restore a checkpoint into ``objects``/``controllers``; returns the step it was taken after (0 if none).
+
+    The checkpoint's log replaces ``log_path`` (None: leave the log alone, as every process but the first does).
+    """
     meta_path = ckpt / "meta.json"
     if not meta_path.exists():
         return 0
@@ -708,7 +740,7 @@ def load_checkpoint(ckpt: Path, objects: dict, controllers: dict, log_path: Path
         if c is not None:
             c.load_state_dict(state["controllers"][name])
     _set_rng_state(state["rng"])
-    if (ckpt / "log.jsonl").exists():
+    if log_path is not None and (ckpt / "log.jsonl").exists():
         shutil.copyfile(ckpt / "log.jsonl", log_path)  # lines after the checkpoint are redone
     return int(meta["step"])
 
@@ -731,10 +763,12 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     from rlhfkit.kl import AdaptiveKLController, FixedKLController, LagrangeMultiplier
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_pretrained_atomic
     from rlhfkit.tasks.arith import Problem
-    from rlhfkit.training import TrainConfig, global_batches, make_optimizer_and_scheduler
+    from rlhfkit.training import Collective, TrainConfig, global_batches, make_optimizer_and_scheduler
 
-    if accelerator.num_processes > 1:
-        raise ValueError("the RL recipe runs in one process for now (rollout sharding is not implemented)")
+    coll = Collective(accelerator)
+    if cfg.prompts_per_step % coll.world:
+        raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {coll.world} processes "
+                         "(each samples and scores its share of the prompts)")
     device = accelerator.device
     t0 = time.time()
     # --- inputs, checked before any model is loaded
@@ -792,10 +826,18 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     objects = {"policy": policy, "critic": critic, "opt": opt, "critic_opt": critic_opt, "sched": sched, "critic_sched": critic_sched}
     controllers = {"kl": kl_ctl, "lambda": lagrange}
     config_dict = to_dict(cfg)
-    start = load_checkpoint(ckpt, objects, controllers, log_path, config_dict)
-    if start:
+    start = load_checkpoint(ckpt, objects, controllers, log_path if accelerator.is_main_process else None, config_dict)
+    if start and accelerator.is_main_process:
         print(f"[rlhfkit] {name}: resuming from {ckpt} after step {start}")
+    # DDP under `accelerate launch`/torchrun (a no-op wrapper in one process); the schedulers stay
+    # out of prepare(): accelerate would step them once per process. Checkpoints hold the unwrapped objects.
+    policy, opt = accelerator.prepare(policy, opt)
+    if critic is not None:
+        critic, critic_opt = accelerator.prepare(critic, critic_opt)
     log = JsonlLog(log_path, enabled=accelerator.is_main_process)
+    # This process's share of each step's prompts, and where its sampling chunks fall in one process's draw.
+    per_rank = cfg.prompts_per_step // coll.world
+    first_chunk = coll.rank * -(-per_rank // cfg.sampling.batch_size)
 
     # --- the loop
     gold_available = bool(problems) and len(problems) == len(prompts)
@@ -804,34 +846,36 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
         batches = global_batches(len(prompts), cfg.prompts_per_step, cfg.total_steps, cfg.seed, start_step=start)
         for step, idx in enumerate(batches, start=start):
             t_step = time.time()
-            step_prompts = [prompts[i] for i in idx]
-            ro = make_rollout(policy, reference, critic, tokenizer, step_prompts, scorer, cfg,
-                              seed=cfg.seed * 1_000_003 + step, device=device)
+            mine = idx[coll.rank * per_rank:(coll.rank + 1) * per_rank]
+            ro = make_rollout(policy, reference, critic, tokenizer, [prompts[i] for i in mine], scorer, cfg,
+                              seed=cfg.seed * 1_000_003 + step, device=device, all_sum=coll.sum, first_chunk=first_chunk)
             mask = ro.response_mask.bool()
-            seq_kl = (ro.kl * mask).sum(1)  # (B,) per-sequence KL estimate
-            mean_cost = float(ro.costs.mean()) if ro.costs is not None else None
+            seq_kl = (ro.kl * mask).sum(1)  # (b,) per-sequence KL estimate, this process's rows
+            every = lambda t: coll.gather(t.float().cpu())  # noqa: E731  (B,): the whole batch, in rank order
+            mean_cost = float(every(ro.costs).mean()) if ro.costs is not None else None
             if lagrange is not None:
                 lagrange.update(mean_cost, cfg.cost_threshold)  # λ first, then the advantages that use it
-            adv, returns = compute_advantages(ro, cfg, kl_ctl.value, lagrange.value if lagrange else None)
+            adv, returns = compute_advantages(ro, cfg, kl_ctl.value, lagrange.value if lagrange else None, all_sum=coll.sum)
             gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
             stats = ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro, adv, returns, cfg,
-                               kl_ctl.value, accelerator, gen)
+                               kl_ctl.value, accelerator, gen, coll)
             kl_coef_used = kl_ctl.value
             if returns is not None:
                 # cleanrl's diagnostic, over the whole rollout: 1 − Var(R − V_old) / Var(R).
                 from rlhfkit.losses import masked_var
 
-                var_r = masked_var(returns[..., 0], mask)
-                stats["explained_variance"] = float(1 - masked_var(returns[..., 0] - ro.old_values[..., 0], mask) / var_r) if var_r > 0 else float("nan")
-            kl_ctl.update(float(seq_kl.mean()), cfg.batch_size)
+                var_r = masked_var(returns[..., 0], mask, all_sum=coll.sum)
+                stats["explained_variance"] = float(1 - masked_var(returns[..., 0] - ro.old_values[..., 0], mask, all_sum=coll.sum) / var_r) if var_r > 0 else float("nan")
+            all_kl = every(seq_kl)
+            kl_ctl.update(float(all_kl.mean()), cfg.batch_size)
             rec = {
                 "step": step + 1,
-                "reward": float(ro.raw_scores.mean()),
-                "reward_with_kl": float((ro.token_rewards * mask).sum(1).mean() - kl_coef_used * seq_kl.mean()),
-                "kl": float(seq_kl.mean()),
+                "reward": float(every(ro.raw_scores).mean()),
+                "reward_with_kl": float(every((ro.token_rewards * mask).sum(1)).mean() - kl_coef_used * all_kl.mean()),
+                "kl": float(all_kl.mean()),
                 "kl_coef": kl_coef_used,
-                "response_length": float(mask.sum(1).float().mean()),
-                "finished_rate": float(sum(s.finished for s in ro.samples) / len(ro.samples)),
+                "response_length": float(every(mask.sum(1)).mean()),
+                "finished_rate": float(every(torch.tensor([s.finished for s in ro.samples])).mean()),
                 "lr": sched.get_last_lr()[0],
                 "step_time_s": time.time() - t_step,
                 **stats,
@@ -844,14 +888,16 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
                 from rlhfkit.tasks.arith_judge import judge
 
                 gold = [judge(problems[s.prompt], s.text).score if s.finished else 0.0 for s in ro.samples]
-                rec["gold_score"] = sum(gold) / len(gold)
+                rec["gold_score"] = float(every(torch.tensor(gold)).mean())
             last = rec
             if step % cfg.log_every == 0 or step == cfg.total_steps - 1:
                 log.write(rec)
             done = step + 1
             if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.stop_after_steps) and done < cfg.total_steps:
                 log.close()
-                save_checkpoint(ckpt, done, objects, controllers, log_path, config_dict)
+                if accelerator.is_main_process:
+                    save_checkpoint(ckpt, done, objects, controllers, log_path, config_dict)
+                accelerator.wait_for_everyone()
                 log = JsonlLog(log_path, enabled=accelerator.is_main_process)
             if cfg.stop_after_steps and done >= cfg.stop_after_steps and done < cfg.total_steps:
                 raise StoppedEarly(f"{name}: stopped after step {done} (stop_after_steps); rerun to resume from {ckpt}")
@@ -861,8 +907,9 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     # --- final figures on held-out prompts: KL from the reference, and cost when constrained
     final = {}
     held_path = run_path(out, cfg.heldout) if cfg.heldout else out / "data" / "heldout.jsonl"
-    if held_path.exists():
-        final = heldout_figures(policy, reference, tokenizer, [r.prompt for r in load_prompts(held_path)], scorer, cfg, device)
+    if held_path.exists() and accelerator.is_main_process:
+        final = heldout_figures(accelerator.unwrap_model(policy), reference, tokenizer,
+                                [r.prompt for r in load_prompts(held_path)], scorer, cfg, device)
     unwrapped = accelerator.unwrap_model(policy)
     if cfg.lora_r > 0:
         unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
