@@ -169,7 +169,7 @@ def test_encoder_backbone_padding_invariant():
     cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64)
     torch.manual_seed(0)
-    for pooling in ("last", "mean"):
+    for pooling in ("last", "mean", "response"):
         net = ScalarModel(transformers.BertModel(cfg), HeadInfo(pooling=pooling, causal=False, max_len=64)).eval()
         prompts, responses = _texts()
         enc = [encode(tok, net.info, p, r) for p, r in zip(prompts, responses)]
@@ -180,6 +180,36 @@ def test_encoder_backbone_padding_invariant():
             alone = torch.cat([net(**collate([e[0]], [e[1]], tok.pad_token_id)) for e in enc])
         torch.testing.assert_close(right, alone, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_response_pooling_is_the_mean_over_segment_b_by_hand():
+    """Token values v = head(hidden) = (1, 2, 3, 4, 5, 0); mask (1, 1, 1, 1, 1, 0); types (0, 0, 1, 1, 1, 0).
+
+    mean pooling: (1+2+3+4+5)/5 = 3; response pooling: (3+4+5)/3 = 4; last: 5.
+    """
+    from types import SimpleNamespace
+
+    from rlhfkit.models.reward import ScalarModel
+
+    class Backbone(torch.nn.Module):
+        config = SimpleNamespace(hidden_size=1)
+
+        def forward(self, input_ids, attention_mask, position_ids, token_type_ids=None):
+            return SimpleNamespace(last_hidden_state=input_ids[..., None].float())
+
+    ids = torch.tensor([[1, 2, 3, 4, 5, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    types = torch.tensor([[0, 0, 1, 1, 1, 0]])
+    got = {}
+    for pooling in ("mean", "response", "last"):
+        net = ScalarModel(Backbone(), HeadInfo(pooling=pooling, causal=False))
+        with torch.no_grad():
+            net.head.weight.fill_(1.0)
+            net.head.bias.zero_()
+            got[pooling] = net(ids, mask, types).item()
+    assert got == {"mean": 3.0, "response": 4.0, "last": 5.0}
+    with pytest.raises(ValueError, match="token_type_ids"):
+        ScalarModel(Backbone(), HeadInfo(pooling="response", causal=False))(ids, mask)
 
 
 def test_prm_positions_are_the_newline_after_each_step(tiny_rm):
@@ -200,6 +230,21 @@ def test_causal_prm_step_score_ignores_later_steps(tiny_rm):
         a = step_logits(net, tok, ["Question: q\n"] * 2, [["1 + 2 = 3", "Answer: 3"], ["1 + 2 = 3", "Answer: 99", "x"]], 8, "cpu")
     assert a[0][0] == pytest.approx(a[1][0], abs=1e-5)  # step 1 sees only itself and the prompt
     assert len(a[1]) == 3
+
+
+def test_step_values_build_no_autograd_graph(tiny_rm, monkeypatch):
+    """eval-prm on PRM800K's whole test split was killed for memory: step_logits(grad=False) kept the
+    graph of every batch. Values-only calls now run without grad and give the same numbers as lists."""
+    net, tok = tiny_rm
+    seen = []
+    forward = net.token_values
+    monkeypatch.setattr(net, "token_values", lambda *a, **k: seen.append(torch.is_grad_enabled()) or forward(*a, **k))
+    args = (net, tok, ["Question: q\n"], [["1 + 2 = 3", "Answer: 3"]], 8, "cpu")
+    values = step_logits(*args)
+    assert seen == [False] and isinstance(values[0], list)
+    with_grad = step_logits(*args, grad=True)
+    assert seen == [False, True] and with_grad[0].requires_grad
+    assert values[0] == pytest.approx(with_grad[0].tolist(), abs=1e-6)
 
 
 def test_save_load_roundtrip_scores_and_step_scores(tiny_rm, tmp_path):

@@ -44,7 +44,8 @@ class HeadInfo:
     kind: str = "reward"
     """reward (higher is better), orm (log-odds the final answer is right), prm (log-odds per step), cost (> 0 unsafe)"""
     pooling: str = "last"
-    """last: the value at the last real token; mean: the mean over real tokens (encoders)"""
+    """last: the value at the last real token; mean: the mean over real tokens; response: the mean over
+    segment B, the response (encoders: ``[CLS] prompt [SEP] response [SEP]``, token type 1)"""
     causal: bool = True
     """backbone attends only backwards (decides how the PRM reads steps)"""
     max_len: int = 256
@@ -92,8 +93,12 @@ class ScalarModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         values = self.token_values(input_ids, attention_mask, token_type_ids)  # (B, T)
-        if self.info.pooling == "mean":
+        if self.info.pooling in ("mean", "response"):
             m = attention_mask.to(values.dtype)
+            if self.info.pooling == "response":  # an encoder's segment B: the response (a PRM: the steps so far)
+                if token_type_ids is None:
+                    raise ValueError("pooling 'response' needs token_type_ids (an encoder backbone)")
+                m = m * token_type_ids.to(values.dtype)
             return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
 
@@ -199,6 +204,10 @@ def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, de
     forward per prefix; ``needed[i][k]`` False skips prefix k of solution i (its value is 0), so
     data with one rated step a row (PRM800K) costs one forward per row, not one per step.
     """
+    if not grad:  # values only: no autograd graph (a whole test split would otherwise be held in memory)
+        with torch.no_grad():
+            rows = step_logits(net, tokenizer, prompts, steps, batch_size, device, grad=True, needed=needed)
+        return [row.tolist() for row in rows]
     info, out = net.info, []
     if info.causal:
         for s in range(0, len(prompts), batch_size):
@@ -207,7 +216,7 @@ def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, de
             values = net.token_values(**{k: v.to(device) for k, v in b.items()})  # (B, T)
             for row, (_, pos) in enumerate(enc):
                 v = values[row, pos] if pos else values.new_zeros(0)
-                out.append(v if grad else v.tolist())
+                out.append(v)
         return out
     flat = [(i, k, p, "\n".join(st[:k + 1])) for i, (p, st) in enumerate(zip(prompts, steps))
             for k in range(len(st)) if needed is None or needed[i][k]]
@@ -227,7 +236,7 @@ def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, de
             v = torch.zeros(len(row), device=allv.device)
         else:
             v = torch.where(keep, allv[idx], torch.zeros((), device=allv.device))
-        out.append(v if grad else v.tolist())
+        out.append(v)
     return out
 
 

@@ -80,7 +80,7 @@ class RewardConfig(TrainConfig):
     max_len: int = 256
     """longest input in tokens (prompt start is cut first)"""
     pooling: str = "last"
-    """scalar read at the ``last`` real token, or the ``mean`` over real tokens (encoders)"""
+    """scalar read at the ``last`` real token, the ``mean`` over real tokens, or the mean over the ``response`` (an encoder's segment B; a PRM's steps so far)"""
     freeze_layers: int = 0
     """freeze the embeddings and this many lowest layers (saves backward compute on CPU)"""
     dropout: float = -1.0
@@ -109,8 +109,8 @@ class RewardConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.pooling not in ("last", "mean"):
-            raise ValueError(f"pooling must be last or mean, got {self.pooling!r}")
+        if self.pooling not in ("last", "mean", "response"):
+            raise ValueError(f"pooling must be last, mean or response, got {self.pooling!r}")
         if self.prm_target not in ("step", "prefix"):
             raise ValueError(f"prm_target must be step or prefix, got {self.prm_target!r}")
         if self.ambiguous not in ("drop", "positive", "negative"):
