@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -129,7 +131,6 @@ def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm
     for a, b in zip(*logs):
         for k in keys:
             assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-5, nan_ok=True), (k, a[k], b[k])
-    # The second step's rollout comes from the updated policy, so it matching means the update matched too.
     # Not a vacuous match: some rollout had differing scores, and an update moved the policy away
     # from the reference before a later rollout (which then matched too).
     assert any(0 < r["finished_rate"] < 1 for r in logs[0][:-1]) and logs[0][-1]["kl"] > 0, logs[0]
@@ -141,3 +142,39 @@ def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm
     assert max((w1[k] - base[k]).abs().max().item() for k in w1) > 1e-4  # it trained
     for k in w1:
         assert (w1[k] - w2[k]).abs().max().item() < 1e-4, k
+    if algorithm != "ppo":
+        return
+    # Kill both processes after the first checkpoint (rank 0 writes it); a 2-process rerun resumes
+    # from it and still ends where one uninterrupted process did.
+    out3 = tmp_path / "killed"
+    for d in ("data", "pretrain", "sft"):
+        shutil.copytree(out1 / d, out3 / d)
+    ov3 = [o.replace(str(out1), str(out3)) for o in ov]
+    rl3 = [a.replace("ppo.save_every=0", "ppo.save_every=1") for a in rl]
+    cmd = [*torchrun, "-m", "rlhfkit.cli", "ppo", *ov3, *rl3]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = out3 / "ppo.ckpt" / "meta.json"
+    deadline = time.time() + 300
+    while not meta.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    # torchrun starts each worker in a session of its own: kill every process whose command line names the run.
+    for pid in [int(d) for d in os.listdir("/proc") if d.isdigit()]:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if f"out={out3}" in cmdline.split("\0"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    proc.wait()
+    assert meta.exists(), "the run ended before its first checkpoint"
+    assert not (out3 / "ppo").exists(), "killed too late: the stage had already completed"
+    killed_at = json.loads(meta.read_text())["step"]
+    r3 = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert f"resuming from {out3 / 'ppo.ckpt'} after step {killed_at}" in r3.stdout
+    w3 = load_file(out3 / "ppo" / "model" / "model.safetensors")
+    for k in w1:
+        assert (w1[k] - w3[k]).abs().max().item() < 1e-4, k
