@@ -178,3 +178,34 @@ def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm
     w3 = load_file(out3 / "ppo" / "model" / "model.safetensors")
     for k in w1:
         assert (w1[k] - w3[k]).abs().max().item() < 1e-4, k
+
+
+def test_dno_two_processes_equal_one(tmp_path):
+    """DNO (sampling, oracle pairs, then DPO-style updates) under torchrun --nproc_per_node 2: the same
+    iterates as one process, and the logged loss and rewards are those of the global batch."""
+    out1, ov = _prepare(tmp_path, "one")
+    for stage in ("pretrain", "sft"):
+        r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", stage, *ov], env=_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    out2 = tmp_path / "two"
+    for d in ("data", "pretrain", "sft"):
+        shutil.copytree(out1 / d, out2 / d)
+    dno = ["dno.iterations=2", "dno.prompts_per_iteration=12", "dno.n_validation=8", "dno.batch_size=2",
+           "dno.sampling.max_new_tokens=16", "dno.lr=1e-3"]
+    r1 = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "dno", *ov, *dno], env=_env(), capture_output=True, text=True)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    ov2 = [o.replace(str(out1), str(out2)) for o in ov]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r2 = subprocess.run([*torchrun, "-m", "rlhfkit.cli", "dno", *ov2, *dno], env=_env(), capture_output=True, text=True)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    m1, m2 = (json.loads((o / "dno" / "metrics.json").read_text())["iterations"] for o in (out1, out2))
+    base = load_file(out1 / "sft" / "model" / "model.safetensors")
+    for it in ("dno_1", "dno_2"):
+        assert m1[it]["n_new_pairs"] == m2[it]["n_new_pairs"] > 0
+        for key in ("final_loss", "final_chosen_reward", "final_rejected_reward"):
+            assert m1[it][key] == pytest.approx(m2[it][key], rel=1e-3, abs=1e-6), (it, key)
+        w1, w2 = (load_file(o / "dno" / it / "model" / "model.safetensors") for o in (out1, out2))
+        assert max((w1[k] - base[k]).abs().max().item() for k in w1) > 1e-5  # it trained
+        assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5

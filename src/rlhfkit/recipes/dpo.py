@@ -353,7 +353,7 @@ def train_on_pairs(
     """
     from tqdm.auto import tqdm
 
-    from rlhfkit.training import global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
 
     weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     total = cfg.total_steps(len(pairs))
@@ -362,6 +362,7 @@ def train_on_pairs(
     model, opt = accelerator.prepare(model, opt)
     model.eval()  # dropout off; gradients flow all the same
     world, rank = accelerator.num_processes, accelerator.process_index
+    coll = Collective(accelerator)
     t0, seen, last = time.time(), 0, {}
     bar = tqdm(total=total, desc=progress_desc, disable=not accelerator.is_main_process)
     for step, idx in enumerate(global_batches(len(pairs), cfg.batch_size, total, cfg.seed)):
@@ -389,6 +390,10 @@ def train_on_pairs(
         opt.zero_grad(set_to_none=True)
         seen += len(idx)
         bar.update(1)
+        if world > 1:  # the log is of the global batch: loss shares summed, metrics (equal shards) averaged
+            keys = sorted(step_metrics)
+            loss_total = float(coll.sum(torch.tensor(loss_total, dtype=torch.float64)))
+            step_metrics = dict(zip(keys, coll.mean(torch.tensor([step_metrics[k] for k in keys], dtype=torch.float64)).tolist()))
         last = {"loss": loss_total, **step_metrics}
         if step % cfg.log_every == 0 or step == total - 1:
             elapsed = time.time() - t0
