@@ -58,6 +58,15 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 
 
+def _masked_moments(x: Tensor, mask: Tensor, unbiased: bool, all_sum: Callable[[Tensor], Tensor] | None) -> tuple[Tensor, Tensor]:
+    """(mean, variance) of the masked elements of ``x``: three sums, each taken over processes by ``all_sum``."""
+    total = all_sum or (lambda t: t)
+    n = total(mask.to(x.dtype).sum())
+    mean = total(masked_sum(x, mask)) / n.clamp(min=1)
+    squares = total(masked_sum((x - mean) ** 2, mask))
+    return mean, squares / ((n - 1) if unbiased else n).clamp(min=1)
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Variance of the masked elements of ``x`` (one scalar over all of them).
 
@@ -68,11 +77,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, all_sum: Callable
     ``all_sum`` sums a tensor over processes (each holding a shard of the batch), so the
     statistics are those of the whole batch; None means this process holds all of it.
     """
-    total = all_sum or (lambda t: t)
-    n = total(mask.to(x.dtype).sum())
-    mean = total(masked_sum(x, mask)) / n.clamp(min=1)
-    squares = total(masked_sum((x - mean) ** 2, mask))
-    return squares / ((n - 1) if unbiased else n).clamp(min=1)
+    return _masked_moments(x, mask, unbiased, all_sum)[1]
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
@@ -83,9 +88,8 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, all_sum: Cal
     the original mean (rescales only), as PPO implementations do when whitening rewards.
     ``all_sum`` as in ``masked_var``: whiten by the statistics of the batch over all processes.
     """
-    total = all_sum or (lambda t: t)
-    mean = total(masked_sum(x, mask)) / total(mask.to(x.dtype).sum()).clamp(min=1)
-    whitened = (x - mean) * torch.rsqrt(masked_var(x, mask, all_sum=all_sum) + 1e-8)
+    mean, var = _masked_moments(x, mask, True, all_sum)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))

@@ -109,6 +109,13 @@ class Collective:
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.world == 1 else self.sum(t) / self.world
 
+    def mean_of(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over processes (every process passes the same keys); unchanged in one process."""
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        return dict(zip(keys, self.mean(torch.tensor([values[k] for k in keys], dtype=torch.float64)).tolist()))
+
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped (B, ...) shards in rank order."""
         return t if self.world == 1 else self.accelerator.gather(t.detach().contiguous())

@@ -204,10 +204,15 @@ def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, de
     forward per prefix; ``needed[i][k]`` False skips prefix k of solution i (its value is 0), so
     data with one rated step a row (PRM800K) costs one forward per row, not one per step.
     """
-    if not grad:  # values only: no autograd graph (a whole test split would otherwise be held in memory)
-        with torch.no_grad():
-            rows = step_logits(net, tokenizer, prompts, steps, batch_size, device, grad=True, needed=needed)
-        return [row.tolist() for row in rows]
+    if grad:
+        return _step_logit_tensors(net, tokenizer, prompts, steps, batch_size, device, needed)
+    with torch.no_grad():  # values only: no autograd graph (a whole test split would otherwise be held in memory)
+        return [row.tolist() for row in _step_logit_tensors(net, tokenizer, prompts, steps, batch_size, device, needed)]
+
+
+def _step_logit_tensors(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, device,
+                        needed: Sequence[Sequence[bool]] | None) -> list[torch.Tensor]:
+    """``step_logits``'s work: one (S_i,) tensor per solution, under whatever grad mode the caller set."""
     info, out = net.info, []
     if info.causal:
         for s in range(0, len(prompts), batch_size):

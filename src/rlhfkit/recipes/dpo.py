@@ -361,8 +361,8 @@ def train_on_pairs(
     # The scheduler stays out of prepare(): accelerate would step it once per process (see training.py).
     model, opt = accelerator.prepare(model, opt)
     model.eval()  # dropout off; gradients flow all the same
-    world, rank = accelerator.num_processes, accelerator.process_index
     coll = Collective(accelerator)
+    world, rank = coll.world, coll.rank
     t0, seen, last = time.time(), 0, {}
     bar = tqdm(total=total, desc=progress_desc, disable=not accelerator.is_main_process)
     for step, idx in enumerate(global_batches(len(pairs), cfg.batch_size, total, cfg.seed)):
@@ -390,11 +390,9 @@ def train_on_pairs(
         opt.zero_grad(set_to_none=True)
         seen += len(idx)
         bar.update(1)
-        if world > 1:  # the log is of the global batch: loss shares summed, metrics (equal shards) averaged
-            keys = sorted(step_metrics)
-            loss_total = float(coll.sum(torch.tensor(loss_total, dtype=torch.float64)))
-            step_metrics = dict(zip(keys, coll.mean(torch.tensor([step_metrics[k] for k in keys], dtype=torch.float64)).tolist()))
-        last = {"loss": loss_total, **step_metrics}
+        # The log is of the global batch: the processes' loss shares summed, metrics (equal shards) averaged.
+        loss_total = float(coll.sum(torch.tensor(loss_total, dtype=torch.float64)))
+        last = {"loss": loss_total, **coll.mean_of(step_metrics)}
         if step % cfg.log_every == 0 or step == total - 1:
             elapsed = time.time() - t0
             log.write({"step": step_offset + step + 1, **last, "lr": sched.get_last_lr()[0],

@@ -606,10 +606,10 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
 # ============================================================================ update
 
 def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout, adv, returns, cfg: PPOConfig,
-               kl_coef: float, accelerator, generator: torch.Generator, coll=None) -> dict:
+               kl_coef: float, accelerator, generator: torch.Generator) -> dict:
     """``ppo_epochs`` passes of shuffled minibatches; returns the mean of each diagnostic.
 
-    With several processes (``coll``, a ``training.Collective``) process r holds rows
+    With several processes (``accelerator``'s DDP) process r holds rows
     [r·b, (r+1)·b) of the rollout batch. Every process draws the same permutation of the whole
     batch, so a minibatch is the same set of rows as in one process; each process runs its own
     rows of it, weighted so that DDP's mean over processes is the gradient of the minibatch's
@@ -617,8 +617,10 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     """
     from rlhfkit.kl import kl_estimate
     from rlhfkit.losses import masked_mean, ppo_policy_loss, ppo_value_loss
+    from rlhfkit.training import Collective
 
-    world, rank = (coll.world, coll.rank) if coll is not None else (1, 0)
+    coll = Collective(accelerator)
+    world, rank = coll.world, coll.rank
     b = ro.input_ids.shape[0]
     B = b * world
     stats: dict[str, list[float]] = {}
@@ -629,9 +631,7 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
         perm = torch.randperm(B, generator=generator).tolist()
         for start in range(0, B, cfg.minibatch):
             mb = [i - rank * b for i in perm[start:start + cfg.minibatch] if rank * b <= i < (rank + 1) * b]
-            n_tokens = ro.response_mask[mb].sum()
-            if coll is not None:
-                n_tokens = coll.sum(n_tokens)
+            n_tokens = coll.sum(ro.response_mask[mb].sum())
             # grad_accum_steps micro-batches on every process (DDP syncs at each backward); one a
             # process has no rows for runs row 0 at weight 0.
             k, extra = divmod(len(mb), cfg.grad_accum_steps)
@@ -684,12 +684,8 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     policy.eval()
     if critic is not None:
         critic.eval()
-    means = {key: sum(v) / len(v) for key, v in stats.items()}
-    if coll is not None and coll.world > 1:  # diagnostics: the mean of the processes' means
-        keys = sorted(means)
-        avg = coll.mean(torch.tensor([means[key] for key in keys], dtype=torch.float64)).tolist()
-        means = dict(zip(keys, avg))
-    return means
+    # Diagnostics: with several processes, the mean of the processes' means.
+    return coll.mean_of({key: sum(v) / len(v) for key, v in stats.items()})
 
 
 # ============================================================================ checkpoints
@@ -858,7 +854,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
             adv, returns = compute_advantages(ro, cfg, kl_ctl.value, lagrange.value if lagrange else None, all_sum=coll.sum)
             gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
             stats = ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro, adv, returns, cfg,
-                               kl_ctl.value, accelerator, gen, coll)
+                               kl_ctl.value, accelerator, gen)
             kl_coef_used = kl_ctl.value
             if returns is not None:
                 # cleanrl's diagnostic, over the whole rollout: 1 − Var(R − V_old) / Var(R).
