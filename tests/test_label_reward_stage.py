@@ -104,7 +104,6 @@ def test_label_with_a_reward_model_judge_records_both_order_agreement(tiny_lm_di
     assert p["judge"].startswith("reward-model:")
 
 
-@pytest.mark.slow
 def test_label_and_reward_stages_train_all_models_and_report_reranking(sft_run, capsys):
     from rlhfkit.cli import main
     from rlhfkit.pipeline import load_pipeline_config, run_pipeline

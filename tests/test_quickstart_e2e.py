@@ -45,3 +45,10 @@ def test_dno_rises_over_its_iterations_and_ends_above_dpo(summary):
     win = {k: summary["policies"][k]["win_rate_vs_sft"]["mean"] for k in ("dpo", "dno_1", "dno_2", "dno_3")}
     assert win["dno_1"] < win["dno_2"] < win["dno_3"], win
     assert win["dno_3"] > win["dpo"], win
+
+
+def test_prm_best_of_16_beats_orm_and_majority_vote(summary):
+    """Issue 3's figure: best-of-16 by the PRM (min over steps) is more often right than by the ORM or
+    by majority vote over final answers, on the same held-out samples."""
+    acc = {k: summary["reranking"][k]["accuracy"]["mean"] for k in ("prm", "orm", "majority")}
+    assert acc["prm"] > acc["orm"] and acc["prm"] > acc["majority"], acc

@@ -350,3 +350,102 @@ def test_eval_rm_and_eval_prm_print_one_json_object_last(tiny_rm, tmp_path, caps
     assert main(["eval-prm", "--model", str(tmp_path / "prm"), "--data", str(steps)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["steps"] == len(responses[0].split("\n")) + 1 and set(last) >= {"step_accuracy", "roc_auc", "majority_baseline"}
+
+
+# ------------------------------------------------------------------------------ PRM with step likelihoods
+
+def test_step_likelihood_logit_by_hand():
+    """w · (f − μ) / σ: f = (−3, −2, −1), μ = (−1, −1, −1), σ = (2, 1, 1) → z = (−1, −1, 0);
+    w = (1, 2, 3) → 1·(−1) + 2·(−1) + 3·0 = −3."""
+    from rlhfkit.models.reward import StepLikelihood
+
+    lik = StepLikelihood(torch.nn.Linear(1, 1))
+    with torch.no_grad():
+        lik.mean.fill_(-1.0)
+        lik.std.copy_(torch.tensor([2.0, 1.0, 1.0]))
+        lik.weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    assert lik(torch.tensor([[-3.0, -2.0, -1.0]])).tolist() == pytest.approx([-3.0])
+
+
+def test_step_token_span_leaves_the_separator_out():
+    from rlhfkit.models.reward import step_token_span
+
+    assert step_token_span((5, 9), 1) == (5, 8)  # tokens 5..8, newline at 9
+    assert step_token_span((5, 5), 1) == (5, 5)  # a blank line: only its newline
+
+
+def test_step_likelihood_features_are_the_reference_lms_step_log_probs(tiny_lm_dir):
+    """Features of each step = sum, min, mean of log π_ref(x_t | x_<t) over the step's own tokens,
+    computed here from one unpadded forward; a batch with a longer row (right padding) gives the same."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhfkit.models.reward import build_scalar_model, encode_step_spans, fit_step_likelihood, step_token_span
+
+    net, tok = build_scalar_model(tiny_lm_dir, "prm", max_len=128, step_likelihood=True)
+    with torch.no_grad():
+        net.likelihood.std.fill_(1.0)
+        net.likelihood.weight.copy_(torch.tensor([1.0, 0.0, 0.0]))  # the step logit gains Σ log p (μ = 0)
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir)).eval()
+    steps = ["1 + 2 = 3", "Answer: 3"]
+    ids, spans = encode_step_spans(tok, net.info, "Question: q\n", steps)
+    with torch.no_grad():
+        lp = torch.log_softmax(lm(torch.tensor([ids])).logits[0], -1)
+        head = net.token_values(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+    n_sep = len(tok("\n", add_special_tokens=False)["input_ids"])
+    expected = []
+    for span in spans:
+        first, last = step_token_span(span, n_sep)
+        tok_lp = torch.stack([lp[t - 1, ids[t]] for t in range(first, last + 1)])
+        expected.append((tok_lp.sum() + head[span[1]]).item())
+    with torch.no_grad():
+        got = step_logits(net, tok, ["Question: q\n", "Question: a longer one\n"], [steps, steps + ["x"]], 8, "cpu")
+    assert got[0] == pytest.approx(expected, abs=1e-4)
+    assert net.head.weight.abs().sum().item() == 0.0  # starts as the features' model alone
+    # fit: the regression's BCE gradient is zero at the fitted (w, bias), and μ, σ are the features' moments
+    prompts = ["Question: q\n"] * 4
+    sols = [["1 + 2 = 3", "Answer: 3"], ["1 + 2 = 4", "Answer: 4"], ["2 + 2 = 4", "Answer: 4"], ["Answer: 7"]]
+    labels = [[1, 1], [0, 0], [1, None], [0.5]]
+    fitted = fit_step_likelihood(net, tok, prompts, sols, labels, 2, "cpu")
+    assert fitted["steps"] == 6
+    feats = []
+    for p, st in zip(prompts, sols):
+        ids, spans = encode_step_spans(tok, net.info, p, st)
+        f = net.likelihood.features(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                    [[step_token_span(sp, n_sep) for sp in spans]])[0]
+        feats.extend(f)
+    x = torch.stack([feats[i] for i in (0, 1, 2, 3, 4, 6)])
+    y = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.5])
+    assert net.likelihood.mean.tolist() == pytest.approx(x.mean(0).tolist(), abs=1e-5)
+    w = torch.tensor([*net.likelihood.weight.tolist(), net.head.bias.item()], requires_grad=True)
+    z = (x - net.likelihood.mean) / net.likelihood.std
+    torch.nn.functional.binary_cross_entropy_with_logits(z @ w[:-1] + w[-1], y).backward()
+    assert w.grad.abs().max().item() < 1e-3
+
+
+def test_step_likelihood_prm_saves_and_loads(tiny_lm_dir, tmp_path):
+    from rlhfkit.models.reward import REFERENCE_LM, build_scalar_model
+
+    net, tok = build_scalar_model(tiny_lm_dir, "prm", max_len=128, step_likelihood=True)
+    with torch.no_grad():
+        net.likelihood.weight.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        net.likelihood.mean.copy_(torch.tensor([-4.0, -2.0, -1.0]))
+        net.head.weight.normal_()
+    prompts, responses = ["Question: q\n", "Question: r\n"], ["1 + 2 = 3\nAnswer: 3", "Answer: 9"]
+    from rlhfkit.models.reward import RewardModel
+
+    before = RewardModel(net.eval(), tok).step_scores(prompts, responses)
+    save_scalar_model(net, tok, tmp_path / "prm")
+    assert (tmp_path / "prm" / REFERENCE_LM / "config.json").exists()
+    loaded = load_reward_model(tmp_path / "prm")
+    assert loaded.info.step_likelihood and loaded.net.likelihood is not None
+    assert loaded.step_scores(prompts, responses) == [pytest.approx(r, abs=1e-5) for r in before]
+    with torch.no_grad():
+        loaded.net.likelihood.weight.zero_()
+    assert loaded.step_scores(prompts, responses) != [pytest.approx(r, abs=1e-5) for r in before]
+
+
+def test_step_likelihood_is_refused_off_a_causal_prm(tiny_lm_dir):
+    from rlhfkit.models.reward import build_scalar_model
+
+    with pytest.raises(ValueError, match="step_likelihood is for a PRM"):
+        build_scalar_model(tiny_lm_dir, "orm", max_len=128, step_likelihood=True)

@@ -92,6 +92,12 @@ class RewardConfig(TrainConfig):
     prm_target: str = "step"
     """what the PRM learns at step k: ``step`` (the label of line k as given) or ``prefix`` (steps 1..k all right:
     the running minimum of the rated labels, so P(the solution so far is right), as Lightman et al. read a PRM)"""
+    prm_lr: float = 0.0
+    """the PRM's peak learning rate; 0 means ``lr``"""
+    step_likelihood: bool = False
+    """PRM on a causal backbone: its step logit also sees the step's token log-likelihoods (sum, min,
+    mean) under a frozen copy of the backbone's LM, with weights fitted to the labels
+    (``models.reward.StepLikelihood``); the copy is saved in the PRM's ``reference_lm/``"""
     max_train_examples: int = 0
     """cap on training records per model (first ones after a seeded shuffle); 0 = all"""
     max_eval_examples: int = 0
@@ -176,7 +182,8 @@ def _build(cfg: RewardConfig, backbone: Path, kind: str):
     from rlhfkit.models.reward import build_scalar_model
 
     net, tok = build_scalar_model(backbone, kind, cfg.max_len, cfg.pooling, seed=cfg.seed,
-                                  dropout=cfg.dropout if cfg.dropout >= 0 else None)
+                                  dropout=cfg.dropout if cfg.dropout >= 0 else None,
+                                  step_likelihood=cfg.step_likelihood and kind == "prm")
     if cfg.freeze_layers:
         # Embeddings and the lowest layers keep their pretrained weights; no backward through them.
         layers = next(m for n, m in net.backbone.named_modules() if n.endswith("layers") or n.endswith("layer"))
@@ -281,10 +288,16 @@ def _pad_logits(vals: list, width: int) -> torch.Tensor:
 
 def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> tuple:
     from rlhfkit.losses import step_bce_loss
-    from rlhfkit.models.reward import step_logits
+    from rlhfkit.models.reward import fit_step_likelihood, step_logits
 
     net, tok = _build(cfg, backbone, "prm")
     dev = accelerator.device
+    start = None
+    if net.likelihood is not None:
+        net.to(dev)
+        start = fit_step_likelihood(net, tok, [r.prompt for r in records], [list(r.steps) for r in records],
+                                    [list(r.labels) for r in records], cfg.eval_batch_size, dev)
+        log.write({"model": "prm", "step_likelihood_start": start})
 
     def batch_loss(idx):
         recs = [records[i] for i in idx]
@@ -294,7 +307,9 @@ def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> t
         labels = _step_targets(recs, dev)
         return step_bce_loss(_pad_logits(vals, labels.shape[1]), labels)
 
-    fit = _fit(net, len(records), batch_loss, cfg, accelerator, log, "prm")
+    fit = _fit(net, len(records), batch_loss, replace(cfg, lr=cfg.prm_lr) if cfg.prm_lr > 0 else cfg, accelerator, log, "prm")
+    if start is not None:
+        fit["step_likelihood"] = {"start": start, "weight": net.likelihood.weight.tolist()}
     return net, tok, fit
 
 
