@@ -121,3 +121,15 @@ def test_cli_stage_commands_smoke(tiny_run, tmp_path):
     assert r.returncode == 2 and "unknown key 'sft.lrr'" in r.stderr
     r = subprocess.run([*base, "config", "--section", "sft"], capture_output=True, text=True, env=env)
     assert r.returncode == 0 and "sft.lr (float" in r.stdout
+
+
+def test_report_shows_a_section_of_confidence_intervals_as_a_table():
+    """The reranking section ({method: {"accuracy": {mean, ci95}}, "n": 16}) reads as a table; other shapes stay JSON."""
+    from rlhfkit.report import ci_table
+
+    section = {"prm": {"accuracy": {"mean": 0.57, "ci95": [0.472, 0.663], "n": 100}},
+               "majority": {"accuracy": {"mean": 0.51, "ci95": [0.413, 0.606], "n": 100}}, "n": 16}
+    assert ci_table(section) == ["| | accuracy |", "|---|---|", "| prm | 0.570 [0.472, 0.663] |",
+                                 "| majority | 0.510 [0.413, 0.606] |", "", "n = 16"]
+    assert ci_table({"rm": {"heldout": {"accuracy": 0.6}}}) is None
+    assert ci_table({"edges": [0.8, 0.78]}) is None

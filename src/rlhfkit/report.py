@@ -42,6 +42,23 @@ def _fmt(v: dict | None) -> str:
     return f"{v['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def ci_table(section) -> list[str] | None:
+    """A section shaped {row: {metric: {"mean", "ci95", ...}}} (plus scalar notes such as ``n``) as a
+    markdown table of mean [95% CI]; None for any other shape (the report then shows its JSON)."""
+    if not isinstance(section, dict):
+        return None
+    rows = {k: v for k, v in section.items() if isinstance(v, dict)}
+    ok = rows and all(v and all(isinstance(m, dict) and "mean" in m and "ci95" in m for m in v.values())
+                      for v in rows.values())
+    if not ok:
+        return None
+    metrics = list(dict.fromkeys(m for v in rows.values() for m in v))
+    lines = ["| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_fmt(v.get(m)) for m in metrics) + " |" for name, v in rows.items()]
+    notes = [f"{k} = {v}" for k, v in section.items() if not isinstance(v, dict)]
+    return lines + (["", ", ".join(notes)] if notes else [])
+
+
 def plot_curves(out: Path) -> list[Path]:
     """One PNG per stage with a log.jsonl: each logged figure of PLOT_KEYS against step."""
     import matplotlib
@@ -178,7 +195,8 @@ def write_report(out: Path) -> dict:
             md.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in METRICS) + " |")
         md.append("")
     for key in [k for k in summary if k not in ("policies", "stages")]:
-        md += [f"## {key}", "", "```json", json.dumps(summary[key], indent=2), "```", ""]
+        table = ci_table(summary[key])
+        md += [f"## {key}", ""] + (table if table else ["```json", json.dumps(summary[key], indent=2), "```"]) + [""]
     md += ["## Stages", "", "| stage | runtime (s) |", "|---|---|"]
     for name, s in summary["stages"].items():
         rt = s["runtime_s"]
