@@ -150,7 +150,7 @@ class StepLikelihood(nn.Module):
         for row, row_spans in enumerate(spans):
             feats = []
             for first, last in row_spans:
-                v = lp[row, max(first, 1) - 1:last]  # lp[:, t-1] = log p(x_t | x_<t)
+                v = lp[row, max(first, 1) - 1:max(last, 1)]  # lp[:, t-1] = log p(x_t | x_<t); never empty
                 feats.append(torch.stack([v.sum(), v.min(), v.mean()]))
             out.append(torch.stack(feats) if feats else lp.new_zeros(0, self.n_features))
         return out
