@@ -17,14 +17,14 @@ from pathlib import Path
 
 from rlhfkit.io import atomic_write_jsonl
 from rlhfkit.tasks.arith import format_prompt, make_problems
-from rlhfkit.tasks.arith_data import TaskConfig, _split_seed
+from rlhfkit.tasks.arith_data import TaskConfig, split_seed
 
 
 def main(run: str, n: str, out: str) -> None:
     taken = {json.loads(line)["meta"]["question"] for split in ("sft", "prompts", "heldout")
              for line in open(Path(run) / "data" / f"{split}.jsonl")}
     cfg = TaskConfig()
-    problems = make_problems(int(n), _split_seed(0, "fresh-test"), cfg.unanswerable_frac, cfg.max_steps,
+    problems = make_problems(int(n), split_seed(0, "fresh-test"), cfg.unanswerable_frac, cfg.max_steps,
                              exclude=taken, id_prefix="fresh")
     atomic_write_jsonl(Path(out), [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in problems])
     print(f"{out}: {len(problems)} prompts ({sum(not p.answerable for p in problems)} unanswerable), "

@@ -357,7 +357,7 @@ def test_eval_rm_and_eval_prm_print_one_json_object_last(tiny_rm, tmp_path, caps
 def test_step_likelihood_logit_by_hand():
     """w · (f − μ) / σ: f = (−3, −2, −1), μ = (−1, −1, −1), σ = (2, 1, 1) → z = (−1, −1, 0);
     w = (1, 2, 3) → 1·(−1) + 2·(−1) + 3·0 = −3."""
-    from rlhfkit.models.reward import StepLikelihood
+    from rlhfkit.models.step_likelihood import StepLikelihood
 
     lik = StepLikelihood(torch.nn.Linear(1, 1))
     with torch.no_grad():
@@ -368,7 +368,7 @@ def test_step_likelihood_logit_by_hand():
 
 
 def test_step_token_span_leaves_the_separator_out():
-    from rlhfkit.models.reward import step_token_span
+    from rlhfkit.models.step_likelihood import step_token_span
 
     assert step_token_span((5, 9), 1) == (5, 8)  # tokens 5..8, newline at 9
     assert step_token_span((5, 5), 1) == (5, 5)  # a blank line: only its newline
@@ -379,7 +379,8 @@ def test_step_likelihood_features_are_the_reference_lms_step_log_probs(tiny_lm_d
     computed here from one unpadded forward; a batch with a longer row (right padding) gives the same."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.models.reward import build_scalar_model, encode_step_spans, fit_step_likelihood, step_token_span
+    from rlhfkit.models.reward import build_scalar_model, encode_step_spans
+    from rlhfkit.models.step_likelihood import fit_step_likelihood, step_token_span
 
     net, tok = build_scalar_model(tiny_lm_dir, "prm", max_len=128, step_likelihood=True)
     with torch.no_grad():

@@ -56,7 +56,7 @@ class HeadInfo:
     """the step separator of a PRM: a step is a line"""
     step_likelihood: bool = False
     """a PRM on a causal backbone whose step logit also sees the step's log-likelihood under a frozen
-    reference LM (:class:`StepLikelihood`)"""
+    reference LM (``models.step_likelihood.StepLikelihood``)"""
 
 
 def is_encoder(config) -> bool:
@@ -87,7 +87,7 @@ class ScalarModel(nn.Module):
         self.head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.config.hidden_size + 1))
         nn.init.zeros_(self.head.bias)
-        self.likelihood: StepLikelihood | None = None
+        self.likelihood = None  # a PRM's models.step_likelihood.StepLikelihood, when built with step_likelihood
 
     def token_values(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
@@ -107,57 +107,6 @@ class ScalarModel(nn.Module):
                 m = m * token_type_ids.to(values.dtype)
             return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
-
-
-class StepLikelihood(nn.Module):
-    """A PRM's second input: how likely each step is under a frozen reference LM (the policy's start).
-
-    Step k covers the tokens T_k of its line (not the separator that closes it). With
-    ℓ_t = log π_ref(x_t | x_<t), its features are f_k = (Σ_{t∈T_k} ℓ_t, min_{t∈T_k} ℓ_t, mean_{t∈T_k} ℓ_t),
-    and the step logit gains w · (f_k − μ) / σ, where μ and σ (3,) are the features' mean and
-    standard deviation over the training steps and w (3,) is learned with the rest of the PRM.
-
-    Why: a small backbone fine-tuned on a few thousand labelled steps learns which problems are
-    hard, not whether "12 - 6 = 5" is right; the language model that writes such steps puts less
-    mass on a wrong result than on the right one. Self-evaluation guided decoding (Xie et al. 2023,
-    arXiv 2305.00633) combines the same two signals, P_LM(step)^λ · C(step)^(1−λ), with a fixed λ;
-    here the weights are fitted to the step labels. ``docs/reward_models.md`` has the measurements.
-    """
-
-    n_features = 3
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm.eval()
-        self.lm.requires_grad_(False)
-        self.weight = nn.Parameter(torch.zeros(self.n_features))
-        self.register_buffer("mean", torch.zeros(self.n_features))
-        self.register_buffer("std", torch.ones(self.n_features))
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.lm.eval()  # frozen: no dropout, whatever the PRM's mode
-        return self
-
-    @torch.no_grad()
-    def features(self, input_ids, attention_mask, spans: Sequence[Sequence[tuple[int, int]]]) -> list[torch.Tensor]:
-        """(B, T) right-padded ids and mask, and per row the (first, last) token index of each step →
-        one (S_i, 3) tensor per row: sum, min and mean of the steps' token log-likelihoods."""
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask)).logits  # (B, T, V)
-        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-        out = []
-        for row, row_spans in enumerate(spans):
-            feats = []
-            for first, last in row_spans:
-                v = lp[row, max(first, 1) - 1:max(last, 1)]  # lp[:, t-1] = log p(x_t | x_<t); never empty
-                feats.append(torch.stack([v.sum(), v.min(), v.mean()]))
-            out.append(torch.stack(feats) if feats else lp.new_zeros(0, self.n_features))
-        return out
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(S, 3) features → (S,) additions to the step logits."""
-        return ((feats - self.mean) / self.std) @ self.weight
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -210,13 +159,6 @@ def encode_step_spans(tokenizer, info: HeadInfo, prompt: str, steps: Sequence[st
     if cut > (spans[0][1] if spans else 0):
         raise ValueError(f"a solution of {len(ids)} tokens does not fit max_len={info.max_len} with its first step")
     return ids[cut:], [(max(first - cut, 0), last - cut) for first, last in spans]
-
-
-def step_token_span(span: tuple[int, int], n_sep: int) -> tuple[int, int]:
-    """(first, last) of a step's own tokens, its separator left out (it follows the last step
-    only in the PRM's input, not in the response, which ends with EOS); a blank step keeps it."""
-    first, last = span
-    return first, max(first, last - n_sep)
 
 
 def collate(seqs: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, pad_id: int,
@@ -281,18 +223,27 @@ def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, de
         return [row.tolist() for row in _step_logit_tensors(net, tokenizer, prompts, steps, batch_size, device, needed)]
 
 
+def causal_step_batches(tokenizer, info: HeadInfo, prompts, steps, batch_size: int, device):
+    """Yield (collated batch on ``device``, per row the step spans of :func:`encode_step_spans`)."""
+    for s in range(0, len(prompts), batch_size):
+        enc = [encode_step_spans(tokenizer, info, p, st) for p, st in zip(prompts[s:s + batch_size], steps[s:s + batch_size])]
+        batch = collate([e[0] for e in enc], None, tokenizer.pad_token_id)
+        yield {k: v.to(device) for k, v in batch.items()}, [e[1] for e in enc]
+
+
 def _step_logit_tensors(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, device,
                         needed: Sequence[Sequence[bool]] | None) -> list[torch.Tensor]:
     """``step_logits``'s work: one (S_i,) tensor per solution, under whatever grad mode the caller set."""
     info, out = net.info, []
     if info.causal:
-        for s in range(0, len(prompts), batch_size):
-            enc = [encode_step_spans(tokenizer, info, p, st)
-                   for p, st in zip(prompts[s:s + batch_size], steps[s:s + batch_size])]
-            b = {k: v.to(device) for k, v in collate([e[0] for e in enc], None, tokenizer.pad_token_id).items()}
+        for b, spans_batch in causal_step_batches(tokenizer, info, prompts, steps, batch_size, device):
             values = net.token_values(**b)  # (B, T)
-            feats = _likelihood_features(net, tokenizer, b, [e[1] for e in enc]) if net.likelihood is not None else None
-            for row, (_, spans) in enumerate(enc):
+            feats = None
+            if net.likelihood is not None:
+                from rlhfkit.models.step_likelihood import likelihood_features
+
+                feats = likelihood_features(net.likelihood, tokenizer, info.separator, b, spans_batch)
+            for row, spans in enumerate(spans_batch):
                 pos = [last for _, last in spans]
                 v = values[row, pos] if pos else values.new_zeros(0)
                 if feats is not None and pos:
@@ -319,59 +270,6 @@ def _step_logit_tensors(net: ScalarModel, tokenizer, prompts, steps, batch_size:
             v = torch.where(keep, allv[idx], torch.zeros((), device=allv.device))
         out.append(v)
     return out
-
-
-def _likelihood_features(net: ScalarModel, tokenizer, batch: dict, spans) -> list[torch.Tensor]:
-    """StepLikelihood features of a collated batch, each step's span without its separator."""
-    n_sep = len(tokenizer(net.info.separator, add_special_tokens=False)["input_ids"])
-    return net.likelihood.features(batch["input_ids"], batch["attention_mask"],
-                                   [[step_token_span(sp, n_sep) for sp in row] for row in spans])
-
-
-def fit_step_likelihood(net: ScalarModel, tokenizer, prompts, steps, labels, batch_size: int, device) -> dict:
-    """Start a ``step_likelihood`` PRM from its features' own model, before the PRM is trained.
-
-    μ and σ of :class:`StepLikelihood` become the mean and standard deviation of the features of the
-    rated training steps (``labels[i][k]`` None = unrated), then w and the head's bias are a logistic
-    regression of the (possibly soft) labels on the standardized features alone (L-BFGS, BCE).
-    Returns the fitted weights and the regression's loss.
-    """
-    lik = net.likelihood
-    if lik is None:
-        raise ValueError("the PRM was built without step_likelihood")
-    feats, ys = [], []
-    for s in range(0, len(prompts), batch_size):
-        enc = [encode_step_spans(tokenizer, net.info, p, st) for p, st in zip(prompts[s:s + batch_size], steps[s:s + batch_size])]
-        b = {k: v.to(device) for k, v in collate([e[0] for e in enc], None, tokenizer.pad_token_id).items()}
-        for row, f in enumerate(_likelihood_features(net, tokenizer, b, [e[1] for e in enc])):
-            for k, y in enumerate(labels[s + row]):
-                if y is not None:
-                    feats.append(f[k])
-                    ys.append(float(y))
-    if not feats:
-        raise ValueError("no rated step to fit the step-likelihood weights on")
-    x, y = torch.stack(feats).float(), torch.tensor(ys, device=feats[0].device)
-    mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp(min=1e-6)
-    z = (x - mean) / std
-    w = torch.zeros(lik.n_features + 1, device=z.device, requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(z @ w[:-1] + w[-1], y)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-        loss = nn.functional.binary_cross_entropy_with_logits(z @ w[:-1] + w[-1], y).item()
-    w = w.detach()
-    with torch.no_grad():
-        lik.mean.copy_(mean)
-        lik.std.copy_(std)
-        lik.weight.copy_(w[:-1])
-        net.head.bias.fill_(float(w[-1]))
-    return {"weight": w[:-1].tolist(), "bias": float(w[-1]), "loss": loss, "steps": len(ys)}
 
 
 class RewardEnsemble:
@@ -405,8 +303,8 @@ def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len:
     """A fresh head on a pretrained backbone (causal LM directory or encoder), and its tokenizer.
 
     ``step_likelihood`` (a PRM on a causal LM): a frozen copy of the backbone's LM supplies
-    :class:`StepLikelihood` features; the head's weight starts at zero, so the untrained PRM is the
-    features' model alone (their weights are set by :func:`fit_step_likelihood`).
+    ``models.step_likelihood.StepLikelihood`` features; the head's weight starts at zero, so the untrained
+    PRM is the features' model alone (their weights are set by ``fit_step_likelihood``).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -432,6 +330,8 @@ def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len:
     torch.manual_seed(seed)
     net = ScalarModel(backbone, info)
     if step_likelihood:
+        from rlhfkit.models.step_likelihood import StepLikelihood
+
         net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(backbone_path)))
         nn.init.zeros_(net.head.weight)
     return net, tokenizer
@@ -479,6 +379,8 @@ def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
     net.head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("likelihood.")})
     if info.step_likelihood:
         from transformers import AutoModelForCausalLM
+
+        from rlhfkit.models.step_likelihood import StepLikelihood
 
         net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_LM)))
         with torch.no_grad():

@@ -97,7 +97,7 @@ class RewardConfig(TrainConfig):
     step_likelihood: bool = False
     """PRM on a causal backbone: its step logit also sees the step's token log-likelihoods (sum, min,
     mean) under a frozen copy of the backbone's LM, with weights fitted to the labels
-    (``models.reward.StepLikelihood``); the copy is saved in the PRM's ``reference_lm/``"""
+    (``models.step_likelihood.StepLikelihood``); the copy is saved in the PRM's ``reference_lm/``"""
     max_train_examples: int = 0
     """cap on training records per model (first ones after a seeded shuffle); 0 = all"""
     max_eval_examples: int = 0
@@ -288,7 +288,8 @@ def _pad_logits(vals: list, width: int) -> torch.Tensor:
 
 def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> tuple:
     from rlhfkit.losses import step_bce_loss
-    from rlhfkit.models.reward import fit_step_likelihood, step_logits
+    from rlhfkit.models.reward import step_logits
+    from rlhfkit.models.step_likelihood import fit_step_likelihood
 
     net, tok = _build(cfg, backbone, "prm")
     dev = accelerator.device

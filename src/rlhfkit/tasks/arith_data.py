@@ -49,7 +49,7 @@ class TaskConfig:
             raise ValueError("max_steps must be >= 1 and judge_beta >= 0")
 
 
-def _split_seed(seed: int, split: str) -> int:
+def split_seed(seed: int, split: str) -> int:
     # A hash, not seed + k, so seed 0's "sft" stream is never seed 1's "heldout" stream.
     return int.from_bytes(hashlib.sha256(f"{seed}:{split}".encode()).digest()[:8], "big")
 
@@ -65,14 +65,14 @@ def write_task_data(out_dir: Path, cfg: TaskConfig) -> dict[str, Path]:
     taken: set[str] = set()
     splits = {}
     for split, n in (("heldout", cfg.n_heldout), ("sft", cfg.n_sft), ("prompts", cfg.n_prompts)):
-        splits[split] = make_problems(n, _split_seed(cfg.seed, split), cfg.unanswerable_frac,
+        splits[split] = make_problems(n, split_seed(cfg.seed, split), cfg.unanswerable_frac,
                                       cfg.max_steps, exclude=taken, id_prefix=split)
         taken |= {p.question for p in splits[split]}
-    demo_rng = random.Random(_split_seed(cfg.seed, "demonstrations"))
+    demo_rng = random.Random(split_seed(cfg.seed, "demonstrations"))
     heldout_questions = {p.question for p in splits["heldout"]}
     rows = {
         "pretrain": [{"text": t} for t in pretrain_corpus(
-            cfg.n_pretrain_docs, _split_seed(cfg.seed, "pretrain"), exclude=heldout_questions)],
+            cfg.n_pretrain_docs, split_seed(cfg.seed, "pretrain"), exclude=heldout_questions)],
         "sft": [{"prompt": format_prompt(p), "meta": p.to_meta(),
                  "response": demonstration(p, demo_rng, cfg.hallucination_rate, cfg.slip_rate)}
                 for p in splits["sft"]],

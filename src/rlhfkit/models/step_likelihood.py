@@ -1,0 +1,124 @@
+"""A PRM's second input: the step's log-likelihood under a frozen reference LM.
+
+``reward.step_likelihood`` builds a PRM (``models.reward.ScalarModel`` of kind ``prm`` on a causal
+LM) with a :class:`StepLikelihood`; :func:`fit_step_likelihood` starts its weights before training,
+and ``models.reward.step_logits`` adds its term to each step's logit.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rlhfkit.models.reward import causal_step_batches, positions_from_mask
+
+
+class StepLikelihood(nn.Module):
+    """A PRM's second input: how likely each step is under a frozen reference LM (the policy's start).
+
+    Step k covers the tokens T_k of its line (not the separator that closes it). With
+    ℓ_t = log π_ref(x_t | x_<t), its features are f_k = (Σ_{t∈T_k} ℓ_t, min_{t∈T_k} ℓ_t, mean_{t∈T_k} ℓ_t),
+    and the step logit gains w · (f_k − μ) / σ, where μ and σ (3,) are the features' mean and
+    standard deviation over the training steps and w (3,) is learned with the rest of the PRM.
+
+    Why: a small backbone fine-tuned on a few thousand labelled steps learns which problems are
+    hard, not whether "12 - 6 = 5" is right; the language model that writes such steps puts less
+    mass on a wrong result than on the right one. Self-evaluation guided decoding (Xie et al. 2023,
+    arXiv 2305.00633) combines the same two signals, P_LM(step)^λ · C(step)^(1−λ), with a fixed λ;
+    here the weights are fitted to the step labels. ``docs/reward_models.md`` has the measurements.
+    """
+
+    n_features = 3
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm.eval()
+        self.lm.requires_grad_(False)
+        self.weight = nn.Parameter(torch.zeros(self.n_features))
+        self.register_buffer("mean", torch.zeros(self.n_features))
+        self.register_buffer("std", torch.ones(self.n_features))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.lm.eval()  # frozen: no dropout, whatever the PRM's mode
+        return self
+
+    @torch.no_grad()
+    def features(self, input_ids, attention_mask, spans: Sequence[Sequence[tuple[int, int]]]) -> list[torch.Tensor]:
+        """(B, T) right-padded ids and mask, and per row the (first, last) token index of each step →
+        one (S_i, 3) tensor per row: sum, min and mean of the steps' token log-likelihoods."""
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=positions_from_mask(attention_mask)).logits  # (B, T, V)
+        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        out = []
+        for row, row_spans in enumerate(spans):
+            feats = []
+            for first, last in row_spans:
+                v = lp[row, max(first, 1) - 1:max(last, 1)]  # lp[:, t-1] = log p(x_t | x_<t); never empty
+                feats.append(torch.stack([v.sum(), v.min(), v.mean()]))
+            out.append(torch.stack(feats) if feats else lp.new_zeros(0, self.n_features))
+        return out
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(S, 3) features → (S,) additions to the step logits."""
+        return ((feats - self.mean) / self.std) @ self.weight
+
+
+def step_token_span(span: tuple[int, int], n_sep: int) -> tuple[int, int]:
+    """(first, last) of a step's own tokens, its separator left out (it follows the last step
+    only in the PRM's input, not in the response, which ends with EOS); a blank step keeps it."""
+    first, last = span
+    return first, max(first, last - n_sep)
+
+
+def likelihood_features(lik: StepLikelihood, tokenizer, separator: str, batch: dict, spans) -> list[torch.Tensor]:
+    """``lik.features`` of a collated batch whose spans (``encode_step_spans``) include the separator."""
+    n_sep = len(tokenizer(separator, add_special_tokens=False)["input_ids"])
+    return lik.features(batch["input_ids"], batch["attention_mask"],
+                        [[step_token_span(sp, n_sep) for sp in row] for row in spans])
+
+
+def fit_step_likelihood(net, tokenizer, prompts, steps, labels, batch_size: int, device) -> dict:
+    """Start a ``step_likelihood`` PRM from its features' own model, before the PRM is trained.
+
+    μ and σ of :class:`StepLikelihood` become the mean and standard deviation of the features of the
+    rated training steps (``labels[i][k]`` None = unrated), then w and the head's bias are a logistic
+    regression of the (possibly soft) labels on the standardized features alone (L-BFGS, BCE).
+    Returns the fitted weights and the regression's loss.
+    """
+    lik = net.likelihood
+    if lik is None:
+        raise ValueError("the PRM was built without step_likelihood")
+    feats, ys = [], []
+    rows = iter(labels)
+    for b, spans in causal_step_batches(tokenizer, net.info, prompts, steps, batch_size, device):
+        for f in likelihood_features(lik, tokenizer, net.info.separator, b, spans):
+            for k, y in enumerate(next(rows)):
+                if y is not None:
+                    feats.append(f[k])
+                    ys.append(float(y))
+    if not feats:
+        raise ValueError("no rated step to fit the step-likelihood weights on")
+    x, y = torch.stack(feats).float(), torch.tensor(ys, device=feats[0].device)
+    mean, std = x.mean(0), x.std(0).nan_to_num(1.0).clamp(min=1e-6)
+    z = (x - mean) / std
+    w = torch.zeros(lik.n_features + 1, device=z.device, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w[:-1] + w[-1], y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w[:-1] + w[-1], y).item()
+    w = w.detach()
+    with torch.no_grad():
+        lik.mean.copy_(mean)
+        lik.std.copy_(std)
+        lik.weight.copy_(w[:-1])
+        net.head.bias.fill_(float(w[-1]))
+    return {"weight": w[:-1].tolist(), "bias": float(w[-1]), "loss": loss, "steps": len(ys)}
