@@ -359,7 +359,7 @@ def test_step_likelihood_logit_by_hand():
     w = (1, 2, 3) → 1·(−1) + 2·(−1) + 3·0 = −3."""
     from rlhfkit.models.step_likelihood import StepLikelihood
 
-    lik = StepLikelihood(torch.nn.Linear(1, 1))
+    lik = StepLikelihood(torch.nn.Linear(1, 1), n_sep=1)
     with torch.no_grad():
         lik.mean.fill_(-1.0)
         lik.std.copy_(torch.tensor([2.0, 1.0, 1.0]))
@@ -450,3 +450,21 @@ def test_step_likelihood_is_refused_off_a_causal_prm(tiny_lm_dir):
 
     with pytest.raises(ValueError, match="step_likelihood is for a PRM"):
         build_scalar_model(tiny_lm_dir, "orm", max_len=128, step_likelihood=True)
+
+
+def test_every_trainable_parameter_reaches_the_score():
+    """DDP refuses a trainable parameter that gets no gradient (it waits for it forever): an encoder's
+    pooler never reaches the score (read from last_hidden_state), so ScalarModel freezes it."""
+    import transformers
+
+    from rlhfkit.models.reward import ScalarModel
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32)
+    torch.manual_seed(0)
+    net = ScalarModel(transformers.BertModel(cfg), HeadInfo(pooling="last", causal=False, max_len=16))
+    ids = torch.randint(1, 50, (2, 6))
+    net(input_ids=ids, attention_mask=torch.ones_like(ids)).sum().backward()
+    no_grad = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    assert not any(p.requires_grad for p in net.backbone.pooler.parameters())

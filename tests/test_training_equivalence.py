@@ -52,17 +52,23 @@ def _prepare(tmp_path: Path, name: str) -> tuple[Path, list[str]]:
     return out, overrides
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def _one_and_two(stage: str, ov1: list[str], ov2: list[str], env=None) -> None:
+    """Run ``stage`` in one process with ``ov1``, then under torchrun in two with ``ov2``; both must succeed."""
+    for cmd in ([sys.executable, "-m", "rlhfkit.cli", stage, *ov1], [*TORCHRUN, "-m", "rlhfkit.cli", stage, *ov2]):
+        r = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_two_processes_equal_one_at_the_same_global_batch(tmp_path):
     """torchrun --nproc_per_node 2 (gloo on CPU) gives the same loss trajectory as one process."""
     out1, ov1 = _prepare(tmp_path, "one")
     out2 = tmp_path / "two"
     shutil.copytree(out1 / "data", out2 / "data")
     ov2 = [o.replace(str(out1), str(out2)) for o in ov1]
-    r1 = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "pretrain", *ov1], env=_env(), capture_output=True, text=True)
-    assert r1.returncode == 0, r1.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r2 = subprocess.run([*torchrun, "-m", "rlhfkit.cli", "pretrain", *ov2], env=_env(), capture_output=True, text=True)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    _one_and_two("pretrain", ov1, ov2)
     l1, l2 = _losses(out1 / "pretrain"), _losses(out2 / "pretrain")
     assert len(l1) == len(l2) == 6
     # Same data, same init, same global batch: only float summation order differs.
@@ -116,12 +122,7 @@ def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm
           "ppo.prompts_per_step=8", "ppo.total_steps=3",
           "ppo.ppo_epochs=2", "ppo.minibatch_size=4", "ppo.sampling.batch_size=4", "ppo.sampling.max_new_tokens=40",
           "ppo.score_whiten=true", "ppo.save_every=0", "ppo.lr=1e-3", "ppo.critic_lr=1e-3"]
-    r1 = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "ppo", *ov, *rl], env=env, capture_output=True, text=True)
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    ov2 = [o.replace(str(out1), str(out2)) for o in ov]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r2 = subprocess.run([*torchrun, "-m", "rlhfkit.cli", "ppo", *ov2, *rl], env=env, capture_output=True, text=True)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    _one_and_two("ppo", [*ov, *rl], [*(o.replace(str(out1), str(out2)) for o in ov), *rl], env)
     logs = [[json.loads(line) for line in (o / "ppo" / "log.jsonl").read_text().splitlines()] for o in (out1, out2)]
     assert len(logs[0]) == len(logs[1]) == 3
     # Batch-level figures (the update's per-micro-batch diagnostics are means of different splits).
@@ -151,7 +152,7 @@ def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm
         shutil.copytree(out1 / d, out3 / d)
     ov3 = [o.replace(str(out1), str(out3)) for o in ov]
     rl3 = [a.replace("ppo.save_every=0", "ppo.save_every=1") for a in rl]
-    cmd = [*torchrun, "-m", "rlhfkit.cli", "ppo", *ov3, *rl3]
+    cmd = [*TORCHRUN, "-m", "rlhfkit.cli", "ppo", *ov3, *rl3]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     meta = out3 / "ppo.ckpt" / "meta.json"
     deadline = time.time() + 300
@@ -192,12 +193,7 @@ def test_dno_two_processes_equal_one(tmp_path):
         shutil.copytree(out1 / d, out2 / d)
     dno = ["dno.iterations=2", "dno.prompts_per_iteration=12", "dno.n_validation=8", "dno.batch_size=2",
            "dno.sampling.max_new_tokens=16", "dno.lr=1e-3"]
-    r1 = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "dno", *ov, *dno], env=_env(), capture_output=True, text=True)
-    assert r1.returncode == 0, r1.stderr[-3000:]
-    ov2 = [o.replace(str(out1), str(out2)) for o in ov]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    r2 = subprocess.run([*torchrun, "-m", "rlhfkit.cli", "dno", *ov2, *dno], env=_env(), capture_output=True, text=True)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    _one_and_two("dno", [*ov, *dno], [*(o.replace(str(out1), str(out2)) for o in ov), *dno])
     from safetensors.torch import load_file
 
     m1, m2 = (json.loads((o / "dno" / "metrics.json").read_text())["iterations"] for o in (out1, out2))
@@ -209,3 +205,38 @@ def test_dno_two_processes_equal_one(tmp_path):
         w1, w2 = (load_file(o / "dno" / it / "model" / "model.safetensors") for o in (out1, out2))
         assert max((w1[k] - base[k]).abs().max().item() for k in w1) > 1e-5  # it trained
         assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
+
+
+def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path):
+    """The reward stage under torchrun --nproc_per_node 2 trains the RM, the PRM (with step
+    likelihoods), the ORM and the cost model to the weights one process reaches.
+
+    Each process scores its half of every global batch; the gradients meet only if the loss is
+    computed through the DDP-wrapped model's forward (calling the inner model, as the stage once
+    did, left each process training on its own half: weights apart by 6e-4 to 5e-3 here). The
+    PRM's shares are weighted by their rated steps, and the LR schedule is stepped once a step."""
+    out1, ov = _prepare(tmp_path, "one")
+    ov += ["label.k=4", "label.chunk_size=8", "label.sampling.max_new_tokens=16",
+           "reward.max_steps=6", "reward.lr=1e-3", "reward.batch_size=4", "reward.max_len=96",
+           "reward.eval_batch_size=32", "reward.step_likelihood=true",
+           "reward.center_coef=0.01",  # without it BT is blind to the head's bias: a zero gradient, Adam's noise
+           "reward.rerank.n=2", "reward.rerank.n_prompts=2", "reward.rerank.max_new_tokens=8"]
+    for stage in ("pretrain", "sft", "label"):
+        r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", stage, *ov], env=_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    out2 = tmp_path / "two"
+    shutil.copytree(out1, out2)
+    _one_and_two("reward", ov, [o.replace(str(out1), str(out2)) for o in ov])
+    from safetensors.torch import load_file
+
+    base = load_file(out1 / "sft" / "model" / "model.safetensors")
+    assert (out1 / "reward" / "prm" / "reference_lm" / "config.json").exists()
+    for name in ("rm", "prm", "orm", "cost"):
+        for f in ("model.safetensors", "scalar_head.safetensors"):
+            w1, w2 = load_file(out1 / "reward" / name / f), load_file(out2 / "reward" / name / f)
+            assert w1.keys() == w2.keys()
+            for k in w1:
+                assert (w1[k] - w2[k]).abs().max().item() < 1e-5, (name, f, k)
+        w1 = load_file(out1 / "reward" / name / "model.safetensors")
+        moved = max((w1[k] - base["model." + k]).abs().max().item() for k in w1 if "model." + k in base)
+        assert moved > 1e-4, name  # it trained

@@ -83,6 +83,10 @@ class ScalarModel(nn.Module):
     def __init__(self, backbone, info: HeadInfo):
         super().__init__()
         self.backbone = backbone
+        # An encoder's pooler (BERT's, say) never reaches the score, which reads last_hidden_state:
+        # frozen, it is not a parameter left without a gradient, which DDP refuses.
+        if isinstance(getattr(backbone, "pooler", None), nn.Module):
+            backbone.pooler.requires_grad_(False)
         self.info = info
         self.head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.config.hidden_size + 1))
@@ -97,8 +101,17 @@ class ScalarModel(nn.Module):
         hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
         return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, token_type_ids=None, step_spans=None):
+        """(B,) pooled values; with ``step_spans`` (a causal PRM: per row the (first, last) token index of
+        each step, its separator included, as ``encode_step_spans`` gives) one (S_i,) tensor of step
+        logits per row: the value at each step's last token, plus the ``likelihood`` term.
+
+        Training reaches the model through this method only: DDP and FSDP synchronise gradients
+        through the wrapped module's forward, never through a submodule or another method.
+        """
         values = self.token_values(input_ids, attention_mask, token_type_ids)  # (B, T)
+        if step_spans is not None:
+            return self._step_values(values, input_ids, attention_mask, step_spans)
         if self.info.pooling in ("mean", "response"):
             m = attention_mask.to(values.dtype)
             if self.info.pooling == "response":  # an encoder's segment B: the response (a PRM: the steps so far)
@@ -107,6 +120,21 @@ class ScalarModel(nn.Module):
                 m = m * token_type_ids.to(values.dtype)
             return (values * m).sum(-1) / m.sum(-1).clamp(min=1)
         return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)  # (B,)
+
+    def _step_values(self, values, input_ids, attention_mask, step_spans) -> list[torch.Tensor]:
+        if not self.info.causal:
+            raise ValueError("step_spans are for a causal PRM; an encoder PRM scores each prefix as a sequence")
+        feats = None
+        if self.likelihood is not None:
+            feats = self.likelihood.step_features(input_ids, attention_mask, step_spans)
+        out = []
+        for row, spans in enumerate(step_spans):
+            pos = [last for _, last in spans]
+            v = values[row, pos] if pos else values.new_zeros(0)
+            if feats is not None and pos:
+                v = v + self.likelihood(feats[row])
+            out.append(v)
+        return out
 
 
 # ------------------------------------------------------------------------------ encoding
@@ -143,6 +171,11 @@ def encode_steps(tokenizer, info: HeadInfo, prompt: str, steps: Sequence[str]) -
     """
     ids, spans = encode_step_spans(tokenizer, info, prompt, steps)
     return ids, [last for _, last in spans]
+
+
+def separator_tokens(tokenizer, separator: str) -> int:
+    """How many tokens the step separator encodes to (those that close each step in a PRM's input)."""
+    return len(tokenizer(separator, add_special_tokens=False)["input_ids"])
 
 
 def encode_step_spans(tokenizer, info: HeadInfo, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -210,17 +243,19 @@ class RewardModel:
 
 
 def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, device, grad: bool = False,
-                needed: Sequence[Sequence[bool]] | None = None):
+                needed: Sequence[Sequence[bool]] | None = None, module=None):
     """Per-step logits, one list (or tensor when ``grad``) per solution.
 
     Causal backbone: one forward per solution, values read at the separators. Encoder: one
     forward per prefix; ``needed[i][k]`` False skips prefix k of solution i (its value is 0), so
     data with one rated step a row (PRM800K) costs one forward per row, not one per step.
+    ``module``: what is called for the forward while training, ``net`` wrapped by DDP/FSDP
+    (``accelerator.prepare``); ``net`` itself by default.
     """
     if grad:
-        return _step_logit_tensors(net, tokenizer, prompts, steps, batch_size, device, needed)
+        return _step_logit_tensors(net, tokenizer, prompts, steps, batch_size, device, needed, module)
     with torch.no_grad():  # values only: no autograd graph (a whole test split would otherwise be held in memory)
-        return [row.tolist() for row in _step_logit_tensors(net, tokenizer, prompts, steps, batch_size, device, needed)]
+        return [row.tolist() for row in _step_logit_tensors(net, tokenizer, prompts, steps, batch_size, device, needed, module)]
 
 
 def causal_step_batches(tokenizer, info: HeadInfo, prompts, steps, batch_size: int, device):
@@ -232,23 +267,12 @@ def causal_step_batches(tokenizer, info: HeadInfo, prompts, steps, batch_size: i
 
 
 def _step_logit_tensors(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, device,
-                        needed: Sequence[Sequence[bool]] | None) -> list[torch.Tensor]:
+                        needed: Sequence[Sequence[bool]] | None, module=None) -> list[torch.Tensor]:
     """``step_logits``'s work: one (S_i,) tensor per solution, under whatever grad mode the caller set."""
-    info, out = net.info, []
+    info, out, call = net.info, [], net if module is None else module
     if info.causal:
         for b, spans_batch in causal_step_batches(tokenizer, info, prompts, steps, batch_size, device):
-            values = net.token_values(**b)  # (B, T)
-            feats = None
-            if net.likelihood is not None:
-                from rlhfkit.models.step_likelihood import likelihood_features
-
-                feats = likelihood_features(net.likelihood, tokenizer, info.separator, b, spans_batch)
-            for row, spans in enumerate(spans_batch):
-                pos = [last for _, last in spans]
-                v = values[row, pos] if pos else values.new_zeros(0)
-                if feats is not None and pos:
-                    v = v + net.likelihood(feats[row])
-                out.append(v)
+            out.extend(call(**b, step_spans=spans_batch))
         return out
     flat = [(i, k, p, "\n".join(st[:k + 1])) for i, (p, st) in enumerate(zip(prompts, steps))
             for k in range(len(st)) if needed is None or needed[i][k]]
@@ -256,7 +280,7 @@ def _step_logit_tensors(net: ScalarModel, tokenizer, prompts, steps, batch_size:
     for s in range(0, len(flat), batch_size):
         enc = [encode(tokenizer, info, p, r) for _, _, p, r in flat[s:s + batch_size]]
         b = collate([e[0] for e in enc], [e[1] for e in enc], tokenizer.pad_token_id)
-        vals.append(net(**{k: v.to(device) for k, v in b.items()}))
+        vals.append(call(**{k: v.to(device) for k, v in b.items()}))
     allv = torch.cat(vals) if vals else torch.zeros(0, device=device)
     rows = [[None] * len(st) for st in steps]
     for j, (i, k, _, _) in enumerate(flat):
@@ -332,7 +356,8 @@ def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len:
     if step_likelihood:
         from rlhfkit.models.step_likelihood import StepLikelihood
 
-        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(backbone_path)))
+        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(backbone_path)),
+                                        separator_tokens(tokenizer, separator))
         nn.init.zeros_(net.head.weight)
     return net, tokenizer
 
@@ -377,19 +402,21 @@ def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
     net = ScalarModel(AutoModel.from_pretrained(str(path)), info)
     tensors = load_file(str(path / HEAD_WEIGHTS))
     net.head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("likelihood.")})
+    tokenizer = load_tokenizer(path)
     if info.step_likelihood:
         from transformers import AutoModelForCausalLM
 
         from rlhfkit.models.step_likelihood import StepLikelihood
 
-        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_LM)))
+        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_LM)),
+                                        separator_tokens(tokenizer, info.separator))
         with torch.no_grad():
             for k in ("weight", "mean", "std"):
                 getattr(net.likelihood, k).copy_(tensors[f"likelihood.{k}"])
     net.eval()
     if device is not None:
         net.to(device)
-    return RewardModel(net, load_tokenizer(path), device, batch_size)
+    return RewardModel(net, tokenizer, device, batch_size)
 
 
 def save_ensemble(member_dirs: Sequence[str], out_dir: str | Path, reduce: str = "mean", k: float = 1.0) -> None:

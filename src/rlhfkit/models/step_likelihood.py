@@ -2,7 +2,7 @@
 
 ``reward.step_likelihood`` builds a PRM (``models.reward.ScalarModel`` of kind ``prm`` on a causal
 LM) with a :class:`StepLikelihood`; :func:`fit_step_likelihood` starts its weights before training,
-and ``models.reward.step_logits`` adds its term to each step's logit.
+and ``ScalarModel.forward`` (given step spans) adds its term to each step's logit.
 """
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ class StepLikelihood(nn.Module):
 
     n_features = 3
 
-    def __init__(self, lm):
+    def __init__(self, lm, n_sep: int):
         super().__init__()
+        self.n_sep = n_sep  # tokens of the separator that closes each step in the PRM's input (not the step's own)
         self.lm = lm.eval()
         self.lm.requires_grad_(False)
         self.weight = nn.Parameter(torch.zeros(self.n_features))
@@ -60,6 +61,11 @@ class StepLikelihood(nn.Module):
             out.append(torch.stack(feats) if feats else lp.new_zeros(0, self.n_features))
         return out
 
+    def step_features(self, input_ids, attention_mask, step_spans) -> list[torch.Tensor]:
+        """:meth:`features` of steps given by their ``encode_step_spans`` spans (separator included)."""
+        return self.features(input_ids, attention_mask,
+                             [[step_token_span(sp, self.n_sep) for sp in row] for row in step_spans])
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """(S, 3) features → (S,) additions to the step logits."""
         return ((feats - self.mean) / self.std) @ self.weight
@@ -70,13 +76,6 @@ def step_token_span(span: tuple[int, int], n_sep: int) -> tuple[int, int]:
     only in the PRM's input, not in the response, which ends with EOS); a blank step keeps it."""
     first, last = span
     return first, max(first, last - n_sep)
-
-
-def likelihood_features(lik: StepLikelihood, tokenizer, separator: str, batch: dict, spans) -> list[torch.Tensor]:
-    """``lik.features`` of a collated batch whose spans (``encode_step_spans``) include the separator."""
-    n_sep = len(tokenizer(separator, add_special_tokens=False)["input_ids"])
-    return lik.features(batch["input_ids"], batch["attention_mask"],
-                        [[step_token_span(sp, n_sep) for sp in row] for row in spans])
 
 
 def fit_step_likelihood(net, tokenizer, prompts, steps, labels, batch_size: int, device) -> dict:
@@ -93,7 +92,7 @@ def fit_step_likelihood(net, tokenizer, prompts, steps, labels, batch_size: int,
     feats, ys = [], []
     rows = iter(labels)
     for b, spans in causal_step_batches(tokenizer, net.info, prompts, steps, batch_size, device):
-        for f in likelihood_features(lik, tokenizer, net.info.separator, b, spans):
+        for f in lik.step_features(b["input_ids"], b["attention_mask"], spans):
             for k, y in enumerate(next(rows)):
                 if y is not None:
                     feats.append(f[k])

@@ -141,11 +141,15 @@ def resolve_model(spec: str) -> Path:
 
 # ------------------------------------------------------------------------------ the training loop
 
-def _fit(net, n_units: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, dict]], cfg: RewardConfig,
-         accelerator, log, name: str) -> dict:
-    """Minimise ``batch_loss(unit indices)`` over seeded global batches of units (pairs/rankings/solutions).
+def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], list[int]], tuple[torch.Tensor, dict]],
+         cfg: RewardConfig, accelerator, log, name: str) -> dict:
+    """Minimise ``batch_loss(model, my unit indices, the global batch's)`` over seeded global batches of
+    units (pairs/rankings/solutions).
 
-    Each process computes the mean loss of its share of the batch; DDP averages the shares.
+    ``model`` is ``net`` as ``accelerator.prepare`` wrapped it (DDP, FSDP): the loss must be computed
+    through its forward, the only path on which the engine synchronises gradients. Each process
+    returns its share of the global batch's mean loss times the number of processes (for equal
+    shares of equal-weight units, its own mean); DDP's mean of the shares is then the global mean.
     """
     from tqdm.auto import tqdm
 
@@ -154,15 +158,17 @@ def _fit(net, n_units: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor
     bs = min(cfg.batch_size, n_units - n_units % accelerator.num_processes)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * n_units / bs + 0.999999))
     opt, sched = make_optimizer_and_scheduler(net, cfg, total)
-    net, opt, sched = accelerator.prepare(net, opt, sched)
-    net.train()
+    # The scheduler stays out of prepare(), as in training.train_lm: accelerate would step it once
+    # per process per step, running the schedule N times too fast on N processes.
+    model, opt = accelerator.prepare(net, opt)
+    model.train()
     t0, last = time.time(), {}
     bar = tqdm(total=total, desc=name, disable=not accelerator.is_main_process)
     for step, idx in enumerate(global_batches(n_units, bs, total, cfg.seed)):
         mine = shard(idx, 1, accelerator.process_index, accelerator.num_processes)[0]
-        loss, metrics = batch_loss(mine)
+        loss, metrics = batch_loss(model, mine, idx)
         accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -173,7 +179,6 @@ def _fit(net, n_units: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "elapsed_s": time.time() - t0})
     bar.close()
-    net = accelerator.unwrap_model(net)
     net.eval()
     return {"train_steps": total, "train_runtime_s": time.time() - t0, "final_train": last}
 
@@ -212,8 +217,9 @@ def _cap(items: list, n: int, seed: int) -> list:
     return [items[i] for i in sorted(order[:n])]
 
 
-def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False):
-    """Scalar values of (prompt, response) pairs, right-padded batches."""
+def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False, module=None):
+    """Scalar values of (prompt, response) pairs, right-padded batches; ``module``: what is called for
+    the forward (``net`` as ``accelerator.prepare`` wrapped it, while training), ``net`` by default."""
     from rlhfkit.models.reward import collate, encode
 
     out = []
@@ -222,7 +228,7 @@ def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device
         for s in range(0, len(texts), batch_size):
             enc = [encode(tok, net.info, p, r) for p, r in texts[s:s + batch_size]]
             b = collate([e[0] for e in enc], None if net.info.causal else [e[1] for e in enc], tok.pad_token_id)
-            out.append(net(**{k: v.to(device) for k, v in b.items()}))
+            out.append((net if module is None else module)(**{k: v.to(device) for k, v in b.items()}))
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -246,13 +252,13 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log) -> tupl
     groups = train.groups
     dev = accelerator.device
 
-    def batch_loss(idx):
+    def batch_loss(model, idx, _):
         pairs = [train.pairs[i] for g in idx for i in groups[g]]
         uniq: dict[tuple[str, str], int] = {}
         for p in pairs:
             uniq.setdefault((p.prompt, p.chosen), len(uniq))
             uniq.setdefault((p.prompt, p.rejected), len(uniq))
-        scores = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True)  # each sequence once
+        scores = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True, module=model)  # each sequence once
         c = scores[torch.tensor([uniq[(p.prompt, p.chosen)] for p in pairs], device=scores.device)]
         r = scores[torch.tensor([uniq[(p.prompt, p.rejected)] for p in pairs], device=scores.device)]
         w = torch.tensor([p.weight for p in pairs], device=scores.device)
@@ -300,13 +306,19 @@ def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> t
                                     [list(r.labels) for r in records], cfg.eval_batch_size, dev)
         log.write({"model": "prm", "step_likelihood_start": start})
 
-    def batch_loss(idx):
+    def rated(idx) -> int:
+        return sum(v is not None for i in idx for v in records[i].labels)
+
+    def batch_loss(model, idx, global_idx):
         recs = [records[i] for i in idx]
         needed = [[v is not None for v in r.labels] for r in recs]
         vals = step_logits(net, tok, [r.prompt for r in recs], [list(r.steps) for r in recs], len(recs) * 64, dev,
-                           grad=True, needed=needed)
+                           grad=True, needed=needed, module=model)
         labels = _step_targets(recs, dev)
-        return step_bce_loss(_pad_logits(vals, labels.shape[1]), labels)
+        loss, metrics = step_bce_loss(_pad_logits(vals, labels.shape[1]), labels)
+        # The mean is over rated steps, and the processes' shares hold different numbers of them:
+        # weight this share by its part of the global batch's rated steps (1 in one process).
+        return loss * (rated(idx) * accelerator.num_processes / max(rated(global_idx), 1)), metrics
 
     fit = _fit(net, len(records), batch_loss, replace(cfg, lr=cfg.prm_lr) if cfg.prm_lr > 0 else cfg, accelerator, log, "prm")
     if start is not None:
@@ -339,9 +351,9 @@ def train_orm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> t
     net, tok = _build(cfg, backbone, "orm")
     dev = accelerator.device
 
-    def batch_loss(idx):
+    def batch_loss(model, idx, _):
         recs = [records[i] for i in idx]
-        z = _score_texts(net, tok, [(r.prompt, r.completion) for r in recs], len(recs), dev, grad=True)
+        z = _score_texts(net, tok, [(r.prompt, r.completion) for r in recs], len(recs), dev, grad=True, module=model)
         y = torch.tensor([float(r.correct) for r in recs], device=z.device)
         return step_bce_loss(z[:, None], y[:, None])
 
@@ -356,10 +368,10 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log) -> tu
     net, tok = _build(cfg, backbone, "cost")
     dev = accelerator.device
 
-    def batch_loss(idx):
+    def batch_loss(model, idx, _):
         ps = [pairs[i] for i in idx]
         c = _score_texts(net, tok, [(s.prompt, s.response) for s, _ in ps] + [(u.prompt, u.response) for _, u in ps],
-                         2 * len(ps), dev, grad=True)
+                         2 * len(ps), dev, grad=True, module=model)
         sign = torch.tensor([-1 if s.is_safe else 1 for s, _ in ps] + [-1 if u.is_safe else 1 for _, u in ps], device=c.device)
         n = len(ps)
         return cost_model_loss(c[:n], c[n:], sign[:n], sign[n:])
