@@ -245,7 +245,7 @@ def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tm
 
 def test_pairwise_preference_model_is_exactly_symmetric(tiny_lm_dir):
     from rlhfkit.judges.preference_model import PairwisePreferenceModel
-    from rlhfkit.models.reward import build_scalar_model
+    from rlhfkit.models.reward_files import build_scalar_model
 
     net, tok = build_scalar_model(tiny_lm_dir, kind="reward", seed=1)
     torch.nn.init.normal_(net.head.weight, std=1.0)  # a head far from 0 so f(a, b) is far from ½
@@ -277,7 +277,7 @@ def test_bt_cannot_express_a_cycle_and_the_pairwise_model_can(tiny_lm_dir, tmp_p
     """
     from rlhfkit.judges.intransitive import BEATS, answer_style, cycle, restyle
     from rlhfkit.judges.preference_model import PairwisePreferenceModel, load_bt_preference
-    from rlhfkit.models.reward import build_scalar_model, save_scalar_model
+    from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 
     net, tok = build_scalar_model(tiny_lm_dir, kind="reward", seed=1)

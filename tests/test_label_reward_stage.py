@@ -87,7 +87,7 @@ def test_killed_labeling_run_resumes_to_the_same_dataset(tiny_lm_dir, prompts_fi
 def test_label_with_a_reward_model_judge_records_both_order_agreement(tiny_lm_dir, prompts_file, tmp_path):
     from accelerate import Accelerator
 
-    from rlhfkit.models.reward import build_scalar_model, save_scalar_model
+    from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
     from rlhfkit.recipes import label
 
     net, tok = build_scalar_model(tiny_lm_dir, "reward", max_len=96)

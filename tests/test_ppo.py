@@ -252,7 +252,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, tiny_lm_dir):
 @pytest.fixture(scope="module")
 def tiny_scalar_models(tmp_path_factory, tiny_lm_dir):
     """Untrained (random-head) reward, PRM and cost models on the tiny backbone: they exercise the code paths."""
-    from rlhfkit.models.reward import build_scalar_model, save_scalar_model
+    from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
 
     root = tmp_path_factory.mktemp("rm")
     for kind, name in (("reward", "rm"), ("prm", "prm"), ("cost", "cost")):

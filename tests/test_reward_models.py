@@ -11,9 +11,9 @@ import torch
 from rlhfkit.data.loading import DataError
 from rlhfkit.data.preferences import SafetyRecord, load_pairs, load_safety, load_steps, safety_pairs
 from rlhfkit.models.reward import (
-    HeadInfo, RewardEnsemble, collate, encode, encode_steps, last_token_index, load_reward_model,
-    positions_from_mask, save_scalar_model, step_logits,
+    HeadInfo, RewardEnsemble, collate, encode, encode_steps, last_token_index, positions_from_mask, step_logits,
 )
+from rlhfkit.models.reward_files import load_reward_model, save_scalar_model
 from rlhfkit.models.reward_eval import expected_calibration_error, pair_metrics, roc_auc, step_metrics
 
 
@@ -125,7 +125,7 @@ def test_last_token_index_and_positions_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_rm(tiny_lm_dir):
-    from rlhfkit.models.reward import build_scalar_model
+    from rlhfkit.models.reward_files import build_scalar_model
 
     net, tok = build_scalar_model(tiny_lm_dir, "reward", max_len=128)
     net.eval()
@@ -379,7 +379,8 @@ def test_step_likelihood_features_are_the_reference_lms_step_log_probs(tiny_lm_d
     computed here from one unpadded forward; a batch with a longer row (right padding) gives the same."""
     from transformers import AutoModelForCausalLM
 
-    from rlhfkit.models.reward import build_scalar_model, encode_step_spans
+    from rlhfkit.models.reward import encode_step_spans
+    from rlhfkit.models.reward_files import build_scalar_model
     from rlhfkit.models.step_likelihood import fit_step_likelihood, step_token_span
 
     net, tok = build_scalar_model(tiny_lm_dir, "prm", max_len=128, step_likelihood=True)
@@ -424,7 +425,8 @@ def test_step_likelihood_features_are_the_reference_lms_step_log_probs(tiny_lm_d
 
 
 def test_step_likelihood_prm_saves_and_loads(tiny_lm_dir, tmp_path):
-    from rlhfkit.models.reward import REFERENCE_LM, build_scalar_model
+    from rlhfkit.models.reward import REFERENCE_LM
+    from rlhfkit.models.reward_files import build_scalar_model
 
     net, tok = build_scalar_model(tiny_lm_dir, "prm", max_len=128, step_likelihood=True)
     with torch.no_grad():
@@ -446,7 +448,7 @@ def test_step_likelihood_prm_saves_and_loads(tiny_lm_dir, tmp_path):
 
 
 def test_step_likelihood_is_refused_off_a_causal_prm(tiny_lm_dir):
-    from rlhfkit.models.reward import build_scalar_model
+    from rlhfkit.models.reward_files import build_scalar_model
 
     with pytest.raises(ValueError, match="step_likelihood is for a PRM"):
         build_scalar_model(tiny_lm_dir, "orm", max_len=128, step_likelihood=True)

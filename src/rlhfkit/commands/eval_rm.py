@@ -27,7 +27,7 @@ def _table(rows: dict) -> str:
 
 
 def run(args) -> int:
-    from rlhfkit.models.reward import load_reward_model
+    from rlhfkit.models.reward_files import load_reward_model
 
     t0 = time.time()
     if args.command == "eval-rm":

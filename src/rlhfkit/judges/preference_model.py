@@ -83,7 +83,7 @@ class PairwisePreferenceModel:
 
 
 def load_preference_model(path: str | Path, device=None, batch_size: int = 32) -> PairwisePreferenceModel:
-    from rlhfkit.models.reward import load_reward_model
+    from rlhfkit.models.reward_files import load_reward_model
 
     path = Path(path)
     if not (path / MARKER).exists():
@@ -124,7 +124,8 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
 
     from rlhfkit.io import atomic_write_json
     from rlhfkit.losses import bradley_terry_loss
-    from rlhfkit.models.reward import build_scalar_model, collate, encode, save_scalar_model
+    from rlhfkit.models.reward import collate, encode
+    from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
     from rlhfkit.training import global_batches, make_optimizer_and_scheduler
 
     if kind not in ("pm", "bt"):

@@ -21,15 +21,13 @@ On disk (a normal Hugging Face directory plus two small files)::
     DIR/reference_lm/                                    a PRM with ``step_likelihood``: the frozen reference LM
 
 An ensemble directory holds ``ensemble.json`` (``{"members": [...], "reduce", "k"}``) and member
-directories; :func:`load_reward_model` loads either.
+directories; ``models.reward_files.load_reward_model`` loads either (``build_scalar_model``, saving,
+loading and ensembles are there).
 """
 from __future__ import annotations
 
-import json
 import math
-import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -317,110 +315,3 @@ class RewardEnsemble:
             return s.min(0).values.tolist()
         std = s.std(0, unbiased=True) if len(self.members) > 1 else torch.zeros(s.shape[1])
         return (s.mean(0) - self.k * std).tolist()
-
-
-# ------------------------------------------------------------------------------ build, save, load
-
-def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len: int = 256,
-                       pooling: str = "last", separator: str = "\n", seed: int = 0, dropout: float | None = None,
-                       step_likelihood: bool = False):
-    """A fresh head on a pretrained backbone (causal LM directory or encoder), and its tokenizer.
-
-    ``step_likelihood`` (a PRM on a causal LM): a frozen copy of the backbone's LM supplies
-    ``models.step_likelihood.StepLikelihood`` features; the head's weight starts at zero, so the untrained
-    PRM is the features' model alone (their weights are set by ``fit_step_likelihood``).
-    """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from rlhfkit.models.loading import load_tokenizer
-
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    config = AutoConfig.from_pretrained(str(backbone_path))
-    kwargs = {}
-    if dropout is not None:
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout"):
-            if hasattr(config, key):
-                kwargs[key] = dropout
-    causal = not is_encoder(config)
-    limit = getattr(config, "max_position_embeddings", max_len)
-    if step_likelihood and (kind != "prm" or not causal):
-        raise ValueError(f"step_likelihood is for a PRM on a causal LM, not a {kind} model on "
-                         f"{'a causal' if causal else 'an encoder'} backbone")
-    info = HeadInfo(kind=kind, pooling=pooling, causal=causal, max_len=min(max_len, limit), separator=separator,
-                    step_likelihood=step_likelihood)
-    tokenizer = load_tokenizer(backbone_path)
-    backbone = AutoModel.from_pretrained(str(backbone_path), **kwargs)
-    torch.manual_seed(seed)
-    net = ScalarModel(backbone, info)
-    if step_likelihood:
-        from rlhfkit.models.step_likelihood import StepLikelihood
-
-        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(backbone_path)),
-                                        separator_tokens(tokenizer, separator))
-        nn.init.zeros_(net.head.weight)
-    return net, tokenizer
-
-
-def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path) -> Path:
-    """Atomically: backbone + tokenizer as a HF directory, head as safetensors + json."""
-    from safetensors.torch import save_file
-
-    from rlhfkit.io import atomic_write_json, partial_dir, replace_dir
-
-    out_dir = Path(out_dir)
-    tmp = partial_dir(out_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    net.backbone.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tensors = dict(net.head.state_dict())
-    if net.likelihood is not None:
-        net.likelihood.lm.save_pretrained(tmp / REFERENCE_LM, safe_serialization=True)
-        tensors.update({f"likelihood.{k}": getattr(net.likelihood, k) for k in ("weight", "mean", "std")})
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / HEAD_WEIGHTS))
-    atomic_write_json(tmp / HEAD_JSON, asdict(net.info))
-    replace_dir(tmp, out_dir)
-    return out_dir
-
-
-def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
-    """A :class:`RewardModel` (or :class:`RewardEnsemble`) from a directory, in eval mode."""
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    from rlhfkit.models.loading import load_tokenizer
-
-    path = Path(path)
-    if (path / "ensemble.json").exists():
-        spec = json.loads((path / "ensemble.json").read_text())
-        members = [load_reward_model(path / m, device, batch_size) for m in spec["members"]]
-        return RewardEnsemble(members, spec.get("reduce", "mean"), spec.get("k", 1.0))
-    if not (path / HEAD_JSON).exists():
-        raise FileNotFoundError(f"{path}: not a reward model directory (no {HEAD_JSON})")
-    info = HeadInfo(**json.loads((path / HEAD_JSON).read_text()))
-    net = ScalarModel(AutoModel.from_pretrained(str(path)), info)
-    tensors = load_file(str(path / HEAD_WEIGHTS))
-    net.head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("likelihood.")})
-    tokenizer = load_tokenizer(path)
-    if info.step_likelihood:
-        from transformers import AutoModelForCausalLM
-
-        from rlhfkit.models.step_likelihood import StepLikelihood
-
-        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_LM)),
-                                        separator_tokens(tokenizer, info.separator))
-        with torch.no_grad():
-            for k in ("weight", "mean", "std"):
-                getattr(net.likelihood, k).copy_(tensors[f"likelihood.{k}"])
-    net.eval()
-    if device is not None:
-        net.to(device)
-    return RewardModel(net, tokenizer, device, batch_size)
-
-
-def save_ensemble(member_dirs: Sequence[str], out_dir: str | Path, reduce: str = "mean", k: float = 1.0) -> None:
-    """Write ``ensemble.json`` naming member directories (relative to ``out_dir``)."""
-    from rlhfkit.io import atomic_write_json
-
-    atomic_write_json(Path(out_dir) / "ensemble.json", {"members": list(member_dirs), "reduce": reduce, "k": k})

@@ -425,7 +425,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
             raise ValueError("reward_source judge needs prompts with task 'meta'")
         outcome = lambda p, r: [judge(problems_by_prompt[x], y).score for x, y in zip(p, r)]  # noqa: E731
     elif cfg.reward_source is RewardSource.model:
-        from rlhfkit.models.reward import load_reward_model
+        from rlhfkit.models.reward_files import load_reward_model
 
         members = []
         for rel in cfg.reward_models:
@@ -441,7 +441,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
             # Uncertainty penalty: members disagree most where the RM is extrapolating.
             return (s.mean(0) - cfg.ensemble_penalty * s.std(0, unbiased=True)).tolist()
     else:  # prm
-        from rlhfkit.models.reward import load_reward_model
+        from rlhfkit.models.reward_files import load_reward_model
 
         path = run_path(out, cfg.prm)
         if not path.exists():
@@ -451,7 +451,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
         def steps(p, r):
             return [prm_step_rewards(row, cfg.prm_floor) for row in prm.step_scores(p, r)]
     if cfg.cost_model:
-        from rlhfkit.models.reward import load_reward_model
+        from rlhfkit.models.reward_files import load_reward_model
 
         path = run_path(out, cfg.cost_model)
         if not path.exists():

@@ -184,7 +184,7 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
 
 
 def _build(cfg: RewardConfig, backbone: Path, kind: str):
-    from rlhfkit.models.reward import build_scalar_model
+    from rlhfkit.models.reward_files import build_scalar_model
 
     net, tok = build_scalar_model(backbone, kind, cfg.max_len, cfg.pooling, seed=cfg.seed,
                                   dropout=cfg.dropout if cfg.dropout >= 0 else None,
@@ -475,7 +475,8 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
 
 def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict:
     from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
-    from rlhfkit.models.reward import RewardModel, save_scalar_model
+    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.models.reward_files import save_scalar_model
     from rlhfkit.models.reward_eval import pair_metrics
 
     backbone = resolve_model(cfg.model) if cfg.model else out / "sft" / "model"
