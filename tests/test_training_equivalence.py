@@ -240,3 +240,48 @@ def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path
         w1 = load_file(out1 / "reward" / name / "model.safetensors")
         moved = max((w1[k] - base["model." + k]).abs().max().item() for k in w1 if "model." + k in base)
         assert moved > 1e-4, name  # it trained
+
+
+_COMPARISON_DRIVER = '''
+import dataclasses, sys
+from pathlib import Path
+from rlhfkit.io import JsonlLog
+from rlhfkit.judges.preference_model import ComparisonModelConfig, train_comparison_model
+from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+from rlhfkit.training import make_accelerator
+
+backbone, out = Path(sys.argv[1]), Path(sys.argv[2])
+Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])
+probs = make_problems(16, seed=3, unanswerable_frac=0.0)
+pairs = [Pair(format_prompt(p), gold_response(p), "Answer: " + str(p.answer + 1 + i % 3)) for i, p in enumerate(probs)]
+cfg = ComparisonModelConfig(max_steps=4, batch_size=8, lr=1e-3, max_len=96, log_every=1)
+for kind in ("pm", "bt"):
+    acc = make_accelerator(cfg)
+    log = JsonlLog(out / f"{kind}_log.jsonl", enabled=acc.is_main_process)
+    train_comparison_model(kind, backbone, pairs, cfg, out / kind, acc, log)
+    log.close()
+'''
+
+
+def test_comparison_models_two_processes_equal_one(tiny_lm_dir, tmp_path):
+    """The pairwise preference model and the BT model of the intransitive experiment under torchrun
+    --nproc_per_node 2: each process scores half of every batch, and both end at one process's weights."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(_COMPARISON_DRIVER)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for cmd, out in (([sys.executable], one), (TORCHRUN, two)):
+        out.mkdir()
+        r = subprocess.run([*cmd, str(driver), str(tiny_lm_dir), str(out)], env=_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    base = load_file(tiny_lm_dir / "model.safetensors")
+    for kind in ("pm", "bt"):
+        logs = [[json.loads(x) for x in (o / f"{kind}_log.jsonl").read_text().splitlines()] for o in (one, two)]
+        assert [r["loss"] for r in logs[0]] == pytest.approx([r["loss"] for r in logs[1]], rel=1e-4, abs=1e-6)
+        for f in ("model.safetensors", "scalar_head.safetensors"):
+            w1, w2 = load_file(one / kind / f), load_file(two / kind / f)
+            for k in w1:
+                assert (w1[k] - w2[k]).abs().max().item() < 1e-5, (kind, f, k)
+        w1 = load_file(one / kind / "model.safetensors")
+        assert max((w1[k] - base["model." + k]).abs().max().item() for k in w1) > 1e-4  # it trained

@@ -126,10 +126,13 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
     from rlhfkit.losses import bradley_terry_loss
     from rlhfkit.models.reward import collate, encode
     from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
-    from rlhfkit.training import global_batches, make_optimizer_and_scheduler
+    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
 
     if kind not in ("pm", "bt"):
         raise ValueError(f"kind must be 'pm' or 'bt', got {kind!r}")
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise ValueError(f"comparison_model.batch_size={cfg.batch_size} must be a multiple of the {world} processes")
     net, tok = build_scalar_model(backbone, kind="reward", max_len=cfg.max_len, seed=cfg.seed)
     max_len = net.info.max_len
     if kind == "pm":
@@ -144,20 +147,25 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
     # The scheduler stays out of prepare(): accelerate would step it once per process (see training.py).
     net, opt = accelerator.prepare(net, opt)
     net.eval()  # dropout off
-    t0, acc_sum, n_seen = time.time(), 0.0, 0
-    for step, idx in enumerate(tqdm(global_batches(len(pairs), cfg.batch_size, total, cfg.seed), total=total,
-                                    desc=f"train {kind}", disable=not accelerator.is_main_process)):
+    t0, acc_sum, n_seen, coll = time.time(), 0.0, 0, Collective(accelerator)
+    for step, batch_idx in enumerate(tqdm(global_batches(len(pairs), cfg.batch_size, total, cfg.seed), total=total,
+                                          desc=f"train {kind}", disable=not accelerator.is_main_process)):
+        # Each process scores an equal share; the loss is a mean over it, so DDP's mean of the
+        # processes' gradients is the one-process gradient of the whole batch.
+        idx = shard(batch_idx, 1, rank, world)[0]
         batch = collate([fwd[i] for i in idx] + [rev[i] for i in idx], None, tok.pad_token_id)
         out = net(**{k: v.to(accelerator.device) for k, v in batch.items()})  # (2B,)
         k = len(idx)
         if kind == "pm":
             target = torch.cat([torch.ones(k), torch.zeros(k)]).to(out.device)
             loss = F.binary_cross_entropy_with_logits(out, target)
-            accuracy = ((out[:k] > 0).float().mean().item() + (out[k:] < 0).float().mean().item()) / 2
+            accuracy = ((out[:k] > 0).float().mean() + (out[k:] < 0).float().mean()) / 2
         else:
-            loss, m = bradley_terry_loss(out[:k], out[k:])
-            accuracy = m["accuracy"]
+            loss, _ = bradley_terry_loss(out[:k], out[k:])
+            accuracy = (out[:k] > out[k:]).float().mean()
         accelerator.backward(loss)
+        # the logged figures are the whole batch's: the mean over processes of equal shares
+        loss_all, accuracy = coll.mean(loss.detach()).item(), coll.mean(accuracy).item()
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
@@ -166,12 +174,12 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
         acc_sum += accuracy * k
         n_seen += k
         if step % cfg.log_every == 0 or step == total - 1:
-            log.write({"step": step + 1, "loss": loss.item(), "accuracy": accuracy, "lr": sched.get_last_lr()[0],
+            log.write({"step": step + 1, "loss": loss_all, "accuracy": accuracy, "lr": sched.get_last_lr()[0],
                        "elapsed_s": time.time() - t0})
     net = accelerator.unwrap_model(net)
     if accelerator.is_main_process:
         save_scalar_model(net, tok, out_dir)
         if kind == "pm":
             atomic_write_json(out_dir / MARKER, {"kind": "pairwise", "symmetrized": True})
-    return {"final_loss": loss.item(), "train_accuracy": acc_sum / max(n_seen, 1), "train_steps": total,
+    return {"final_loss": loss_all, "train_accuracy": acc_sum / max(n_seen, 1), "train_steps": total,
             "train_runtime_s": time.time() - t0}
