@@ -218,17 +218,36 @@ def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path
     out1, ov = _prepare(tmp_path, "one")
     ov += ["label.k=4", "label.chunk_size=8", "label.sampling.max_new_tokens=16",
            "reward.max_steps=6", "reward.lr=1e-3", "reward.batch_size=4", "reward.max_len=96",
-           "reward.eval_batch_size=32", "reward.step_likelihood=true",
+           "reward.eval_batch_size=32", "reward.step_likelihood=true", "reward.log_every=1",
            "reward.center_coef=0.01",  # without it BT is blind to the head's bias: a zero gradient, Adam's noise
            "reward.rerank.n=2", "reward.rerank.n_prompts=2", "reward.rerank.max_new_tokens=8"]
     for stage in ("pretrain", "sft", "label"):
         r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", stage, *ov], env=_env(), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
+    # The tiny SFT policy writes no right step: its labels are all 0 and the PRM would fit them at
+    # once. Every other solution becomes the gold one, and labels alternate, unrelated to the text,
+    # so no model fits them and every step has a gradient to synchronise.
+    from rlhfkit.tasks.arith import Problem, gold_response
+    from rlhfkit.tasks.arith_judge import response_lines
+
+    steps_file = out1 / "label" / "steps.jsonl"
+    rows = [json.loads(x) for x in steps_file.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if i % 2 == 0:
+            r["completion"] = gold_response(Problem.from_meta(r["meta"]))
+        r.update(labels=[(i + k) % 2 for k in range(len(response_lines(r["completion"])))],
+                 correct=i % 3 == 0, is_safe=i % 4 < 2)
+    steps_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out2 = tmp_path / "two"
     shutil.copytree(out1, out2)
     _one_and_two("reward", ov, [o.replace(str(out1), str(out2)) for o in ov])
     from safetensors.torch import load_file
 
+    logs = [[json.loads(x) for x in (o / "reward" / "log.jsonl").read_text().splitlines()] for o in (out1, out2)]
+    losses = [[(r["model"], r["step"], r["loss"]) for r in log if "step" in r] for log in logs]
+    assert len(losses[0]) == 4 * 6 and [x[:2] for x in losses[0]] == [x[:2] for x in losses[1]]
+    # the logged loss is the whole batch's (a PRM share is weighted by its rated steps)
+    assert [x[2] for x in losses[0]] == pytest.approx([x[2] for x in losses[1]], rel=1e-4, abs=1e-6)
     base = load_file(out1 / "sft" / "model" / "model.safetensors")
     assert (out1 / "reward" / "prm" / "reference_lm" / "config.json").exists()
     for name in ("rm", "prm", "orm", "cost"):
@@ -239,7 +258,7 @@ def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path
                 assert (w1[k] - w2[k]).abs().max().item() < 1e-5, (name, f, k)
         w1 = load_file(out1 / "reward" / name / "model.safetensors")
         moved = max((w1[k] - base["model." + k]).abs().max().item() for k in w1 if "model." + k in base)
-        assert moved > 1e-4, name  # it trained
+        assert moved > 1e-4, name  # it trained (the PRM's head starts at 0, so its backbone moves from step 2)
 
 
 _COMPARISON_DRIVER = '''

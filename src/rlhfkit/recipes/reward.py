@@ -150,10 +150,11 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
     through its forward, the only path on which the engine synchronises gradients. Each process
     returns its share of the global batch's mean loss times the number of processes (for equal
     shares of equal-weight units, its own mean); DDP's mean of the shares is then the global mean.
+    The logged loss is that global mean; the other logged metrics are the first process's share.
     """
     from tqdm.auto import tqdm
 
-    from rlhfkit.training import global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
 
     bs = min(cfg.batch_size, n_units - n_units % accelerator.num_processes)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * n_units / bs + 0.999999))
@@ -162,7 +163,7 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
     # per process per step, running the schedule N times too fast on N processes.
     model, opt = accelerator.prepare(net, opt)
     model.train()
-    t0, last = time.time(), {}
+    t0, last, coll = time.time(), {}, Collective(accelerator)
     bar = tqdm(total=total, desc=name, disable=not accelerator.is_main_process)
     for step, idx in enumerate(global_batches(n_units, bs, total, cfg.seed)):
         mine = shard(idx, 1, accelerator.process_index, accelerator.num_processes)[0]
@@ -172,7 +173,7 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        last = {"loss": loss.item(), **metrics}
+        last = {**metrics, "loss": coll.mean(loss.detach()).item()}
         bar.update(1)
         if step % cfg.log_every == 0 or step == total - 1:
             log.write({"model": name, "step": step + 1, **last, "lr": sched.get_last_lr()[0],
