@@ -164,22 +164,23 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
             loss, _ = bradley_terry_loss(out[:k], out[k:])
             accuracy = (out[:k] > out[k:]).float().mean()
         accelerator.backward(loss)
-        # the logged figures are the whole batch's: the mean over processes of equal shares
-        loss_all, accuracy = coll.mean(loss.detach()).item(), coll.mean(accuracy).item()
         if cfg.grad_clip > 0:
             accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        acc_sum += accuracy * k
+        acc_sum += accuracy.item() * k
         n_seen += k
-        if step % cfg.log_every == 0 or step == total - 1:
-            log.write({"step": step + 1, "loss": loss_all, "accuracy": accuracy, "lr": sched.get_last_lr()[0],
-                       "elapsed_s": time.time() - t0})
+        if step % cfg.log_every == 0 or step == total - 1:  # the same steps on every process: collectives
+            # the logged figures are the whole batch's: the mean over processes of equal shares
+            loss_all = coll.mean(loss.detach()).item()
+            log.write({"step": step + 1, "loss": loss_all, "accuracy": coll.mean(accuracy).item(),
+                       "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - t0})
     net = accelerator.unwrap_model(net)
     if accelerator.is_main_process:
         save_scalar_model(net, tok, out_dir)
         if kind == "pm":
             atomic_write_json(out_dir / MARKER, {"kind": "pairwise", "symmetrized": True})
-    return {"final_loss": loss_all, "train_accuracy": acc_sum / max(n_seen, 1), "train_steps": total,
+    train_accuracy = coll.mean(torch.tensor(acc_sum / max(n_seen, 1), device=accelerator.device)).item()
+    return {"final_loss": loss_all, "train_accuracy": train_accuracy, "train_steps": total,
             "train_runtime_s": time.time() - t0}

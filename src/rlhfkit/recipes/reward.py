@@ -173,9 +173,9 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        last = {**metrics, "loss": coll.mean(loss.detach()).item()}
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total - 1:
+        if step % cfg.log_every == 0 or step == total - 1:  # the same steps on every process: a collective
+            last = {**metrics, "loss": coll.mean(loss.detach()).item()}
             log.write({"model": name, "step": step + 1, **last, "lr": sched.get_last_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "elapsed_s": time.time() - t0})
