@@ -6,6 +6,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "RLHFKIT_CACHE" not in os.environ:  # GGUF imports of library calls go here, not into ~/.cache
+    import tempfile
+
+    os.environ["RLHFKIT_CACHE"] = tempfile.mkdtemp(prefix="rlhfkit-cache-")
 
 import pytest
 

@@ -8,7 +8,8 @@ from rlhfkit.data.loading import Demonstration
 def test_sft_prompt_tokens_get_no_loss(tiny_tokenizer):
     tok = tiny_tokenizer
     prompt, response = "Question: Tom has 3 apples. He buys 4 more apples.\n", "3 + 4 = 7\nAnswer: 7"
-    (ex,) = tokenize_demonstrations(tok, [Demonstration(prompt, response)], max_len=128)
+    (ex,), n_cut = tokenize_demonstrations(tok, [Demonstration(prompt, response)], max_len=128)
+    assert n_cut == 0
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     r_ids = tok(response, add_special_tokens=False)["input_ids"]
     assert ex.input_ids == p_ids + r_ids + [tok.eos_token_id]
@@ -23,8 +24,8 @@ def test_sft_prompt_tokens_get_no_loss(tiny_tokenizer):
 
 def test_sft_padding_is_masked(tiny_tokenizer):
     tok = tiny_tokenizer
-    exs = tokenize_demonstrations(tok, [Demonstration("Question: a\n", "Answer: 1"),
-                                        Demonstration("Question: a much longer question here\n", "Answer: 22")], 128)
+    exs, _ = tokenize_demonstrations(tok, [Demonstration("Question: a\n", "Answer: 1"),
+                                           Demonstration("Question: a much longer question here\n", "Answer: 22")], 128)
     b = collate_sft(exs, tok.pad_token_id)
     short = len(exs[0].input_ids)
     assert b["attention_mask"][0, short:].sum() == 0

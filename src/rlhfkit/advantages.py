@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhfkit.losses import masked_whiten  # pure tensor math too; one whitening, not two
+from rlhfkit.losses import masked_var, masked_whiten  # pure tensor math too; one whitening, not two
 
 Tensor = torch.Tensor
 
@@ -55,12 +55,12 @@ def group_normalized_advantages(rewards: Tensor, group_size: int, eps: float = 1
     (unbiased, n − 1) std, as DeepSeekMath's description and TRL's ``.std()`` use; that is
     why group_size must be ≥ 2. ``scale=False`` drops the division (Dr. GRPO, Liu et al. 2025),
     which removes the bias toward groups whose rewards barely differ. A group whose rewards are
-    all equal gets advantage 0 either way: it carries no signal.
+    all equal gets advantage exactly 0 either way: it carries no signal.
     """
-    groups = _grouped(rewards, group_size)  # (n_prompts, group_size)
-    centered = groups - groups.mean(dim=1, keepdim=True)
+    shifted = _shifted_groups(rewards, group_size)  # (n_prompts, group_size)
+    centered = shifted - shifted.mean(dim=1, keepdim=True)
     if scale:
-        centered = centered / (groups.std(dim=1, keepdim=True, unbiased=True) + eps)
+        centered = centered / (shifted.std(dim=1, keepdim=True, unbiased=True) + eps)
     return centered.reshape(rewards.shape)
 
 
@@ -70,19 +70,29 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
 
     A_i = r_i − (1/(k − 1)) Σ_{j≠i} r_j  =  k/(k − 1) · (r_i − mean_group).
     The baseline excludes the sample itself, so it is independent of r_i and the estimator
-    stays unbiased; advantages sum to zero within each group.
+    stays unbiased; advantages sum to zero within each group, and are exactly 0 in a group of
+    equal rewards.
     """
-    groups = _grouped(rewards, group_size)
-    others_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others_mean).reshape(rewards.shape)
+    shifted = _shifted_groups(rewards, group_size)
+    others_mean = (shifted.sum(dim=1, keepdim=True) - shifted) / (group_size - 1)
+    return (shifted - others_mean).reshape(rewards.shape)
 
 
-def _grouped(rewards: Tensor, group_size: int) -> Tensor:
+def _shifted_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """(n_prompts, group_size) rewards minus each group's first reward: the baselines above are shift-invariant.
+
+    The shift is what makes a group of equal rewards give advantages of exactly 0. Without it the
+    group mean of equal floats need not equal them (x + x + x rounds, so mean − x can be one ulp),
+    and GRPO then divides that ulp by std + eps = 1e-6: advantages of order 0.1 (+0.24 for three
+    rewards of −2.9) from a group with no signal at all (group sizes 3, 5, 6, 7, 8, …; RLOO's
+    leave-one-out mean rounds the same way, to ~1e-7).
+    """
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be (B,), got {tuple(rewards.shape)}")
     if group_size < 2 or rewards.numel() % group_size:
         raise ValueError(f"need group_size >= 2 dividing B = {rewards.numel()}, got {group_size}")
-    return rewards.reshape(-1, group_size)
+    groups = rewards.reshape(-1, group_size)
+    return groups - groups[:, :1]
 
 
 @torch.no_grad()
@@ -95,3 +105,17 @@ def whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, all_s
     if mask is None:
         mask = torch.ones_like(x, dtype=torch.bool)
     return masked_whiten(x, mask, shift_mean=shift_mean, all_sum=all_sum)
+
+
+@torch.no_grad()
+def scale_by_std(x: Tensor, mask: Tensor, all_sum=None) -> Tensor:
+    """x / sqrt(var + 1e-8) over the masked elements of ``x`` (any shape), without shifting the mean; padding → 0.
+
+    For advantages that a baseline has already centred (GRPO's group mean, RLOO's leave-one-out):
+    whitening would subtract the batch mean again and give a group whose rewards were all equal,
+    advantage 0, a nonzero advantage and so a gradient from a group that carries no signal. Scaling
+    alone keeps 0 at exactly 0 (TRL's ``scale_rewards="batch"`` is this scaling, on rewards). The
+    unbiased masked variance and ``all_sum`` as in ``losses.masked_var``.
+    """
+    scaled = x * torch.rsqrt(masked_var(x, mask, all_sum=all_sum) + 1e-8)
+    return torch.where(mask.bool(), scaled, torch.zeros_like(scaled))

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dno": ("rlhfkit.commands.stage", "Direct Nash Optimization: iterative contrastive self-improvement (a pipeline stage)"),
     "judge-eval": ("rlhfkit.commands.judge_eval", "measure a judge: agreement with gold labels and position bias"),
     "annotate": ("rlhfkit.commands.annotate", "human annotation: import items, add annotators, serve the web app, export rankings"),
+    "import-model": ("rlhfkit.commands.import_model", "dequantize a .gguf checkpoint (or package:NAME) into a plain Hugging Face directory"),
     "serve": ("rlhfkit.serve", "serve a causal LM through an OpenAI-compatible chat-completions API"),
     "config": ("rlhfkit.commands.config_doc", "print every config key with its type, default and meaning"),
 }
@@ -55,10 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     mod = importlib.import_module(args._module)
     from rlhfkit.config import ConfigError
     from rlhfkit.data.loading import DataError
+    from rlhfkit.io import RunLocked
+    from rlhfkit.models.local import ModelNotFound
 
     try:
         return int(mod.run(args) or 0)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ModelNotFound, RunLocked) as e:
+        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        # A diverged training loop (too many non-finite steps in a row). Looked up, not imported:
+        # rlhfkit.training imports torch, and a loop can only have raised it if it is loaded.
+        training = sys.modules.get("rlhfkit.training")
+        if training is None or not isinstance(e, training.TrainingDiverged):
+            raise
         print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import enum
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -27,6 +28,25 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the file."""
+
+
+def check_positive(**values: float) -> None:
+    """Each value finite and > 0; the ValueError names the key (the loader adds the file and section)."""
+    for key, v in values.items():
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{key} must be a finite number > 0, got {v!r}")
+
+
+def check_non_negative(**values: float) -> None:
+    for key, v in values.items():
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{key} must be a finite number >= 0, got {v!r}")
+
+
+def check_probability(**values: float) -> None:
+    for key, v in values.items():
+        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            raise ValueError(f"{key} must be in [0, 1], got {v!r}")
 
 
 def _type_name(tp: Any) -> str:

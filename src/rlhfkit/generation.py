@@ -5,7 +5,8 @@ prompt ends at the same column). A response is cut after its first EOS; one that
 ``max_new_tokens`` without EOS is marked ``finished=False`` so callers can penalise it rather than
 score it as if complete. Log-probabilities used by a loss are always recomputed by a training
 forward pass (``response_logprobs``), with the sampling temperature; the ones from generation
-are never used for gradients.
+(``sample(return_logprobs=True)``) are never used for gradients, only to measure how far the
+sampler's distribution is from the training forward's (and, optionally, to correct for it).
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ class Sample:
     response_ids: list[int]  # without EOS
     text: str
     finished: bool  # ended with EOS within max_new_tokens
+    # The sampler's log π(token) of each response token (EOS included when finished), at the sampling
+    # temperature; only with sample(return_logprobs=True). A diagnostic, never a loss input.
+    logprobs: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,53 @@ class SamplingConfig:
     batch_size: int = 64
     """prompts per generate call"""
 
+    def __post_init__(self):
+        from rlhfkit.config import check_non_negative, check_positive
+
+        check_non_negative(temperature=self.temperature)
+        check_positive(top_p=self.top_p, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        if self.top_p > 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+def _sampled_logprobs_processor(temperature: float):
+    """A logits processor that records log softmax(logits / T) at each token ``generate`` samples.
+
+    ``generate`` runs the processors it is given before its own temperature and top-p warpers
+    (transformers' ``_get_logits_processor``), so the scores seen here are the model's logits, and
+    only one step's (B, V) log-probs is held at a time: ``output_logits=True`` would keep every
+    step's (B, V) logits until generation ends. The token drawn at step t is the last column of
+    the ids at step t + 1's call; ``finish`` reads the last one from the returned sequences. If a
+    transformers release ran these processors after its warpers, the sampler's log-probs would be
+    divided by T twice: ``test_pitfalls.py`` compares them with the training forward at T ≠ 1.
+    """
+    from transformers import LogitsProcessor
+
+    class SampledLogprobs(LogitsProcessor):
+        def __init__(self):
+            self.pending: torch.Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
+            self.steps: list[torch.Tensor] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if self.pending is not None:
+                self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+            self.pending = torch.log_softmax(scores.float() / temperature, dim=-1)
+            return scores
+
+        def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+            """(B, new tokens) log-probs of the sampled tokens."""
+            if self.pending is not None:
+                self.steps.append(self.pending.gather(-1, sequences[:, -1:]).squeeze(-1))
+                self.pending = None
+            if not self.steps:
+                return torch.zeros(sequences.shape[0], 0)
+            return torch.stack(self.steps, dim=1)
+
+    return SampledLogprobs()
 
 
 @torch.no_grad()
@@ -57,6 +105,7 @@ def sample(
     device: torch.device | None = None,
     response_prefixes: Sequence[str] | None = None,
     first_chunk: int = 0,
+    return_logprobs: bool = False,
 ) -> list[Sample]:
     """Sample ``num_return_sequences`` responses per prompt (prompt-major order).
 
@@ -68,6 +117,11 @@ def sample(
     Each generate call (``cfg.batch_size`` prompts) is seeded by the next draw of a generator
     seeded with ``seed``. ``first_chunk`` skips that many draws: a process sampling a shard that
     starts at prompt ``first_chunk · cfg.batch_size`` of a batch draws what one process would.
+
+    ``return_logprobs``: each Sample also carries the sampler's log-probs of its tokens, from
+    the logits ``generate`` drew them from, divided by the temperature (1 when greedy) and before
+    top-p (with top_p < 1 the draw is from that distribution renormalised over the nucleus); the
+    samples drawn are the same either way.
     """
     model = unwrap(model)
     was_training = model.training
@@ -105,10 +159,19 @@ def sample(
         )
         if not greedy:
             gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        recorder = None
+        if return_logprobs:
+            from transformers import LogitsProcessorList
+
+            recorder = _sampled_logprobs_processor(cfg.temperature if not greedy else 1.0)
+            gen_kwargs["logits_processor"] = LogitsProcessorList([recorder])
         seqs = model.generate(**gen_kwargs)
         new = seqs[:, ids.shape[1]:].tolist()
+        new_logprobs = recorder.finish(seqs).tolist() if recorder is not None else None
         for j, row in enumerate(new):
             p_idx = start + j // num_return_sequences
+            # EOS is looked for in the generated tokens only: a prompt (a chat template's end of
+            # turn) may hold the EOS token and says nothing about whether the response ended.
             if eos in row:
                 resp, finished = row[: row.index(eos)], True
             else:
@@ -119,6 +182,7 @@ def sample(
                 response_ids=resp,
                 text=tokenizer.decode(resp, skip_special_tokens=True),
                 finished=finished,
+                logprobs=tuple(new_logprobs[j][:len(resp) + int(finished)]) if new_logprobs is not None else None,
             ))
     if was_training:
         model.train()
@@ -140,6 +204,18 @@ def sequences_from_samples(samples: Sequence[Sample], pad_id: int, eos_id: int) 
         "attention_mask": pad_batch([[1] * len(x) for x in seqs], 0),
         "response_mask": pad_batch(resp_masks, 0),
     }
+
+
+def sampler_logprobs(samples: Sequence[Sample], width: int) -> torch.Tensor:
+    """The samples' own log-probs from the sampler, (B, width) in the layout of ``sequences_from_samples``
+    (at response positions, EOS included when finished; 0 elsewhere)."""
+    out = torch.zeros(len(samples), width)
+    for b, s in enumerate(samples):
+        if s.logprobs is None:
+            raise ValueError("samples carry no log-probs: sample them with return_logprobs=True")
+        start = len(s.prompt_ids)
+        out[b, start:start + len(s.logprobs)] = torch.tensor(s.logprobs, dtype=torch.float32)
+    return out
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -16,9 +16,13 @@ from typing import Any, Iterable
 
 
 def run_path(out: Path, rel: str | Path) -> Path:
-    """A path from a config: absolute as given, otherwise relative to the run's directory ``out``."""
+    """A path from a config: absolute as given; a relative one inside the run's directory ``out`` when it
+    exists there, else relative to the working directory when it exists there, else inside ``out``."""
     p = Path(rel)
-    return p if p.is_absolute() else Path(out) / p
+    if p.is_absolute():
+        return p
+    in_run = Path(out) / p
+    return p if not in_run.exists() and p.exists() else in_run
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -73,12 +77,64 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
-class JsonlLog:
-    """Append-only ``log.jsonl``: one JSON object per training step, flushed as written."""
+class RunLocked(RuntimeError):
+    """Another rlhfkit run holds the output directory."""
 
-    def __init__(self, path: Path, enabled: bool = True):
+
+class RunLock:
+    """An OS file lock on ``OUT/.rlhfkit.lock`` for the life of a run: a second run on the same directory is
+    refused at once; the kernel releases the lock when the process exits, crashes or is killed.
+
+    Taken by the main process only (the processes of one torchrun launch share a run).
+    """
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / ".rlhfkit.lock"
+        self._f = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        from rlhfkit.training import process_state
+
+        if not process_state().is_main_process:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a+")
+        try:
+            fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._f.seek(0)
+            holder = self._f.read().strip() or "unknown"
+            self._f.close()
+            self._f = None
+            raise RunLocked(f"{self.path.parent} is in use by another rlhfkit run (pid {holder}); wait for it to "
+                            f"finish or use another out=") from None
+        self._f.seek(0)
+        self._f.truncate()
+        self._f.write(str(os.getpid()))
+        self._f.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._f is not None:
+            self._f.close()  # closing the descriptor releases the lock
+            self._f = None
+
+
+class JsonlLog:
+    """Append-only ``log.jsonl``: one JSON object per training step, flushed as written.
+
+    Given an ``accelerator`` with started trackers (``report_to``), every record written also
+    goes to ``accelerator.log``: its numbers, at its ``step``. A record's text values label it
+    and prefix its metric names (the reward stage's ``"model": "rm"`` logs ``rm/loss``), so the
+    models of one stage do not overwrite each other's curves.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, accelerator=None):
         self.path = Path(path)
         self.enabled = enabled
+        self.accelerator = accelerator
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._f = open(self.path, "a")
@@ -87,10 +143,21 @@ class JsonlLog:
         if self.enabled:
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
+            if self.accelerator is not None and self.accelerator.trackers:
+                self.accelerator.log(*tracker_values(record))
 
     def close(self) -> None:
         if self.enabled:
             self._f.close()
+
+
+def tracker_values(record: dict) -> tuple[dict[str, float], int | None]:
+    """A log record as (numeric metrics, step) for ``accelerator.log``; see ``JsonlLog``."""
+    prefix = "".join(f"{v}/" for k, v in record.items() if isinstance(v, str))
+    numbers = {f"{prefix}{k}": v for k, v in record.items()
+               if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    step = record.get("step")
+    return numbers, step if isinstance(step, int) else None
 
 
 def read_jsonl_plain(path: Path) -> list[dict]:

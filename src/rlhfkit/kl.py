@@ -12,6 +12,19 @@ penalize, and it enters the return, not the gradient); GRPO's loss term uses k3 
 2024, eq. 4). Trap: k1 *as a loss* has zero expected gradient, E_π[∇ log π] = 0, so it does
 not pull π toward π_ref at all; do not put it in a loss.
 
+An unbiased *value* is not an unbiased *gradient*. On samples from π, differentiating through
+log π (Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL"):
+
+    k1 in the reward (policy gradient)  E[k1 ∇log π]                = ∇ KL(π ‖ π_ref)   unbiased
+    k2 in the loss                      E[(log π − log π_ref) ∇log π] = ∇ KL(π ‖ π_ref)   unbiased
+    k3 in the loss                      E[(1 − π_ref/π) ∇log π]     = ∇ KL(π_ref ‖ π)   the FORWARD KL
+    k3 · π/π_old in the loss            k2's gradient                = ∇ KL(π ‖ π_ref)   unbiased
+    k1 in the loss                      E[∇log π]                    = 0                 refused
+
+So GRPO's default (k3 in the loss) regularises toward π_ref by the forward KL's gradient, not
+the reverse KL it reports; ``kl_estimator: k2`` gives the reverse KL's gradient in the loss
+(tests/test_pitfalls.py computes all five exactly on a categorical policy).
+
 The controllers below (KL coefficient, Safe RLHF's Lagrange multiplier) are coefficients on a
 penalty, updated by the training loop; each has ``state_dict`` / ``load_state_dict`` so a
 resumed run continues from the same value instead of restarting from its initial one.

@@ -7,6 +7,7 @@ are *sums* over response tokens unless a docstring says otherwise. Every loss re
 """
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Callable
 
 import torch
@@ -122,7 +123,7 @@ def bradley_terry_loss(
     # logsigmoid, not log(sigmoid(·)): sigmoid underflows to 0 below about −100 (fp32), log(0) = −inf.
     loss = _weighted_mean(-F.logsigmoid(diff), weights)
     if center_coef:
-        loss = loss + center_coef * ((chosen + rejected) ** 2).mean()
+        loss = loss + center_coef * reward_centering(chosen, rejected)
     with torch.no_grad():
         metrics = {
             "accuracy": (chosen > rejected).float().mean().item(),
@@ -131,6 +132,15 @@ def bradley_terry_loss(
             "rejected_reward": rejected.mean().item(),
         }
     return loss, metrics
+
+
+def reward_centering(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """mean((r_c + r_r)²) over (B,) rewards: the centering term of ``bradley_terry_loss`` (Eisenstein et al. 2023).
+
+    Its own function so a caller that splits a batch (gradient accumulation) can weight it by its
+    share of the batch's pairs, and the BT term by its share of the pairs' weights.
+    """
+    return ((chosen + rejected) ** 2).mean()
 
 
 def ranking_pairs(ranking: list[int]) -> list[tuple[int, int, float]]:
@@ -207,13 +217,90 @@ def cost_model_loss(
 
 # ---------------------------------------------------------------- PPO
 
+class LossAggregation(StrEnum):
+    """How a (B, T) tensor of per-token losses l becomes the scalar that is minimised.
+
+    With m the response mask, n_i = Σ_t m_it the length of response i, N the number of responses
+    (rows with at least one token) and L a constant (the longest possible response):
+
+        token_mean               Σ_it m·l / Σ_it m            every token of the batch weighs the same
+        seq_mean_token_mean      (1/N) Σ_i Σ_t m·l / n_i      every response weighs the same
+        seq_mean_token_sum_norm  (1/N) Σ_i Σ_t m·l / L        every token weighs the same, by a constant
+
+    seq_mean_token_mean is GRPO's eq. 3 (Shao et al. 2024): a token of a short response weighs
+    more than one of a long response, so a short right answer is pushed up harder and a long
+    wrong answer pushed down more gently, a bias toward long wrong answers (Dr. GRPO, Liu et al.
+    2025, §3.1). token_mean is PPO's usual mean and DAPO's token-level loss (TRL's ``dapo`` and
+    ``bnpo``, veRL's ``token-mean``); seq_mean_token_sum_norm is Dr. GRPO's (TRL's ``dr_grpo``,
+    veRL's ``seq-mean-token-sum-norm``). Each is a mean over ``units`` (tokens, or responses), so a
+    caller that splits a batch (micro-batches, processes) weights each part's aggregate by its units
+    over the batch's, and the weighted sum is the whole batch's aggregate exactly.
+    """
+
+    token_mean = "token_mean"
+    seq_mean_token_mean = "seq_mean_token_mean"
+    seq_mean_token_sum_norm = "seq_mean_token_sum_norm"
+
+    def units(self, mask: Tensor) -> Tensor:
+        """What the aggregate is a mean over, counted in ``mask`` (B, T): its tokens, or its rows that hold a token."""
+        if self is LossAggregation.token_mean:
+            return mask.sum()
+        return (mask.sum(-1) > 0).sum()
+
+
+def aggregate_loss(
+    per_token: Tensor, mask: Tensor, aggregation: LossAggregation | str = LossAggregation.token_mean,
+    max_len: int | None = None,
+) -> Tensor:
+    """(B, T) per-token losses → scalar, by ``aggregation`` (equations in ``LossAggregation``).
+
+    ``max_len`` is L of seq_mean_token_sum_norm (a constant, e.g. the sampler's max_new_tokens).
+    Padding-invariant: padded columns and rows without a response token change nothing, even
+    when the padding holds inf or NaN.
+    """
+    _check_same_shape(per_token=per_token, mask=mask)
+    aggregation = LossAggregation(aggregation)
+    if aggregation is LossAggregation.token_mean:
+        return masked_mean(per_token, mask)
+    if per_token.dim() != 2:
+        raise ValueError(f"per-sequence aggregation needs (B, T) per-token losses, got {tuple(per_token.shape)}")
+    if aggregation is LossAggregation.seq_mean_token_mean:
+        per_sequence = masked_mean(per_token, mask, dim=1)  # (B,); an empty row gives 0 and is not counted
+    else:
+        if max_len is None or max_len <= 0:
+            raise ValueError(f"seq_mean_token_sum_norm needs max_len > 0, got {max_len}")
+        per_sequence = masked_sum(per_token, mask, dim=1) / max_len  # (B,)
+    return per_sequence.sum() / aggregation.units(mask).clamp(min=1)
+
+
+def truncated_importance_weights(train_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """Truncated importance sampling weights min(π_train / π_rollout, cap) per token: (B, T) → (B, T), detached.
+
+    π_rollout is the probability the sampler gave the token it drew; π_train the training forward's
+    probability of it under the same weights (PPO's old log-probs). When the two disagree (other
+    kernels, batch shapes, an inference engine such as vLLM) the rollouts come from a slightly
+    different policy than the one the loss assumes; multiplying each token's policy loss by this
+    ratio corrects for it, and the cap bounds the variance (Yao et al. 2025, "Your efficient RL
+    framework secretly brings you off-policy RL training"). Padding gets weight 1.
+    """
+    _check_same_shape(train_logprobs=train_logprobs, rollout_logprobs=rollout_logprobs, mask=mask)
+    if cap <= 0:
+        raise ValueError(f"cap must be > 0, got {cap}")
+    train_logprobs, rollout_logprobs = _zero_padding(mask, train_logprobs.detach(), rollout_logprobs.detach())
+    return torch.exp(train_logprobs - rollout_logprobs).clamp(max=cap)
+
+
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float,
+    aggregation: LossAggregation | str = LossAggregation.token_mean, max_len: int | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), all inputs (B, T).
 
-    ratio = exp(logp − logp_old); loss = masked_mean(max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε))),
-    a mean over all response tokens of the batch. Metrics: clipfrac, the fraction of tokens
+    ratio = exp(logp − logp_old); l = max(−A·ratio, −A·clip(ratio, 1 − ε, 1 + ε)) per token, times
+    ``is_weights`` (truncated importance sampling, ``truncated_importance_weights``) when given;
+    loss = ``aggregate_loss(l, mask, aggregation, max_len)``, by default the mean over all response
+    tokens of the batch. Metrics: clipfrac, the fraction of tokens
     where the clipped term won the max (so the token's gradient is 0; a ratio outside the band
     in the direction that hurts the objective is *not* counted, unlike cleanrl's |ratio − 1| > ε);
     approx_kl = masked_mean((ratio − 1) − log ratio), the k3 estimate of KL(π_old ‖ π) that
@@ -229,7 +316,11 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if is_weights is not None:
+        _check_same_shape(logprobs=logprobs, is_weights=is_weights)
+        per_token = per_token * is_weights.detach()
+    loss = aggregate_loss(per_token, mask, aggregation, max_len)
     with torch.no_grad():
         metrics = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
@@ -239,11 +330,14 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_eps: float,
+    aggregation: LossAggregation | str = LossAggregation.token_mean, max_len: int | None = None,
 ) -> tuple[Tensor, dict]:
     """Clipped value loss, all inputs (B, T) (the PPO2 baselines form that cleanrl and TRL use).
 
-    loss = 0.5 · masked_mean(max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)).
+    loss = 0.5 · aggregate(max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)), by default the
+    mean over response tokens (``aggregate_loss``; one aggregation for every term of a loss keeps
+    micro-batch weighting exact).
     Metrics: value_clipfrac (tokens where the clipped error won), explained_variance =
     1 − Var(R − V_old) / Var(R) of the rollout values (cleanrl's diagnostic; NaN when every
     return is equal, where it is undefined).
@@ -254,7 +348,7 @@ def ppo_value_loss(
     clipped_values = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    loss = 0.5 * aggregate_loss(torch.maximum(unclipped_error, clipped_error), mask, aggregation, max_len)
     with torch.no_grad():
         var_returns = masked_var(returns, mask)
         explained = 1 - masked_var(returns - old_values, mask) / var_returns if var_returns > 0 else float("nan")

@@ -17,7 +17,10 @@ from typing import Callable
 
 import yaml
 
+from rlhfkit import lineage
 from rlhfkit.config import ConfigError, load_config, save_config, to_dict
+from rlhfkit.io import RunLock
+from rlhfkit.models.local import resolve_in_run
 from rlhfkit.recipes.dno import DNOConfig
 from rlhfkit.recipes.dpo import DPOConfig
 from rlhfkit.recipes.evaluate import EvalConfig
@@ -91,17 +94,35 @@ def _stage_data(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
 
 
 @contextlib.contextmanager
-def _accelerated(section, stage_dir: Path):
-    """The accelerator and log.jsonl of a training stage (the log written by the main process only)."""
-    from rlhfkit.io import JsonlLog
+def _tracked(section, stage_dir: Path):
+    """The accelerator of a stage, with the trackers ``section.report_to`` names started for its run.
+
+    Tracker files go to ``stage_dir/tracking`` (OUT/<stage>.partial/tracking, which becomes
+    OUT/<stage>/tracking when the stage completes); they are closed however the stage ends.
+    """
+    from rlhfkit.tracking import end_tracking, start_tracking
     from rlhfkit.training import make_accelerator
 
-    acc = make_accelerator(section)
-    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process)
+    acc = make_accelerator(section, project_dir=stage_dir / "tracking")
+    start_tracking(acc, stage_dir.name.removesuffix(".partial"), section)
     try:
-        yield acc, log
+        yield acc
     finally:
-        log.close()
+        end_tracking(acc)
+
+
+@contextlib.contextmanager
+def _accelerated(section, stage_dir: Path):
+    """The accelerator and log.jsonl of a training stage (the log written by the main process only,
+    and forwarded to the stage's trackers)."""
+    from rlhfkit.io import JsonlLog
+
+    with _tracked(section, stage_dir) as acc:
+        log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process, accelerator=acc)
+        try:
+            yield acc, log
+        finally:
+            log.close()
 
 
 def _stage_pretrain(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
@@ -114,7 +135,7 @@ def _stage_pretrain(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
 def _stage_sft(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.recipes import sft
 
-    model = cfg.sft.model or str(out / "pretrain" / "model")
+    model = resolve_in_run(cfg.sft.model, out) if cfg.sft.model else out / "pretrain" / "model"
     with _accelerated(cfg.sft, stage_dir) as (acc, log):
         return sft.run(cfg.sft, model, _data_path(cfg.sft.data, out, "sft.jsonl"), stage_dir, acc, log)
 
@@ -122,7 +143,7 @@ def _stage_sft(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
 def _stage_dpo(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.recipes import dpo
 
-    model = cfg.dpo.model or str(out / "sft" / "model")
+    model = resolve_in_run(cfg.dpo.model, out) if cfg.dpo.model else out / "sft" / "model"
     data = Path(cfg.dpo.data) if cfg.dpo.data else out / "label" / "pairs.jsonl"
     if not cfg.dpo.data and not data.exists():
         data = out / "label" / "rankings.jsonl"  # the oracle judge writes rankings only
@@ -133,7 +154,7 @@ def _stage_dpo(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
 def _stage_dno(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.recipes import dno
 
-    model = cfg.dno.model or str(out / "sft" / "model")
+    model = resolve_in_run(cfg.dno.model, out) if cfg.dno.model else out / "sft" / "model"
     prompts = Path(cfg.dno.prompts) if Path(cfg.dno.prompts).is_absolute() else out / (cfg.dno.prompts or "data/prompts.jsonl")
     with _accelerated(cfg.dno, stage_dir) as (acc, log):
         return dno.run(cfg.dno, model, prompts, out, stage_dir, acc, log)
@@ -176,10 +197,10 @@ def _stage_rl(name: str) -> Callable[[PipelineConfig, Path, Path], dict]:
 
     def runner(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
         from rlhfkit.recipes import ppo
-        from rlhfkit.training import make_accelerator
 
         section = getattr(cfg, name)
-        return ppo.run(section, out, stage_dir, make_accelerator(section), stage_dir / "log.jsonl", name=name)
+        with _tracked(section, stage_dir) as acc:
+            return ppo.run(section, out, stage_dir, acc, stage_dir / "log.jsonl", name=name)
 
     return runner
 
@@ -223,13 +244,16 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
                 f"{saved_path}: stage '{stage}' already completed with a different config; "
                 f"remove {final} to rerun it, or use another out="
             )
+        lineage.check_complete(out, stage)
         state.print(f"[rlhfkit] {stage}: complete in {final}, skipped")
         return "skipped"
+    inputs = lineage.check_checkpoint(out, stage)
     partial = final.with_name(stage + ".partial")
     if state.is_main_process:
         if partial.exists():
             shutil.rmtree(partial)  # an interrupted attempt: start the stage over
         partial.mkdir(parents=True)
+        lineage.record_start(out, stage, inputs)
     state.wait_for_everyone()
     state.print(f"[rlhfkit] {stage}: running")
     t0 = time.time()
@@ -241,29 +265,37 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
         metrics["stage_runtime_s"] = time.time() - t0
         atomic_write_json(partial / "metrics.json", metrics)
         save_config(getattr(cfg, SECTION[stage]), partial / "config.yaml")
+        lineage.record_complete(partial, cfg_now, inputs)
         commit_dir(partial, final)
-        # Resume state a stage kept outside its directory (RL checkpoints) is spent once it is complete.
+        # Resume state a stage kept outside its directory (checkpoints) is spent once it is complete.
         shutil.rmtree(out / f"{stage}.ckpt", ignore_errors=True)
+        lineage.inputs_file(out, stage).unlink(missing_ok=True)
     state.wait_for_everyone()
     state.print(f"[rlhfkit] {stage}: done in {time.time() - t0:.1f}s")
     return "ran"
 
 
-def run_pipeline(cfg: PipelineConfig) -> Path:
-    """Run every stage in ``cfg.stages`` (skipping complete ones), then write the report."""
+def run_pipeline(cfg: PipelineConfig, force_rerun: str | None = None) -> Path:
+    """Run every stage in ``cfg.stages`` (skipping complete ones), then write the report; the output
+    directory is locked for the whole run. ``force_rerun``: redo that stage and every stage after it."""
     from rlhfkit.training import process_state
 
     out = Path(cfg.out)
     state = process_state()
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    for stage in cfg.stages:
-        run_stage(cfg, stage, out)
-    if state.is_main_process:
-        from rlhfkit.report import write_report
+    with RunLock(out):
+        if force_rerun and state.is_main_process:
+            for p in lineage.force_rerun(out, cfg.stages, force_rerun):
+                print(f"[rlhfkit] --force-rerun {force_rerun}: removed {p}")
+        state.wait_for_everyone()
+        if state.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        for stage in cfg.stages:
+            run_stage(cfg, stage, out)
+        if state.is_main_process:
+            from rlhfkit.report import write_report
 
-        write_report(out)
+            write_report(out)
     return out
 
 
@@ -276,11 +308,13 @@ def load_pipeline_config(path: str | Path | None, overrides=()) -> PipelineConfi
 def add_arguments(p) -> None:
     p.add_argument("config", help="pipeline YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. out=runs/x sft.lr=1e-4")
+    p.add_argument("--force-rerun", metavar="STAGE", default=None,
+                   help="redo STAGE and every stage after it (their outputs and checkpoints are removed first)")
 
 
 def run(args) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
-    out = run_pipeline(cfg)
+    out = run_pipeline(cfg, args.force_rerun)
     print(f"[rlhfkit] report: {out / 'report.md'}")
     return 0
 

@@ -140,14 +140,21 @@ def dno_soft_loss(
     return loss, metrics
 
 
-def sft_nll(logps_sum: Tensor, n_tokens: Tensor) -> Tensor:
+def sft_nll(logps_sum: Tensor, n_tokens: Tensor, weights: Tensor | None = None) -> Tensor:
     """Mean per-token negative log-likelihood of the chosen responses, for DPO + SFT (RPO).
 
     logps_sum (B,): summed log-probs of each chosen response; n_tokens (B,): its length.
     Returns mean_b(−logps_sum_b / n_tokens_b), a scalar. Each sequence is normalized by its own
     length before the batch mean (Pang et al. 2024, eq. 1), so a long response does not
     outweigh a short one; TRL's ``rpo_alpha`` instead averages over all tokens of the batch.
+    ``weights`` (B,): the weighted mean Σ w·nll / Σ w, with the pair weights the DPO term uses,
+    so a batch cut into micro-batches weighted by their share of Σ w gives the same total.
     Add it as ``loss = dpo + alpha * sft_nll(...)``.
     """
     _check_same_shape(logps_sum=logps_sum, n_tokens=n_tokens)
-    return (-logps_sum / n_tokens.to(logps_sum.dtype).clamp(min=1)).mean()
+    per_sequence = -logps_sum / n_tokens.to(logps_sum.dtype).clamp(min=1)
+    if weights is None:
+        return per_sequence.mean()
+    _check_same_shape(logps_sum=logps_sum, weights=weights)
+    weights = weights.to(per_sequence.dtype)
+    return (weights * per_sequence).sum() / weights.sum()

@@ -13,6 +13,8 @@ from rlhfkit.io import atomic_write_json, atomic_write_text, read_jsonl_plain
 
 METRICS = ["gold_score", "accuracy", "abstain_rate", "invented_number_rate", "win_rate_vs_sft", "kl_from_reference",
            "false_abstain_rate", "finished_rate", "response_length"]
+# Eval with any other judge, on prompts without the task's meta (recipes/evaluate.py, general path).
+GENERAL_METRICS = ["win_rate", "judge_score", "response_length", "hit_token_limit_rate", "kl_from_reference"]
 PLOT_KEYS = ["loss", "reward", "kl", "gold_score", "win_rate"]
 
 
@@ -179,6 +181,25 @@ def _samples(out: Path, per_policy: int = 3) -> dict[str, list[dict]]:
     return by
 
 
+def _prompt_text(prompt) -> str:
+    """A written prompt (a string, or a list of message objects) as text for the report."""
+    from rlhfkit.data.chat import parse_messages, prompt_as_text
+
+    return prompt if isinstance(prompt, str) else prompt_as_text(parse_messages(prompt, "prompt"))
+
+
+def _sample_note(r: dict) -> str:
+    if "correct" in r:  # judged by the task's oracle
+        return (f"score {r['score']:.2f}, correct {r['correct']}, abstained {r['abstained']}, "
+                f"invented number {r['invented']}")
+    note = [f"{r['length']} tokens", "finished" if r["finished"] else "hit the token limit"]
+    if r.get("score") is not None:
+        note.append(f"judge score {r['score']:.2f}")
+    if r.get("win_prob") is not None:
+        note.append(f"P(≻ reference) {r['win_prob']:.2f}")
+    return ", ".join(note)
+
+
 def write_report(out: Path) -> dict:
     out = Path(out)
     summary = build_summary(out)
@@ -188,11 +209,20 @@ def write_report(out: Path) -> dict:
 
     md = ["# rlhfkit report", "", f"Run directory: `{out}`", ""]
     if summary["policies"]:
-        md += ["## Policies on held-out prompts", "",
-               "Mean [95% CI] over held-out prompts, scored by the task's oracle judge.", "",
-               "| policy | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+        present = {k for m in summary["policies"].values() for k in m}
+        if "gold_score" in present:  # the embedded task's oracle judged
+            cols, caption = METRICS, "Mean [95% CI] over held-out prompts, scored by the task's oracle judge."
+        else:
+            cols = [k for k in GENERAL_METRICS if k in present]
+            ev = out / "eval" / "metrics.json"
+            ev = json.loads(ev.read_text()) if ev.exists() else {}
+            caption = (f"Mean [95% CI] over the evaluation prompts. win_rate: P(policy's response ≻ "
+                       f"{ev.get('reference', 'the reference')}'s) by judge {ev.get('judge', '?')}; judge_score: its "
+                       f"reward; response_length in tokens; hit_token_limit_rate: responses cut at the token limit.")
+        md += ["## Policies on held-out prompts", "", caption, "",
+               "| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, m in summary["policies"].items():
-            md.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in METRICS) + " |")
+            md.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in cols) + " |")
         md.append("")
     for key in [k for k in summary if k not in ("policies", "stages")]:
         table = ci_table(summary[key])
@@ -209,8 +239,8 @@ def write_report(out: Path) -> dict:
         for name, rows in samples.items():
             md.append(f"### {name}")
             for r in rows:
-                md += ["", f"**Prompt:** `{r['prompt'].strip()}`  ", f"score {r['score']:.2f}, correct {r['correct']}, "
-                       f"abstained {r['abstained']}, invented number {r['invented']}", "", "```", r["response"], "```"]
+                md += ["", f"**Prompt:** `{_prompt_text(r['prompt']).strip()}`  ", _sample_note(r), "", "```",
+                       r["response"], "```"]
             md.append("")
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "report.html", _html(md))

@@ -13,13 +13,17 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from rlhfkit.config import check_non_negative, check_positive
 from rlhfkit.io import JsonlLog
+from rlhfkit.tracking import check_report_to, check_trackers_available, trackers_of
+from rlhfkit.models.trainable import LoRAConfig
 
 
 @dataclass(frozen=True)
@@ -50,8 +54,30 @@ class TrainConfig:
     """seed for initialisation, data order and dropout"""
     mixed_precision: str = "auto"
     """``auto`` (bf16 on a GPU, full precision on CPU), ``no``, ``bf16`` or ``fp16``"""
+    report_to: tuple[str, ...] = ()
+    """trackers every logged metric also goes to: tensorboard, wandb, trackio; empty (or [none]) logs only to log.jsonl"""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """low-rank adapters (``lora.r: 0`` trains every weight); the saved ``model/`` is merged unless ``lora.merge`` is false"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, about a third more compute"""
+    save_every: int = 50
+    """write a mid-stage checkpoint (model and adapters, optimizer, scheduler, RNG states, data position) to
+    OUT/<stage>.ckpt every this many optimizer steps, atomically; a rerun of the stage resumes from it (0: never)"""
+    stop_after_steps: int = 0
+    """stop (after checkpointing) once this many optimizer steps are done, leaving the stage incomplete; a rerun
+    resumes (for tests and operations); 0 runs to the end"""
+    max_nonfinite_steps: int = 3
+    """a step whose loss or gradient norm is NaN or infinite is skipped (no update) and counted; this many in a
+    row stop the stage with an error, uncommitted; 0 turns the check off"""
 
     def __post_init__(self):
+        check_report_to(self.report_to)
+        # Ranges first, at load time: a negative or NaN value must not reach torch after the model has loaded.
+        check_positive(lr=self.lr, epochs=self.epochs, log_every=self.log_every)
+        check_non_negative(weight_decay=self.weight_decay, warmup_steps=self.warmup_steps, max_steps=self.max_steps,
+                           grad_clip=self.grad_clip)
+        check_non_negative(save_every=self.save_every, stop_after_steps=self.stop_after_steps,
+                           max_nonfinite_steps=self.max_nonfinite_steps)
         if self.batch_size <= 0 or self.grad_accum_steps <= 0:
             raise ValueError("batch_size and grad_accum_steps must be positive")
         if self.batch_size % self.grad_accum_steps:
@@ -78,18 +104,26 @@ def process_state():
     return PartialState(cpu=_cpu_only())
 
 
-def make_accelerator(cfg: TrainConfig | None = None):
+def make_accelerator(cfg: TrainConfig | None = None, project_dir=None):
     """One Accelerator per stage: single process by default, DDP/FSDP/DeepSpeed under ``accelerate launch``.
 
     Every Accelerator and PartialState in the project is made here or by ``process_state``: the
     state is a process-wide singleton and the first construction decides the backend.
+    With ``cfg.report_to`` trackers and a ``project_dir`` (where tensorboard writes its event
+    files), the accelerator logs to them once its caller runs ``init_trackers``; without a
+    ``project_dir`` the caller tracks nothing and ``report_to`` is not used.
     """
     from accelerate import Accelerator
 
     mp = getattr(cfg, "mixed_precision", "auto")
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(mixed_precision=mp, cpu=_cpu_only())
+    trackers = trackers_of(cfg) if project_dir is not None else []
+    if not trackers:
+        return Accelerator(mixed_precision=mp, cpu=_cpu_only())
+    acc = Accelerator(mixed_precision=mp, cpu=_cpu_only(), log_with=trackers, project_dir=str(project_dir))
+    check_trackers_available(trackers, acc.log_with)
+    return acc
 
 
 class Collective:
@@ -119,6 +153,99 @@ class Collective:
     def gather(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped (B, ...) shards in rank order."""
         return t if self.world == 1 else self.accelerator.gather(t.detach().contiguous())
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm: the stage stops, uncommitted."""
+
+
+def _finite(value) -> bool:
+    return value is None or math.isfinite(float(value))
+
+
+class NonFiniteGuard:
+    """Skips an update whose loss or gradient norm is NaN or infinite, counts it, and stops the stage
+    (``TrainingDiverged``, naming the stage and the step) at ``max_consecutive`` skips in a row; 0 turns
+    it off (no check, no extra gradient norm: the loop as it was).
+
+    Every training loop decides through it, on values all processes hold alike (the global gradient
+    norm after DDP's all-reduce, the loss reduced over processes), so the processes step or skip
+    together. A skipped step zeroes the gradients and steps neither optimizer nor scheduler: weights,
+    Adam's moments and the learning rate stay as they were. Under fp16 the loss scaler owns gradient
+    overflow (it skips the step and lowers the scale, its normal working), so only a non-finite loss
+    counts there. Its state (``state_dict``) goes into checkpoints, so counts survive a resume.
+    """
+
+    def __init__(self, stage: str, max_consecutive: int, accelerator):
+        self.stage, self.max_consecutive, self.accelerator = stage, max_consecutive, accelerator
+        self.skipped: list[int] = []  # the steps skipped
+        self.consecutive = 0
+        self.updates = 0  # steps checked (names the step when the loop passes none)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_consecutive > 0
+
+    def grad_norm(self, model, grad_clip: float):
+        """The global gradient norm, clipping to ``grad_clip`` when it is > 0; None when neither is wanted.
+
+        Without clipping the norm comes from the same call with an infinite max norm: the clip
+        coefficient is then exactly 1.0, so the gradients (and the weights) are unchanged bit for bit.
+        """
+        if grad_clip > 0:
+            return self.accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        if self.enabled:
+            return self.accelerator.clip_grad_norm_(model.parameters(), math.inf)
+        return None
+
+    def step(self, step, loss, grad_norms: Sequence, updates: Sequence[tuple]) -> bool:
+        """Step each (optimizer, scheduler) of ``updates`` unless ``loss`` or one of ``grad_norms`` is
+        non-finite; zero the gradients either way. Returns whether the update was applied."""
+        ok = self.check(step, loss, grad_norms)
+        for opt, sched in updates:
+            if ok:
+                opt.step()
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+        return ok
+
+    def check(self, step, loss, grad_norms: Sequence = ()) -> bool:
+        """Whether step ``step`` (None: the count of checks) may update; counts a skip, raises at the limit."""
+        self.updates += 1
+        if not self.enabled:
+            return True
+        scaler = getattr(self.accelerator, "scaler", None)
+        bad = [] if _finite(loss) else [f"loss {float(loss)}"]
+        if scaler is None:
+            bad += [f"gradient norm {float(g)}" for g in grad_norms if not _finite(g)]
+        if not bad:
+            self.consecutive = 0
+            return True
+        self.skipped.append(self.updates if step is None else step)
+        self.consecutive += 1
+        if scaler is not None:
+            try:
+                scaler.update()  # what the skipped optimizer step would have done: lower the scale, reset its state
+            except AssertionError:
+                pass  # no inf check was recorded this step
+        where = f"optimizer step {self.updates}" if step is None else f"step {step}"
+        what = f"{self.stage}: {where}: non-finite {', '.join(bad)}"
+        if self.consecutive >= self.max_consecutive:
+            raise TrainingDiverged(f"{what}; {self.consecutive} steps in a row, so the stage stops uncommitted "
+                                   "(lower lr, set grad_clip, or check the data)")
+        if self.accelerator.is_main_process:
+            print(f"[rlhfkit] {what}; update skipped ({self.consecutive} in a row, the stage stops at "
+                  f"{self.max_consecutive})", file=sys.stderr, flush=True)
+        return False
+
+    def metrics(self) -> dict:
+        return {"skipped_nonfinite_steps": len(self.skipped), "skipped_nonfinite_at": list(self.skipped)}
+
+    def state_dict(self) -> dict:
+        return {"skipped": list(self.skipped), "consecutive": self.consecutive, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive, self.updates = list(state["skipped"]), state["consecutive"], state["updates"]
 
 
 def make_optimizer_and_scheduler(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
@@ -186,12 +313,14 @@ def train_lm(
     accelerator,
     log: JsonlLog,
     progress_desc: str = "train",
+    checkpoint=None,
 ) -> dict:
     """Next-token training (pretraining and SFT): the loop, with exact global-token normalisation.
 
     ``collate(indices)`` builds a batch for those examples; ``loss_tokens[i]`` is the number of
     positions of example i that carry a loss (known up front, so no communication is needed to
-    normalise). Returns final metrics.
+    normalise). ``checkpoint`` (a ``checkpoints.LoopCheckpoint``): resume from it, save to it every
+    ``cfg.save_every`` steps. Returns final metrics.
     """
     from tqdm.auto import tqdm
 
@@ -199,15 +328,19 @@ def train_lm(
     opt, sched = make_optimizer_and_scheduler(model, cfg, total)
     # The scheduler is not passed to prepare(): accelerate would step it once per process per
     # step (it assumes sharded dataloaders), running the schedule N times too fast on N processes.
+    objects = {"model": model, "opt": opt, "sched": sched}  # unwrapped: what a checkpoint holds
     model, opt = accelerator.prepare(model, opt)
     model.train()
+    guard = NonFiniteGuard(progress_desc, cfg.max_nonfinite_steps, accelerator)
+    controllers = {"nonfinite": guard}
+    start, extra = checkpoint.resume(objects, controllers) if checkpoint is not None else (0, {})
     world, rank = accelerator.num_processes, accelerator.process_index
     t0 = time.time()
-    tokens_seen = 0
-    samples_seen = 0
-    last_loss = float("nan")
-    bar = tqdm(total=total, desc=progress_desc, disable=not accelerator.is_main_process)
-    for step, idx in enumerate(global_batches(n_examples, cfg.batch_size, total, cfg.seed)):
+    tokens_seen = tokens_before = extra.get("tokens_seen", 0)
+    samples_seen = samples_before = extra.get("samples_seen", 0)
+    last_loss = extra.get("last_loss", float("nan"))
+    bar = tqdm(total=total, initial=start, desc=progress_desc, disable=not accelerator.is_main_process)
+    for step, idx in enumerate(global_batches(n_examples, cfg.batch_size, total, cfg.seed, start_step=start), start=start):
         n_global = sum(loss_tokens[i] for i in idx)
         micro_batches = shard(idx, cfg.grad_accum_steps, rank, world)
         loss_sum_local = torch.zeros((), device=accelerator.device)
@@ -219,11 +352,9 @@ def train_lm(
                 s = token_loss_sum(model, batch)
                 accelerator.backward(s * world / n_global)
             loss_sum_local += s.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = guard.grad_norm(model, cfg.grad_clip)
         last_loss = (accelerator.reduce(loss_sum_local, reduction="sum") / n_global).item()
+        guard.step(step + 1, last_loss, [grad_norm], [(opt, sched)])
         tokens_seen += n_global
         samples_seen += len(idx)
         bar.update(1)
@@ -234,11 +365,14 @@ def train_lm(
                 "loss": last_loss,
                 "lr": sched.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": tokens_seen / max(elapsed, 1e-9),
-                "samples_per_s": samples_seen / max(elapsed, 1e-9),
+                "tokens_per_s": (tokens_seen - tokens_before) / max(elapsed, 1e-9),
+                "samples_per_s": (samples_seen - samples_before) / max(elapsed, 1e-9),
                 "elapsed_s": elapsed,
             })
             bar.set_postfix(loss=f"{last_loss:.3f}")
+        if checkpoint is not None:
+            checkpoint.after_step(step + 1, total, objects, controllers, lambda: {
+                "tokens_seen": tokens_seen, "samples_seen": samples_seen, "last_loss": last_loss})
     bar.close()
     runtime = time.time() - t0
     model.eval()
@@ -248,6 +382,7 @@ def train_lm(
         "train_samples": samples_seen,
         "train_tokens": tokens_seen,
         "train_runtime_s": runtime,
-        "train_samples_per_s": samples_seen / max(runtime, 1e-9),
+        "train_samples_per_s": (samples_seen - samples_before) / max(runtime, 1e-9),
+        "resumed_from_step": start,
+        **guard.metrics(),
     }
-

@@ -30,6 +30,10 @@ def add_arguments(p) -> None:
     s.add_argument("--data", help="import this data file first")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a connection may wait for the next bytes of its request before it is closed")
+    s.add_argument("--max-connections", type=int, default=64,
+                   help="connections served at once; past it the longest-waiting idle one is closed, or 503")
     s = sub.add_parser("export", help="write the rankings and inter-annotator agreement")
     s.add_argument("--db", required=True)
     s.add_argument("--out", required=True, help="rankings JSONL; agreement goes to <name>.agreement.json beside it")
@@ -67,7 +71,8 @@ def run(args) -> int:
 
             if args.data:
                 _import(store, args.data)
-            server = make_server(store, args.host, args.port)
+            server = make_server(store, args.host, args.port, read_timeout_s=args.read_timeout,
+                                 max_connections=args.max_connections)
             host, port = server.server_address[:2]
             from rlhfkit.serve import serve_until_interrupted
 

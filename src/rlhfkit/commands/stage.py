@@ -29,6 +29,9 @@ def run(args) -> int:
     cfg = load_pipeline_config(config, qualified)
     from pathlib import Path
 
+    from rlhfkit.io import RunLock
+
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    run_stage(cfg, stage, Path(cfg.out))
+    with RunLock(Path(cfg.out)):
+        run_stage(cfg, stage, Path(cfg.out))
     return 0

@@ -1,35 +1,28 @@
 """Tokenization and collation: SFT examples with prompt masking, and packed pretraining blocks.
 
-One way to turn a prompt into model input: ``prompt_text`` (chat template when the tokenizer
-has one). Prompt and response are tokenized separately and concatenated as ids, so the
+One way to turn a prompt into model input: ``data.chat.render_prompt`` (chat template when the
+tokenizer has one). Prompt and response are tokenized separately and concatenated as ids, so the
 boundary between them is exact (tokenizing the joined string can merge the last prompt
 character with the first response character and shift the mask by one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Sequence
 
 import torch
 
+from rlhfkit.data.chat import Prompt, render_prompt
 from rlhfkit.data.loading import DataError, Demonstration
 
 IGNORE = -100
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """The text the model sees before its response: the chat template's user turn if it has one."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-    return prompt
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    text = prompt_text(tokenizer, prompt)
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of a prompt (a string or a conversation) through the one renderer, ``data.chat.render_prompt``."""
     # A chat template already carries its own BOS; plain prompts get none (our tokenizers add none).
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
 
 
 def encode_response(tokenizer, response: str, add_eos: bool = True) -> list[int]:
@@ -50,20 +43,48 @@ class TokenizedExample:
         return sum(1 for x in self.labels[1:] if x != IGNORE)
 
 
-def tokenize_demonstrations(tokenizer, demos: Sequence[Demonstration], max_len: int) -> list[TokenizedExample]:
-    """Tokenize SFT demonstrations; a prompt or example longer than ``max_len`` is a DataError naming the record."""
-    out = []
+class Truncation(StrEnum):
+    """What to do with an example longer than ``max_len``."""
+
+    error = "error"
+    """refuse it: a DataError naming the file and line (the default: nothing is cut silently)"""
+    left = "left"
+    """cut the prompt's beginning (its latest turns stay), then the response's end if still too long"""
+    right = "right"
+    """cut the response's end (the prompt stays whole); a prompt that alone fills max_len is still an error"""
+
+
+def fit_to_length(prompt: list[int], responses: Sequence[list[int]], max_len: int, truncation: Truncation,
+                  where: str) -> tuple[list[int], list[list[int]], bool]:
+    """(prompt, responses, truncated) with len(prompt) + len(longest response) <= max_len.
+
+    Several responses (a pair's chosen and rejected) share the prompt, so the longest decides.
+    """
+    longest = max(len(r) for r in responses)
+    if len(prompt) + longest <= max_len:
+        return prompt, list(responses), False
+    if len(prompt) >= max_len and truncation is not Truncation.left:
+        raise DataError(f"{where}: prompt is {len(prompt)} tokens, longer than the model's context ({max_len})")
+    if truncation is Truncation.error:
+        raise DataError(f"{where}: prompt + response is {len(prompt) + longest} tokens, longer than max_len ({max_len}); "
+                        f"set truncation: left or right to cut it")
+    if truncation is Truncation.left:
+        keep = max(1, max_len - longest)
+        prompt = prompt[-keep:]
+    budget = max_len - len(prompt)
+    return prompt, [r[:budget] for r in responses], True
+
+
+def tokenize_demonstrations(tokenizer, demos: Sequence[Demonstration], max_len: int,
+                            truncation: Truncation = Truncation.error) -> tuple[list[TokenizedExample], int]:
+    """Tokenized SFT demonstrations and how many were truncated; too long under ``error`` is a DataError naming the record."""
+    out, n_cut = [], 0
     for d in demos:
-        p = encode_prompt(tokenizer, d.prompt)
-        r = encode_response(tokenizer, d.response)
-        if len(p) >= max_len:
-            raise DataError(f"{d.where}: prompt is {len(p)} tokens, longer than the model's context ({max_len})")
-        if len(p) + len(r) > max_len:
-            raise DataError(
-                f"{d.where}: prompt + response is {len(p) + len(r)} tokens, longer than max_len ({max_len})"
-            )
+        p, (r,), cut = fit_to_length(encode_prompt(tokenizer, d.prompt), [encode_response(tokenizer, d.response)],
+                                     max_len, Truncation(truncation), d.where)
+        n_cut += cut
         out.append(TokenizedExample(p + r, [IGNORE] * len(p) + r))
-    return out
+    return out, n_cut
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_value: int, side: str = "right") -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Reading user data: JSONL, JSONL.gz, JSON, Parquet and ``datasets.save_to_disk`` directories.
+"""Reading user data: JSONL, JSONL.gz, JSON, Parquet, CSV and ``datasets.save_to_disk`` directories.
 
 Every record keeps where it came from (``file:line`` or ``file:record N``) so that a bad
 record is reported by location, before any training starts.
@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+from rlhfkit.data.chat import ChatFormatError, Prompt, completion_text, parse_messages, split_conversation
 
 
 class DataError(ValueError):
@@ -24,10 +26,28 @@ class Located:
     where: str
 
 
+def read_text_utf8(path: Path) -> str:
+    """A whole file as text; a byte that is not UTF-8 is a DataError naming the file and its line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {raw[e.start]:#04x})") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[Located]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with opener(path, "rb") as f:
+        try:
+            lines = list(f)
+        except (OSError, EOFError) as e:  # gzip.BadGzipFile, a truncated .gz
+            raise DataError(f"{path}: not a readable gzip file ({e})") from None
+        for lineno, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -59,7 +79,7 @@ def iter_records(path: str | Path) -> Iterator[Located]:
         yield from _iter_jsonl(path)
     elif name.endswith(".json"):
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(read_text_utf8(path))
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(data, list):
@@ -68,13 +88,25 @@ def iter_records(path: str | Path) -> Iterator[Located]:
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:record {i}: expected a JSON object")
             yield Located(rec, f"{path}:record {i}")
+    elif name.endswith(".csv"):
+        import csv
+        import io
+
+        reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""))
+        for rec in reader:
+            yield Located(dict(rec), f"{path}:{reader.line_num}")
     elif name.endswith(".parquet"):
+        import pyarrow
         import pyarrow.parquet as pq
 
-        for i, rec in enumerate(pq.read_table(path).to_pylist()):
+        try:
+            table = pq.read_table(path)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:200]})") from None
+        for i, rec in enumerate(table.to_pylist()):
             yield Located(rec, f"{path}:record {i}")
     else:
-        raise DataError(f"{path}: unknown data format (use .jsonl, .jsonl.gz, .json, .parquet or a datasets directory)")
+        raise DataError(f"{path}: unknown data format (use .jsonl, .jsonl.gz, .json, .parquet, .csv or a datasets directory)")
 
 
 def require(rec: Located, fields: Mapping[str, type | tuple[type, ...]], nonempty: tuple[str, ...] = ()) -> None:
@@ -97,7 +129,7 @@ def load_texts(path: str | Path, field: str = "text") -> list[str]:
     if path.suffix == ".txt":
         if not path.exists():
             raise DataError(f"{path}: file not found")
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n")]
+        docs = [d.strip() for d in read_text_utf8(path).split("\n\n")]
         return [d for d in docs if d]
     out = []
     for rec in iter_records(path):
@@ -110,18 +142,66 @@ def load_texts(path: str | Path, field: str = "text") -> list[str]:
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One SFT example: a prompt and the response to imitate."""
+    """One SFT example: a prompt (text or conversation) and the response to imitate."""
 
-    prompt: str
+    prompt: Prompt
     response: str
     where: str = ""
 
 
+def read_prompt(rec: Located, field: str = "prompt") -> Prompt:
+    """A record's prompt: a non-empty string, or a list of {role, content} messages."""
+    value = rec.record.get(field)
+    if value is None:
+        raise DataError(f"{rec.where}: missing field '{field}'")
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{rec.where}: field '{field}' is empty")
+        return value
+    if not isinstance(value, list):
+        raise DataError(f"{rec.where}: field '{field}' must be str or a list of {{role, content}} messages, "
+                        f"got {type(value).__name__}")
+    try:
+        return parse_messages(value, field)
+    except ChatFormatError as e:
+        raise DataError(f"{rec.where}: {e}") from None
+
+
+def read_completion(rec: Located, field: str) -> str:
+    """A response given as a string or as messages ending with the assistant's (TRL's conversational format)."""
+    if field not in rec.record:
+        raise DataError(f"{rec.where}: missing field '{field}'")
+    try:
+        return completion_text(rec.record[field], rec.where, field)
+    except ChatFormatError as e:
+        raise DataError(f"{rec.where}: {e}" if rec.where not in str(e) else str(e)) from None
+
+
 def load_demonstrations(path: str | Path) -> list[Demonstration]:
+    """SFT records: ``{"prompt", "response"}``, ``{"prompt", "completion"}`` (TRL's prompt-completion) or
+    ``{"messages": [...]}`` (the last assistant turn is the response; every earlier turn is the prompt)."""
     out = []
     for rec in iter_records(path):
-        require(rec, {"prompt": str, "response": str}, nonempty=("prompt", "response"))
-        out.append(Demonstration(rec.record["prompt"], rec.record["response"], rec.where))
+        r = rec.record
+        if "messages" in r:
+            try:
+                prompt, response = split_conversation(parse_messages(r["messages"]), rec.where)
+            except ChatFormatError as e:
+                raise DataError(f"{rec.where}: {e}" if rec.where not in str(e) else str(e)) from None
+        elif "prompt" in r:
+            if "response" not in r and "completion" not in r:
+                raise DataError(f"{rec.where}: missing field 'response' (or 'completion')")
+            prompt = read_prompt(rec)
+            field = "response" if "response" in r else "completion"
+            response = read_completion(rec, field)
+            if not response.strip():
+                raise DataError(f"{rec.where}: field '{field}' is empty")
+        else:
+            raise DataError(f"{rec.where}: an SFT record needs prompt + response, prompt + completion, or messages; "
+                            f"got keys {sorted(r)}")
+        if not response.strip():
+            raise DataError(f"{rec.where}: the response is empty")
+        out.append(Demonstration(prompt, response, rec.where))
     if not out:
         raise DataError(f"{path}: no records")
     return out
@@ -131,19 +211,28 @@ def load_demonstrations(path: str | Path) -> list[Demonstration]:
 class PromptRecord:
     """A prompt to sample from, with optional task metadata (the oracle's answer key)."""
 
-    prompt: str
+    prompt: Prompt
     meta: dict[str, Any] | None = None
     where: str = ""
 
 
 def load_prompts(path: str | Path) -> list[PromptRecord]:
+    """``{"prompt": text or messages}`` or ``{"messages": [...]}`` (a final assistant turn, if any, is dropped:
+    the policy writes its own), with optional task ``meta``."""
     out = []
     for rec in iter_records(path):
-        require(rec, {"prompt": str}, nonempty=("prompt",))
+        if "prompt" not in rec.record and "messages" in rec.record:
+            prompt = read_prompt(rec, "messages")
+            if prompt[-1].role == "assistant":
+                prompt = prompt[:-1]
+            if not prompt:
+                raise DataError(f"{rec.where}: field 'messages' has no turn before the assistant's")
+        else:
+            prompt = read_prompt(rec)
         meta = rec.record.get("meta")
         if meta is not None and not isinstance(meta, dict):
             raise DataError(f"{rec.where}: field 'meta' must be an object")
-        out.append(PromptRecord(rec.record["prompt"], meta, rec.where))
+        out.append(PromptRecord(prompt, meta, rec.where))
     if not out:
         raise DataError(f"{path}: no records")
     return out

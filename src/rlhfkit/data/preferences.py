@@ -6,7 +6,9 @@ through :func:`rlhfkit.data.loading.iter_records`, and names ``file:line`` for a
 before any model is loaded. The record shape is detected per record, so one file may mix
 pairs and rankings:
 
-- pair:     ``{"prompt", "chosen", "rejected", "margin"?}``
+- pair:     ``{"prompt", "chosen", "rejected", "margin"?}``; the prompt may be a list of messages and each
+            response a list of messages ending with the assistant's (TRL's conversational format);
+            without ``prompt``, chosen and rejected are whole conversations sharing all but the last turn
 - HH-RLHF:  ``{"chosen", "rejected"}`` whole dialogues, split at the last ``"\\n\\nAssistant:"``
 - ranking:  ``{"prompt", "responses": [...], "ranking": [best index, ..., worst index]}``
 - steps:    ``{"prompt", "steps": [...] | "completion": "line\\nline", "labels": [1, 0, null, ...]}``
@@ -20,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from rlhfkit.data.loading import DataError, Located, iter_records, require
+from rlhfkit.data.chat import ChatFormatError, Prompt, parse_messages, split_conversation
+from rlhfkit.data.loading import DataError, Located, iter_records, read_completion, read_prompt, require
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -29,7 +32,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 class PreferencePair:
     """One comparison; pairs expanded from one ranking share ``group`` and carry weight 1/C(K,2)."""
 
-    prompt: str
+    prompt: Prompt
     chosen: str
     rejected: str
     margin: float | None = None
@@ -80,7 +83,7 @@ def _ranking_pairs(rec: Located, group: int) -> list[PreferencePair]:
     responses, ranking = rec.record["responses"], rec.record["ranking"]
     if not all(isinstance(r, str) for r in responses):
         raise DataError(f"{rec.where}: field 'responses' must be a list of strings")
-    if sorted(ranking) != list(range(len(responses))) or not all(isinstance(i, int) for i in ranking):
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ranking) or sorted(ranking) != list(range(len(responses))):
         raise DataError(f"{rec.where}: field 'ranking' must order the indices 0..{len(responses) - 1} "
                         f"of 'responses' (best first), got {ranking}")
     if len(responses) < 2:
@@ -89,11 +92,25 @@ def _ranking_pairs(rec: Located, group: int) -> list[PreferencePair]:
             for w, l, weight in ranking_pairs(ranking)]
 
 
-def load_pairs(path: str | Path) -> PairSet:
+def _implicit_prompt_pair(rec: Located) -> tuple:
+    """TRL's conversational pair without a ``prompt`` field: two whole conversations that share every turn
+    but the last assistant one; the shared turns are the prompt."""
+    try:
+        c_prompt, chosen = split_conversation(parse_messages(rec.record["chosen"], "chosen"), rec.where, "chosen")
+        r_prompt, rejected = split_conversation(parse_messages(rec.record["rejected"], "rejected"), rec.where, "rejected")
+    except ChatFormatError as e:
+        raise DataError(f"{rec.where}: {e}" if rec.where not in str(e) else str(e)) from None
+    if c_prompt != r_prompt:
+        raise DataError(f"{rec.where}: 'chosen' and 'rejected' conversations differ before their last assistant turn")
+    return c_prompt, chosen, rejected
+
+
+def load_pairs(path: str | Path, max_unusable: float = 0.5) -> PairSet:
     """Pairs, HH transcripts and rankings from one file (shape detected per record).
 
-    An HH pair whose two dialogues differ before the last Assistant turn is reported in
-    ``skipped`` with its location and left out.
+    An HH pair whose two dialogues differ before the last Assistant turn, and a pair whose chosen equals
+    its rejected, are reported in ``skipped`` with their location and left out; a file where more than
+    ``max_unusable`` of the records are left out is refused, saying why.
     """
     out = PairSet()
     for group, rec in enumerate(iter_records(path)):
@@ -101,8 +118,18 @@ def load_pairs(path: str | Path) -> PairSet:
         if "ranking" in r or "responses" in r:
             out.pairs.extend(_ranking_pairs(rec, group))
         elif "prompt" in r:
-            require(rec, {"prompt": str, "chosen": str, "rejected": str}, nonempty=("chosen", "rejected"))
-            out.pairs.append(PreferencePair(r["prompt"], r["chosen"], r["rejected"], _margin(rec), 1.0, group, rec.where))
+            prompt = read_prompt(rec)
+            chosen, rejected = read_completion(rec, "chosen"), read_completion(rec, "rejected")
+            for side, text in (("chosen", chosen), ("rejected", rejected)):
+                if not text.strip():
+                    raise DataError(f"{rec.where}: field '{side}' is empty")
+            if chosen == rejected:  # no preference at all: zero gradient in every pairwise loss
+                out.skipped.append(f"{rec.where}: chosen equals rejected")
+                continue
+            out.pairs.append(PreferencePair(prompt, chosen, rejected, _margin(rec), 1.0, group, rec.where))
+        elif isinstance(r.get("chosen"), list) and isinstance(r.get("rejected"), list):
+            prompt, chosen, rejected = _implicit_prompt_pair(rec)
+            out.pairs.append(PreferencePair(prompt, chosen, rejected, _margin(rec), 1.0, group, rec.where))
         elif "chosen" in r and "rejected" in r:
             require(rec, {"chosen": str, "rejected": str})
             p_c, chosen = split_hh(r["chosen"], rec.where, "chosen")
@@ -110,12 +137,20 @@ def load_pairs(path: str | Path) -> PairSet:
             if p_c != p_r:
                 out.skipped.append(f"{rec.where}: chosen and rejected dialogues differ before the last Assistant turn")
                 continue
+            if chosen == rejected:
+                out.skipped.append(f"{rec.where}: chosen equals rejected")
+                continue
             out.pairs.append(PreferencePair(p_c, chosen, rejected, _margin(rec), 1.0, group, rec.where))
         else:
             raise DataError(f"{rec.where}: not a preference record: expected prompt/chosen/rejected, "
                             f"an HH chosen/rejected dialogue, or prompt/responses/ranking; got keys {sorted(r)}")
     if not out.pairs:
-        raise DataError(f"{path}: no preference pairs")
+        why = f": all {len(out.skipped)} left out, e.g. {out.skipped[0]}" if out.skipped else ""
+        raise DataError(f"{path}: no preference pairs{why}")
+    n_records = len(out.groups) + len(out.skipped)
+    if len(out.skipped) > max_unusable * n_records:
+        raise DataError(f"{path}: {len(out.skipped)} of {n_records} records are unusable (more than "
+                        f"{max_unusable:.0%}), e.g. {out.skipped[0]}; fix the file or raise the stage's max_unusable_share")
     return out
 
 
@@ -142,6 +177,9 @@ def _prm800k_row(rec: Located, ambiguous: str) -> StepRecord | None:
     rating = r.get("rating")
     if rating is None or rating != rating:  # None or NaN: unrated
         return None
+    if isinstance(rating, bool) or not isinstance(rating, (int, float)):
+        raise DataError(f"{rec.where}: field 'rating' must be -1, 0, 1 or null, got {rating!r}")
+    require(rec, {"instruction": str, "next_response": str}, nonempty=("instruction",))
     if rating == 0:
         if ambiguous == "drop":
             return None

@@ -54,8 +54,8 @@ class LLMJudge:
         evaluation asks both orders even for a non-averaging judge, to measure position bias."""
         both = self.average_orders if both_orders is None else both_orders
         for i, it in enumerate(items):
-            if len(it) != 3 or not all(isinstance(s, str) for s in it):
-                raise ValueError(f"item {i}: expected a (prompt, a, b) triple of strings")
+            if len(it) != 3 or not isinstance(it[0], (str, tuple)) or not all(isinstance(s, str) for s in it[1:]):
+                raise ValueError(f"item {i}: expected a (prompt, a, b) triple: a prompt (text or messages) and two strings")
         queries = [(p, a, b) for p, a, b in items]
         if both:
             queries += [(p, b, a) for p, a, b in items]

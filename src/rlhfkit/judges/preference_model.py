@@ -126,7 +126,7 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
     from rlhfkit.losses import bradley_terry_loss
     from rlhfkit.models.reward import collate, encode
     from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
-    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.training import Collective, NonFiniteGuard, global_batches, make_optimizer_and_scheduler, shard
 
     if kind not in ("pm", "bt"):
         raise ValueError(f"kind must be 'pm' or 'bt', got {kind!r}")
@@ -142,14 +142,20 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
     else:
         fwd = [encode(tok, net.info, p.prompt, p.chosen)[0] for p in pairs]
         rev = [encode(tok, net.info, p.prompt, p.rejected)[0] for p in pairs]
+        # The head's bias cancels in r(chosen) − r(rejected): its gradient is rounding noise, which Adam's
+        # normalisation turns into lr-sized steps that differ with the process count. Frozen at 0, the
+        # model's preferences σ(r_c − r_r) are unchanged and 2 processes give 1 process's weights.
+        net.head.bias.requires_grad_(False)
     total = cfg.total_steps(len(pairs))
     opt, sched = make_optimizer_and_scheduler(net, cfg, total)
     # The scheduler stays out of prepare(): accelerate would step it once per process (see training.py).
     net, opt = accelerator.prepare(net, opt)
     net.eval()  # dropout off
     t0, acc_sum, n_seen, coll = time.time(), 0.0, 0, Collective(accelerator)
-    for step, batch_idx in enumerate(tqdm(global_batches(len(pairs), cfg.batch_size, total, cfg.seed), total=total,
-                                          desc=f"train {kind}", disable=not accelerator.is_main_process)):
+    guard = NonFiniteGuard(f"{kind} model", cfg.max_nonfinite_steps, accelerator)
+    bar = tqdm(global_batches(len(pairs), cfg.batch_size, total, cfg.seed), total=total,
+               desc=f"train {kind}", disable=not accelerator.is_main_process)
+    for step, batch_idx in enumerate(bar):
         # Each process scores an equal share; the loss is a mean over it, so DDP's mean of the
         # processes' gradients is the one-process gradient of the whole batch.
         idx = shard(batch_idx, 1, rank, world)[0]
@@ -164,18 +170,17 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
             loss, _ = bradley_terry_loss(out[:k], out[k:])
             accuracy = (out[:k] > out[k:]).float().mean()
         accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        grad_norm = guard.grad_norm(net, cfg.grad_clip)
+        logged = step % cfg.log_every == 0 or step == total - 1  # the same steps on every process: collectives
+        # the whole batch's loss, the mean over processes of equal shares: every step when the guard decides on it
+        loss_all = coll.mean(loss.detach()).item() if guard.enabled or logged else None
+        guard.step(step + 1, loss_all, [grad_norm], [(opt, sched)])
         acc_sum += accuracy.item() * k
         n_seen += k
-        if step % cfg.log_every == 0 or step == total - 1:  # the same steps on every process: collectives
-            # the logged figures are the whole batch's: the mean over processes of equal shares
-            loss_all = coll.mean(loss.detach()).item()
+        if logged:
             log.write({"step": step + 1, "loss": loss_all, "accuracy": coll.mean(accuracy).item(),
                        "lr": sched.get_last_lr()[0], "elapsed_s": time.time() - t0})
+            bar.set_postfix(loss=f"{loss_all:.3f}")
     net = accelerator.unwrap_model(net)
     if accelerator.is_main_process:
         save_scalar_model(net, tok, out_dir)
@@ -183,4 +188,4 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
             atomic_write_json(out_dir / MARKER, {"kind": "pairwise", "symmetrized": True})
     train_accuracy = coll.mean(torch.tensor(acc_sum / max(n_seen, 1), device=accelerator.device)).item()
     return {"final_loss": loss_all, "train_accuracy": train_accuracy, "train_steps": total,
-            "train_runtime_s": time.time() - t0}
+            "train_runtime_s": time.time() - t0, **guard.metrics()}

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhfkit.data.chat import Prompt, prompt_as_text
+
 DEFAULT_RUBRIC = (
     "Judge which response follows the instruction better. Prefer the response that does exactly what "
     "the instruction asks, is correct and helpful, and does not add unrequested content. "
@@ -35,9 +37,10 @@ class JudgePrompt:
         if len(self.labels) != 2 or self.labels[0] == self.labels[1] or not all(l.strip() for l in self.labels):
             raise ValueError(f"labels must be two different non-empty strings, got {self.labels!r}")
 
-    def messages(self, prompt: str, first: str, second: str, cot: bool) -> list[dict]:
-        """Chat messages asking which of ``first`` / ``second`` is better."""
+    def messages(self, prompt: Prompt, first: str, second: str, cot: bool) -> list[dict]:
+        """Chat messages asking which of ``first`` / ``second`` is better (a conversation prompt is shown as text)."""
         l1, l2 = self.labels
+        prompt = prompt_as_text(prompt)
         if cot:
             ask = (f"First explain your reasoning in a few sentences. Then, on the last line, write "
                    f"'Answer: {l1}' or 'Answer: {l2}'.")

@@ -6,6 +6,7 @@ fresh process. Writes are atomic: into ``<dir>.partial`` then renamed.
 """
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
 from rlhfkit.io import partial_dir, replace_dir
+from rlhfkit.models.local import resolve_pretrained
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,18 @@ def build_tiny_causal_lm(arch: TinyModelConfig, tokenizer: PreTrainedTokenizerBa
     return AutoModelForCausalLM.from_config(cfg)
 
 
+def _adapter_base(path: Path) -> str | None:
+    """The base model a LoRA adapter directory (``adapter_config.json``, no config.json) was trained on."""
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return None
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of any model reference (see ``models.local``), with a pad token (EOS if it had none)."""
+    path = resolve_pretrained(path)
+    if not any(path.glob("tokenizer*")) and _adapter_base(path):
+        path = resolve_pretrained(_adapter_base(path))
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         # Common for pretrained checkpoints; every scoring path reads the last real token from the
@@ -75,11 +88,21 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrai
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
-    """Any causal LM by local directory or hub name (offline in tests), in eval mode."""
+    """Any causal LM by reference (directory, adapter directory, GGUF, package, hub name), in eval mode.
+
+    A LoRA adapter directory is loaded on its base and merged: the result is a plain model.
+    """
+    path = resolve_pretrained(path)
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    base = _adapter_base(path)
+    if base is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_causal_lm(base, dtype, trust_remote_code), str(path)).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     model.eval()
     return model
 
@@ -98,4 +121,6 @@ def save_pretrained_atomic(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def model_config(path: str | Path):
-    return AutoConfig.from_pretrained(str(path))
+    path = resolve_pretrained(path)
+    base = _adapter_base(path)
+    return AutoConfig.from_pretrained(str(resolve_pretrained(base) if base else path))

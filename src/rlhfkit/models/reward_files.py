@@ -71,7 +71,12 @@ def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path) -> Path:
     tmp = partial_dir(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
-    net.backbone.save_pretrained(tmp, safe_serialization=True)
+    from rlhfkit.models.trainable import is_peft, merged_copy
+
+    # Under LoRA the backbone is saved merged (loads without peft) and the adapter beside it in adapter/.
+    merged_copy(net.backbone).save_pretrained(tmp, safe_serialization=True)
+    if is_peft(net.backbone):
+        net.backbone.save_pretrained(tmp / "adapter")
     tokenizer.save_pretrained(tmp)
     tensors = dict(net.head.state_dict())
     if net.likelihood is not None:

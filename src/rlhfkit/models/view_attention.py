@@ -66,6 +66,8 @@ def _register() -> None:
 def _unwrap(model):
     while hasattr(model, "module"):  # DDP / FSDP / DeepSpeed wrappers
         model = model.module
+    if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # a LoRA model: its adapted base
+        model = model.get_base_model()
     return model
 
 

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from rlhfkit.config import check_non_negative, check_positive
 from rlhfkit.generation import SamplingConfig
 from rlhfkit.training import TrainConfig
 
@@ -93,6 +94,8 @@ class DNOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_positive(eta=self.eta, iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration)
+        check_non_negative(min_margin=self.min_margin, n_validation=self.n_validation)
         if self.pair_selection not in ("best_worst", "all"):
             raise ValueError(f"pair_selection must be best_worst or all, got {self.pair_selection!r}")
         if self.loss not in ("hard", "soft"):
@@ -261,11 +264,18 @@ def reference_logps(model, pairs, pad_id: int, batch_size: int, device) -> dict[
 
 def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: Path, out_dir: Path,
         accelerator, log, pf=None) -> dict:
-    """Run T iterations from ``model_path``; writes ``out_dir/dno_t/model``, ``out_dir/model`` (the selected one)."""
+    """Run T iterations from ``model_path``; writes ``out_dir/dno_t/model``, ``out_dir/model`` (the selected one).
+
+    In a stage directory (``OUT/dno.partial``) each finished iteration is kept in ``OUT/dno.ckpt``
+    (the iterate, the pair history, the mixing RNG, its ``dno_t/`` outputs) and a rerun starts after
+    it; inside an iteration, training checkpoints every ``save_every`` steps as DPO does.
+    """
+    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
     from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
     from rlhfkit.generation import sample
-    from rlhfkit.io import atomic_write_json, atomic_write_jsonl, run_path
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config, save_pretrained_atomic
+    from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir, run_path
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
+    from rlhfkit.models.trainable import make_trainable, save_trained
     from rlhfkit.recipes.dpo import tokenize_pairs, train_on_pairs
 
     records = load_prompts(prompts_path)
@@ -289,12 +299,30 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
     max_len = min(cfg.max_len, getattr(model_config(model_path), "max_position_embeddings", cfg.max_len))
     device = accelerator.device
     torch.manual_seed(cfg.seed)
-    policy = load_causal_lm(model_path).to(device)
+    policy = make_trainable(load_causal_lm(model_path), cfg.lora, cfg.gradient_checkpointing).to(device)
     rng = random.Random(cfg.seed)
     base_val = _greedy(policy, tok, val_prompts, cfg, device)
     history: list[list[DNOPair]] = []
     per_iteration: dict[str, dict] = {}
+    ckpt_root = checkpoint_dir(out_dir)
+    kept = ckpt_root / "outputs" if ckpt_root is not None else None  # finished iterations' dno_t/ directories
+    iteration_ckpt = LoopCheckpoint(ckpt_root / "iteration" if ckpt_root is not None else None, cfg, accelerator, log,
+                                    "dno", unit="iteration")
+    done, extra = iteration_ckpt.resume({"policy": policy}, {})  # π_{done+1}, the RNGs, and the log as they were
+    if done:
+        history = [[DNOPair(**p) for p in earlier] for earlier in extra["history"]]
+        per_iteration = extra["per_iteration"]
+        version, internal, gauss = extra["mix_rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        if accelerator.is_main_process:
+            for t in range(1, done + 1):
+                if (out_dir / f"dno_{t}").exists():
+                    shutil.rmtree(out_dir / f"dno_{t}")
+                shutil.copytree(kept / f"dno_{t}", out_dir / f"dno_{t}")
+        accelerator.wait_for_everyone()
     for t, idx in enumerate(_prompt_slices(len(train_prompts), cfg.prompts_per_iteration, cfg.iterations), start=1):
+        if t <= done:
+            continue
         t0 = time.time()
         prompts = [train_prompts[i] for i in idx]
         # 1. K samples per prompt from π_t (+ the teacher's response)
@@ -338,16 +366,30 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
         ref = reference_logps(policy, tokenized, tok.pad_token_id, cfg.ref_batch_size, device)
         targets = torch.tensor([p.target for p in train], dtype=torch.float32)
 
+        train_ckpt = LoopCheckpoint(ckpt_root / f"train_{t}" if ckpt_root is not None else None, train_cfg, accelerator,
+                                    log, f"dno {t}", iteration=t)
         metrics = train_on_pairs(policy, tokenized, ref, dno_pair_loss(cfg, targets), train_cfg, accelerator, log, tok.pad_token_id,
-                                 progress_desc=f"dno {t}/{cfg.iterations}", step_offset=(t - 1) * cfg.total_steps(len(train)))
+                                 progress_desc=f"dno {t}/{cfg.iterations}", step_offset=(t - 1) * cfg.total_steps(len(train)),
+                                 checkpoint=train_ckpt)
         policy = accelerator.unwrap_model(policy)
         if accelerator.is_main_process:
-            save_pretrained_atomic(policy, tok, it_dir / "model")
+            save_trained(policy, tok, it_dir, cfg.lora)
         # 6. validation win rate of the new iterate against the starting policy
         val = validation_win_rate(pf, val_prompts, _greedy(policy, tok, val_prompts, cfg, device), base_val)
         per_iteration[f"dno_{t}"] = info | metrics | {"validation_win_rate": val, "iteration_runtime_s": time.time() - t0}
         log.write({"iteration": t, "validation_win_rate": val, "n_train_pairs": len(train)})
         print(f"[rlhfkit] dno {t}: {len(pairs)} new pairs, validation win rate vs start {val:.3f}")
+        if iteration_ckpt.enabled:  # keep the finished iteration: its outputs first, then the state that points past it
+            if accelerator.is_main_process:
+                tmp = partial_dir(kept / f"dno_{t}")
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                shutil.copytree(it_dir, tmp)
+                replace_dir(tmp, kept / f"dno_{t}")
+            iteration_ckpt.save(t, {"policy": policy}, {}, {
+                "history": [[p.__dict__ for p in earlier] for earlier in history], "per_iteration": per_iteration,
+                "mix_rng": rng.getstate()})
+            train_ckpt.remove()
     best = max(per_iteration, key=lambda name: (per_iteration[name]["validation_win_rate"], name))
     if accelerator.is_main_process:
         if (out_dir / "model").exists():
@@ -355,4 +397,5 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
         shutil.copytree(out_dir / best / "model", out_dir / "model")
         atomic_write_json(out_dir / "selected.json", {"best": best, "judge": cfg.judge,
                                                       "validation_win_rate": {k: v["validation_win_rate"] for k, v in per_iteration.items()}})
-    return {"iterations": per_iteration, "selected": best, "judge": cfg.judge}
+    return {"iterations": per_iteration, "selected": best, "judge": cfg.judge,
+            "skipped_nonfinite_steps": sum(m["skipped_nonfinite_steps"] for m in per_iteration.values())}

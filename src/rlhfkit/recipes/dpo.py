@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from rlhfkit.config import check_non_negative, check_positive, check_probability
+from rlhfkit.data.collate import Truncation
 from rlhfkit.preference_losses import DPOLossType
 from rlhfkit.training import TrainConfig
 
@@ -73,7 +75,13 @@ class DPOConfig(TrainConfig):
     ipo_average_logps: bool = True
     """IPO on length-averaged log-probs (as TRL does); the target 1/(2β) is then per token"""
     max_len: int = 192
-    """longest prompt + response in tokens; a longer pair is reported as a data error"""
+    """longest prompt + response in tokens (see ``truncation``)"""
+    max_unusable_share: float = 0.5
+    """refuse a pair file where more than this share of the records is unusable (chosen equals rejected,
+    HH dialogues that differ before the last turn), saying why"""
+    truncation: Truncation = Truncation.error
+    """a longer pair: error (names file:line), left (cut the prompt's start) or right (cut the responses' ends);
+    metrics.json counts the truncated pairs"""
     ref_batch_size: int = 64
     """pairs per forward pass when precomputing the reference log-probs"""
     layout: PairLayout = PairLayout.packed
@@ -88,6 +96,14 @@ class DPOConfig(TrainConfig):
     batch_size: int = 32
     """pairs per optimizer step"""
 
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive(beta=self.beta, ref_batch_size=self.ref_batch_size)
+        check_non_negative(sft_coef=self.sft_coef)
+        check_probability(max_unusable_share=self.max_unusable_share)
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
 
 # ---------------------------------------------------------------- pairs as tokens
 
@@ -101,21 +117,22 @@ class TokenizedPair:
     weight: float = 1.0
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence, max_len: int) -> list[TokenizedPair]:
-    """``pairs`` have .prompt/.chosen/.rejected (and optionally .weight/.where); too long is a DataError."""
-    from rlhfkit.data.collate import encode_prompt, encode_response
-    from rlhfkit.data.loading import DataError
+def tokenize_pairs(tokenizer, pairs: Sequence, max_len: int, truncation: Truncation = Truncation.error,
+                   counts: dict | None = None) -> list[TokenizedPair]:
+    """``pairs`` have .prompt/.chosen/.rejected (and optionally .weight/.where); too long is a DataError under
+    ``truncation: error``, else cut (``counts["truncated"]`` counts those pairs)."""
+    from rlhfkit.data.collate import encode_prompt, encode_response, fit_to_length
 
-    out = []
+    out, n_cut = [], 0
     for i, pair in enumerate(pairs):
-        p = encode_prompt(tokenizer, pair.prompt)
-        c = encode_response(tokenizer, pair.chosen)
-        r = encode_response(tokenizer, pair.rejected)
-        longest = len(p) + max(len(c), len(r))
-        if longest > max_len:
-            where = getattr(pair, "where", "") or f"pair {i}"
-            raise DataError(f"{where}: prompt + response is {longest} tokens, longer than max_len ({max_len})")
+        where = getattr(pair, "where", "") or f"pair {i}"
+        p, (c, r), cut = fit_to_length(encode_prompt(tokenizer, pair.prompt),
+                                       [encode_response(tokenizer, pair.chosen), encode_response(tokenizer, pair.rejected)],
+                                       max_len, Truncation(truncation), where)
+        n_cut += cut
         out.append(TokenizedPair(p, c, r, float(getattr(pair, "weight", 1.0))))
+    if counts is not None:
+        counts["truncated"] = counts.get("truncated", 0) + n_cut
     return out
 
 
@@ -302,13 +319,16 @@ PairLoss = Callable[..., tuple[torch.Tensor, float, dict]]
 
 
 def add_sft_term(loss: torch.Tensor, metrics: dict, chosen_logps: torch.Tensor, chosen_len: torch.Tensor,
-                 coef: float) -> torch.Tensor:
-    """``loss`` + coef × the chosen responses' per-token NLL (RPO), logged as ``sft_nll``; ``loss`` when coef is 0."""
+                 coef: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """``loss`` + coef × the chosen responses' per-token NLL (RPO), logged as ``sft_nll``; ``loss`` when coef is 0.
+
+    ``weights``: the pairs' weights when ``loss`` is a weighted mean, so both terms are means over
+    the same weights (``train_on_pairs`` scales a micro-batch by its share of them)."""
     from rlhfkit.preference_losses import sft_nll
 
     if not coef:
         return loss
-    nll = sft_nll(chosen_logps, chosen_len)
+    nll = sft_nll(chosen_logps, chosen_len, weights)
     metrics["sft_nll"] = nll.item()
     return loss + coef * nll
 
@@ -326,7 +346,7 @@ def dpo_pair_loss(cfg: DPOConfig, weights: torch.Tensor) -> PairLoss:
         else:
             pc_, pr_, rc_, rr_ = pc, pr, rc, rr
         loss, metrics = dpo_loss(pc_, pr_, rc_, rr_, cfg.beta, cfg.loss_type, cfg.label_smoothing, weights=w)
-        return add_sft_term(loss, metrics, pc, nc, cfg.sft_coef), float(w.sum()), metrics
+        return add_sft_term(loss, metrics, pc, nc, cfg.sft_coef, w), float(w.sum()), metrics
 
     return loss_fn
 
@@ -343,6 +363,7 @@ def train_on_pairs(
     progress_desc: str = "dpo",
     step_offset: int = 0,
     layout: PairLayout = PairLayout.packed,
+    checkpoint=None,
 ) -> dict:
     """Optimize ``loss_fn`` over global batches of ``pairs``; ``ref`` holds the precomputed reference log-probs.
 
@@ -350,22 +371,34 @@ def train_on_pairs(
     scaled by (its Σ weights / the global batch's Σ weights) × world size, so the summed gradient
     is that of the global weighted mean whatever the split. Dropout stays off (the model is in
     eval mode while it trains): at step 0 policy and reference log-probs are then identical.
+    ``checkpoint`` (a ``checkpoints.LoopCheckpoint``): resume from it, save to it every ``save_every`` steps.
     """
     from tqdm.auto import tqdm
 
-    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.training import Collective, NonFiniteGuard, global_batches, make_optimizer_and_scheduler, shard
 
     weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     total = cfg.total_steps(len(pairs))
     opt, sched = make_optimizer_and_scheduler(model, cfg, total)
+    objects = {"model": model, "opt": opt, "sched": sched}  # unwrapped: what a checkpoint holds
     # The scheduler stays out of prepare(): accelerate would step it once per process (see training.py).
     model, opt = accelerator.prepare(model, opt)
-    model.eval()  # dropout off; gradients flow all the same
+    if cfg.gradient_checkpointing:
+        from rlhfkit.models.trainable import disable_dropout
+
+        disable_dropout(model)  # checkpointing runs in train mode only, so dropout is switched off instead
+        model.train()
+    else:
+        model.eval()  # dropout off; gradients flow all the same
     coll = Collective(accelerator)
     world, rank = coll.world, coll.rank
-    t0, seen, last = time.time(), 0, {}
-    bar = tqdm(total=total, desc=progress_desc, disable=not accelerator.is_main_process)
-    for step, idx in enumerate(global_batches(len(pairs), cfg.batch_size, total, cfg.seed)):
+    guard = NonFiniteGuard(progress_desc, cfg.max_nonfinite_steps, accelerator)
+    controllers = {"nonfinite": guard}
+    start, extra = checkpoint.resume(objects, controllers) if checkpoint is not None else (0, {})
+    t0, seen, last = time.time(), extra.get("seen", 0), extra.get("last", {})
+    seen_before = seen
+    bar = tqdm(total=total, initial=start, desc=progress_desc, disable=not accelerator.is_main_process)
+    for step, idx in enumerate(global_batches(len(pairs), cfg.batch_size, total, cfg.seed, start_step=start), start=start):
         w_global = float(weights[idx].sum())
         micro = shard(idx, cfg.grad_accum_steps, rank, world)
         step_metrics: dict[str, float] = {}
@@ -384,25 +417,26 @@ def train_on_pairs(
             loss_total += loss.item() * w_local / w_global
             for key, v in metrics.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + v / len(micro)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        seen += len(idx)
-        bar.update(1)
+        grad_norm = guard.grad_norm(model, cfg.grad_clip)
         # The log is of the global batch: the processes' loss shares summed, metrics (equal shards) averaged.
         loss_total = float(coll.sum(torch.tensor(loss_total, dtype=torch.float64)))
         last = {"loss": loss_total, **coll.mean_of(step_metrics)}
+        guard.step(step + 1, loss_total, [grad_norm], [(opt, sched)])
+        seen += len(idx)
+        bar.update(1)
         if step % cfg.log_every == 0 or step == total - 1:
             elapsed = time.time() - t0
             log.write({"step": step_offset + step + 1, **last, "lr": sched.get_last_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "pairs_per_s": seen / max(elapsed, 1e-9), "elapsed_s": elapsed})
+                       "pairs_per_s": (seen - seen_before) / max(elapsed, 1e-9), "elapsed_s": elapsed})
+        bar.set_postfix(loss=f"{loss_total:.3f}")
+        if checkpoint is not None:
+            checkpoint.after_step(step + 1, total, objects, controllers, lambda: {"seen": seen, "last": last})
     bar.close()
     runtime = time.time() - t0
     return {"final_" + k: v for k, v in last.items()} | {
         "train_steps": total, "train_pairs": seen, "train_runtime_s": runtime,
-        "train_pairs_per_s": seen / max(runtime, 1e-9),
+        "train_pairs_per_s": (seen - seen_before) / max(runtime, 1e-9), "resumed_from_step": start, **guard.metrics(),
     }
 
 
@@ -429,28 +463,36 @@ def select_ranking_pairs(pair_set, mode: str) -> list:
 
 def run(cfg: DPOConfig, model_path: str | Path, data_path: str | Path, out_dir: Path, accelerator, log) -> dict:
     """Train a policy with the DPO-family loss on ``data_path`` pairs; saves ``out_dir/model``."""
+    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
     from rlhfkit.data.preferences import load_pairs
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config, save_pretrained_atomic
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
+    from rlhfkit.models.trainable import make_trainable, reference_mode, save_trained
 
-    pair_set = load_pairs(data_path)
+    pair_set = load_pairs(data_path, cfg.max_unusable_share)
     for msg in pair_set.skipped:
         print(f"[rlhfkit] dpo: skipped {msg}")
     chosen_pairs = select_ranking_pairs(pair_set, cfg.from_rankings)
     tokenizer = load_tokenizer(model_path)
     max_len = min(cfg.max_len, getattr(model_config(model_path), "max_position_embeddings", cfg.max_len))
-    pairs = tokenize_pairs(tokenizer, chosen_pairs, max_len)  # errors name file:line before loading a model
+    counts: dict = {}
+    pairs = tokenize_pairs(tokenizer, chosen_pairs, max_len, cfg.truncation, counts)  # errors name file:line before loading a model
+    if counts["truncated"]:
+        print(f"[rlhfkit] dpo: {counts['truncated']} of {len(pairs)} pairs truncated to {max_len} tokens ({cfg.truncation.value})")
     if len(pairs) < cfg.batch_size:
         from rlhfkit.data.loading import DataError
 
         raise DataError(f"{data_path}: {len(pairs)} pairs, fewer than one batch ({cfg.batch_size})")
     torch.manual_seed(cfg.seed)
-    model = load_causal_lm(model_path).to(accelerator.device)
+    model = make_trainable(load_causal_lm(model_path), cfg.lora, cfg.gradient_checkpointing).to(accelerator.device)
     t0 = time.time()
-    ref = precompute_logps(model, pairs, tokenizer.pad_token_id, cfg.ref_batch_size, accelerator.device, cfg.layout)
+    with reference_mode(model) as reference:  # under LoRA: the base, adapter disabled; else the model as loaded
+        ref = precompute_logps(reference, pairs, tokenizer.pad_token_id, cfg.ref_batch_size, accelerator.device, cfg.layout)
     ref_s = time.time() - t0
     weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     metrics = train_on_pairs(model, pairs, ref, dpo_pair_loss(cfg, weights), cfg, accelerator, log,
-                             tokenizer.pad_token_id, progress_desc=f"dpo ({cfg.loss_type.value})", layout=cfg.layout)
+                             tokenizer.pad_token_id, progress_desc=f"dpo ({cfg.loss_type.value})", layout=cfg.layout,
+                             checkpoint=LoopCheckpoint(checkpoint_dir(out_dir), cfg, accelerator, log, "dpo"))
     if accelerator.is_main_process:
-        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
-    return metrics | {"n_pairs": len(pairs), "n_pairs_in_file": len(pair_set.pairs), "reference_logps_s": ref_s}
+        save_trained(accelerator.unwrap_model(model), tokenizer, out_dir, cfg.lora)
+    return metrics | {"n_pairs": len(pairs), "n_pairs_in_file": len(pair_set.pairs), "reference_logps_s": ref_s,
+                      "n_truncated": counts["truncated"]}

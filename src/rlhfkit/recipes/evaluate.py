@@ -1,10 +1,19 @@
-"""Evaluation recipe: sample each policy on held-out prompts and score it with the oracle judge.
+"""Evaluation recipe: sample each policy on held-out prompts and judge the responses.
 
-Every figure comes with a 95% confidence interval over prompts. ``win_rate_vs_sft`` is the
-judge's pairwise preference of a policy's response over the SFT policy's response to the same
-prompt (noiseless gold judge: 1 if its score is higher, 0.5 on a tie, 0 otherwise). A response
-that never reached EOS is penalised (scored ``unfinished_score``, never counted correct) instead
-of being judged as if complete.
+Two paths, chosen by ``eval.judge``:
+
+- the embedded task (``oracle`` or ``intransitive``; every prompt carries ``meta``): every figure
+  comes with a 95% confidence interval over prompts. ``win_rate_vs_sft`` is the judge's pairwise
+  preference of a policy's response over the SFT policy's response to the same prompt (noiseless
+  gold judge: 1 if its score is higher, 0.5 on a tie, 0 otherwise). A response that never reached
+  EOS is penalised (scored ``unfinished_score``, never counted correct) instead of being judged as
+  if complete.
+- any other judge (``judges.spec.from_spec``: a reward-model directory, a judge YAML for a local
+  LLM or an HTTP endpoint) on any prompts (``{"prompt": ...}`` or ``{"messages": [...]}``, no
+  ``meta`` needed): ``win_rate`` = mean over prompts of the judge's P(policy's response ≻
+  ``reference``'s response), ``judge_score`` (a reward model's mean score), ``response_length``
+  and ``hit_token_limit_rate`` (responses cut at ``sampling.max_new_tokens`` without EOS; the
+  judge sees them as they are, so read the win rate beside this rate).
 """
 from __future__ import annotations
 
@@ -23,32 +32,45 @@ class EvalConfig:
     """Evaluation stage."""
 
     policies: dict[str, str] = field(default_factory=lambda: {"base": "pretrain/model", "sft": "sft/model"})
-    """policy name → model directory (relative to the run's ``out``, or absolute)"""
+    """policy name → model: a directory relative to the run's ``out`` or absolute, a .gguf file,
+    ``package:NAME`` or a hub name (``models.local.resolve_in_run``)"""
     data: str = ""
-    """held-out prompts with task ``meta``; empty means the task's heldout.jsonl"""
+    """prompts (``prompt`` or ``messages``; task ``meta`` for the oracle); empty means the task's heldout.jsonl"""
     reference: str = "sft"
-    """the policy that win rates are measured against"""
+    """the policy that win rates are measured against (one of ``policies``)"""
     sampling: SamplingConfig = field(default_factory=_greedy)
     """how responses are sampled for evaluation (greedy by default)"""
     unfinished_score: float = 0.0
-    """gold score of a response that never emitted EOS"""
+    """task judges: gold score of a response that never emitted EOS"""
     seed: int = 0
     """sampling and bootstrap seed"""
     judge: str = "oracle"
-    """judge of ``win_rate_vs_sft``: oracle (higher gold score wins) or intransitive (the oracle plus the
-    answer-style cycle of ``rlhfkit.judges.intransitive``); the other metrics are always the oracle's"""
+    """the embedded task's ``oracle`` (higher gold score wins) or ``intransitive`` (the oracle plus the
+    answer-style cycle of ``rlhfkit.judges.intransitive``): judge of ``win_rate_vs_sft``, the other
+    metrics always the oracle's; or any judge spec of ``judges.spec.from_spec`` (a reward-model
+    directory, a judge YAML file; a relative path is looked up in the run directory first) for
+    prompts without ``meta``: ``win_rate`` against ``reference`` and the general metrics"""
     judge_beta: float = 10.0
     """intransitive judge: weight of the gold-score difference"""
     judge_gamma: float = 3.0
     """intransitive judge: weight of the style cycle"""
 
     def __post_init__(self):
-        if self.judge not in ("oracle", "intransitive"):
-            raise ValueError(f"judge must be oracle or intransitive, got {self.judge!r}")
+        if not self.judge.strip():
+            raise ValueError("judge must be oracle, intransitive, a reward-model directory or a judge YAML file")
+
+    @property
+    def task_judge(self) -> bool:
+        """The embedded task's judges: the oracle's metrics on prompts with ``meta``."""
+        return self.judge in TASK_JUDGES
+
+
+TASK_JUDGES = ("oracle", "intransitive")
 
 
 def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
     """Oracle verdicts for samples aligned with problems, as plain records."""
+    from rlhfkit.data.chat import prompt_to_json
     from rlhfkit.tasks.arith_judge import judge
 
     rows = []
@@ -56,7 +78,7 @@ def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
         v = judge(prob, s.text)
         score = v.score if s.finished else unfinished_score
         rows.append({
-            "prompt": s.prompt,
+            "prompt": prompt_to_json(s.prompt),
             "response": s.text,
             "finished": s.finished,
             "score": score,
@@ -109,37 +131,110 @@ def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, jud
     return m
 
 
+def sample_rows(prompts, samples) -> list[dict]:
+    """Plain records of samples aligned with their prompts (the general path: no task verdicts)."""
+    from rlhfkit.data.chat import prompt_to_json
+
+    return [{"prompt": prompt_to_json(p), "response": s.text, "finished": s.finished, "length": len(s.response_ids)}
+            for p, s in zip(prompts, samples)]
+
+
+def judge_rows(judge, prompts, rows_by_policy: dict[str, list[dict]], reference: str) -> dict[str, list[dict]]:
+    """The rows with the judge's verdicts added: ``win_prob`` = P(this response ≻ the reference
+    policy's response to the same prompt) on every policy but the reference, and ``score`` when
+    the judge also scores pointwise (a reward model: ``model.score(prompts, responses)``)."""
+    from rlhfkit.judges.reward_model import RewardModelPreference
+
+    ref = rows_by_policy[reference]
+    out = {}
+    for name, rows in rows_by_policy.items():
+        rows = [dict(r) for r in rows]
+        if name != reference:
+            # (prompt, policy's, reference's): P(a ≻ b) is P(policy ≻ reference), never the reverse.
+            probs = judge.prob([(p, r["response"], b["response"]) for p, r, b in zip(prompts, rows, ref)])
+            for r, q in zip(rows, probs):
+                r["win_prob"] = float(q)
+        if isinstance(judge, RewardModelPreference):
+            for r, v in zip(rows, judge.model.score(list(prompts), [r["response"] for r in rows])):
+                r["score"] = float(v)
+        out[name] = rows
+    return out
+
+
+def general_metrics(rows: list[dict], seed: int) -> dict:
+    """One policy's metrics on the general path, each ``{"mean", "ci95", "n"}`` over prompts."""
+    from rlhfkit.stats import mean_ci
+
+    m = {}
+    if rows and all("win_prob" in r for r in rows):
+        m["win_rate"] = mean_ci([r["win_prob"] for r in rows], seed)
+    if rows and all("score" in r for r in rows):
+        m["judge_score"] = mean_ci([r["score"] for r in rows], seed)
+    m["response_length"] = mean_ci([r["length"] for r in rows], seed)
+    m["hit_token_limit_rate"] = mean_ci([not r["finished"] for r in rows], seed)
+    return m
+
+
+def policy_paths(cfg: EvalConfig, out: Path) -> dict[str, Path]:
+    """Each policy's model directory: run-relative, absolute, .gguf, ``package:NAME`` or a hub name."""
+    from rlhfkit.models.local import ModelNotFound, resolve_in_run
+
+    paths = {}
+    for name, ref in cfg.policies.items():
+        try:
+            paths[name] = resolve_in_run(ref, out)
+        except ModelNotFound as e:
+            raise ModelNotFound(f"eval.policies.{name}: {Path(out) / ref} does not exist, and {e}") from None
+    return paths
+
+
 def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Path, accelerator) -> dict:
+    from rlhfkit.config import ConfigError
     from rlhfkit.data.loading import DataError, load_prompts
     from rlhfkit.generation import sample
-    from rlhfkit.io import atomic_write_jsonl, run_path
+    from rlhfkit.io import atomic_write_jsonl
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-    from rlhfkit.tasks.arith import Problem
 
     records = load_prompts(data_path)
-    for r in records:
-        if r.meta is None:
-            raise DataError(f"{r.where}: evaluation with the task judge needs the field 'meta'")
-    problems = [Problem.from_meta(r.meta) for r in records]
     prompts = [r.prompt for r in records]
-    paths = {}
-    for name, rel in cfg.policies.items():
-        p = run_path(out, rel)
-        if not p.exists():
-            raise FileNotFoundError(f"eval.policies.{name}: model directory {p} does not exist")
-        paths[name] = p
-    rows_by_policy = {}
+    if cfg.task_judge:
+        for r in records:
+            if r.meta is None:
+                raise DataError(f"{r.where}: evaluation with the task judge needs the field 'meta' "
+                                f"(for your own prompts, set eval.judge to a reward-model directory or a judge YAML)")
+    elif cfg.reference not in cfg.policies:
+        raise ConfigError(f"eval.reference: {cfg.reference!r} is not one of eval.policies ({', '.join(cfg.policies)})")
+    paths = policy_paths(cfg, out)
+    judge = None
+    if not cfg.task_judge:
+        from rlhfkit.judges.spec import from_spec
+
+        # Built before any sampling: a judge that cannot be built fails in seconds, not after the policies ran.
+        judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
+                          device=accelerator.device)
+    samples_by_policy = {}
     for name, p in paths.items():
         tok = load_tokenizer(p)
         model = load_causal_lm(p).to(accelerator.device)
-        samples = sample(model, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
-        rows_by_policy[name] = judge_samples(problems, samples, cfg.unfinished_score)
+        samples_by_policy[name] = sample(model, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
         del model
-    ref = rows_by_policy.get(cfg.reference)
-    results = {name: policy_metrics(rows, ref, cfg.seed, cfg.judge, cfg.judge_beta, cfg.judge_gamma)
-               for name, rows in rows_by_policy.items()}
+    if cfg.task_judge:
+        from rlhfkit.tasks.arith import Problem
+
+        problems = [Problem.from_meta(r.meta) for r in records]
+        rows_by_policy = {name: judge_samples(problems, samples, cfg.unfinished_score)
+                          for name, samples in samples_by_policy.items()}
+        ref = rows_by_policy.get(cfg.reference)
+        results = {name: policy_metrics(rows, ref, cfg.seed, cfg.judge, cfg.judge_beta, cfg.judge_gamma)
+                   for name, rows in rows_by_policy.items()}
+        extra = {}
+    else:
+        rows_by_policy = judge_rows(judge, prompts, {name: sample_rows(prompts, samples)
+                                                     for name, samples in samples_by_policy.items()}, cfg.reference)
+        results = {name: general_metrics(rows, cfg.seed) for name, rows in rows_by_policy.items()}
+        extra = {"judge": getattr(judge, "name", cfg.judge), "reference": cfg.reference}
     if accelerator.is_main_process:
         atomic_write_jsonl(stage_dir / "samples.jsonl", [
             dict(policy=name, **row) for name, rows in rows_by_policy.items() for row in rows
         ])
-    return {"policies": results, "n_prompts": len(prompts)}
+    return {"policies": results, "n_prompts": len(prompts), **extra}

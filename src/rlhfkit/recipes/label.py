@@ -4,7 +4,7 @@ For each chunk of prompts: sample K responses (``rlhfkit.generation.sample``), t
 
 - judge ``oracle``: the embedded task's simulated annotators rank them (a noisy Plackett-Luce
   draw, ``sample_ranking`` with the task's ``judge_beta``) → ``rankings.jsonl``;
-- any other judge (a judge YAML for ``build_judge``, or a reward-model directory): every pair in
+- any other judge (``judges.spec.from_spec``: a reward-model directory, a judge YAML): every pair in
   both orders, P(a ≻ b) averaged over the two orders, with the both-order agreement kept →
   ``pairs.jsonl``, plus ``rankings.jsonl`` ordered by summed win probability (Borda).
 
@@ -63,7 +63,8 @@ class LabelConfig:
     k: int = 4
     """responses per prompt"""
     judge: str = "oracle"
-    """``oracle`` (the task's noisy annotators), a judge YAML file, or a reward-model directory"""
+    """``oracle`` (the task's noisy annotators) or any judge spec of ``judges.spec.from_spec`` (a reward-model
+    directory, a judge YAML file, ``intransitive``); a relative path is looked up in the run directory first"""
     judge_beta: float = -1.0
     """oracle noise (Bradley-Terry inverse temperature); negative means the task's judge_beta"""
     sampling: SamplingConfig = field(default_factory=_sampling)
@@ -105,21 +106,19 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") % (2**31 - 1)
 
 
-def _build_judge(spec: str, records: list[dict], beta: float):
-    """(preference function or None for the oracle ranking path, its provenance name)."""
+def _build_judge(spec: str, records: list[dict], beta: float, base_dir: Path | None = None, device=None):
+    """(preference function or None for the oracle ranking path, its provenance name).
+
+    ``oracle`` keeps its own path here (a noisy Plackett-Luce ranking draw, not pairwise
+    probabilities); every other judge comes from the one factory, ``judges.spec.from_spec``,
+    so label and eval accept exactly the same judges.
+    """
     if spec == "oracle":
         return None, f"oracle(beta={beta})"
-    p = Path(spec)
-    if p.is_dir():
-        from rlhfkit.judges.reward_model import RewardModelPreference
+    from rlhfkit.judges.spec import from_spec
 
-        j = RewardModelPreference(p)
-        return j, j.name
-    from rlhfkit.config import load_config
-    from rlhfkit.judges.config import JudgeConfig, build_judge
-
-    j = build_judge(load_config(JudgeConfig, p), records)
-    return j, getattr(j, "name", str(p))
+    j = from_spec(spec, records, base_dir=base_dir, device=device, beta=beta)
+    return j, getattr(j, "name", spec)
 
 
 def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: LabelConfig, beta: float,
@@ -242,7 +241,8 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
             raise ConfigError(f"{work}: chunks from a labeling run with a different config; remove it to relabel")
     elif accelerator.is_main_process:
         atomic_write_json(work / "config.json", identity)
-    judge, judge_name = _build_judge(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], beta)
+    judge, judge_name = _build_judge(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], beta,
+                                     base_dir=out, device=accelerator.device)
     tok = load_tokenizer(policy)
     lm = load_causal_lm(policy).to(accelerator.device)
     n_chunks = (len(records) + cfg.chunk_size - 1) // cfg.chunk_size

@@ -9,13 +9,15 @@ One loop, read top to bottom in ``run``; every step is
               of the score of an unfinished response; optionally PRM step rewards at the
               newline token that closes each step; optionally a cost from a cost model
     KL        log-probs of the policy and the frozen reference recomputed by a forward pass
-              (never taken from ``generate``), a per-token KL estimate (k1/k2/k3) either
-              subtracted from the reward (β·KL, fixed or adaptive β) or added to the loss
+              (never taken from ``generate``, whose own log-probs are only compared with them
+              and logged), a per-token KL estimate (k1/k2/k3) either subtracted from the
+              reward (β·KL, fixed or adaptive β) or added to the loss
     advantage PPO: GAE on per-token rewards with the critic's values; GRPO: group-normalised
               sequence returns; RLOO: leave-one-out baseline. Safe RLHF combines reward and
               cost advantages, (A_r − λ·A_c) / (1 + λ), with λ updated online
     update    several epochs of shuffled minibatches (gradient accumulation inside), clipped
-              policy loss, clipped value loss for the critic, gradient clipping
+              policy loss, clipped value loss for the critic, each aggregated over tokens or
+              responses (``loss_aggregation``), gradient clipping
 
 The algorithms differ only in data (``Algorithm``'s properties), never in a buried branch.
 Tokens are indexed by the *action* position t of the right-padded prompt+response batch:
@@ -28,10 +30,7 @@ steps, atomic) hold everything a resumed run needs to end with the same weights.
 from __future__ import annotations
 
 import importlib
-import json
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,14 +39,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from rlhfkit.checkpoints import StoppedEarly, checkpoint_config, load_checkpoint, save_checkpoint
+from rlhfkit.config import check_non_negative, check_positive, check_probability
 from rlhfkit.generation import SamplingConfig
 from rlhfkit.io import run_path
+from rlhfkit.losses import LossAggregation
+from rlhfkit.models.trainable import LoRAConfig, add_lora, disable_dropout, make_trainable, reference_mode, save_trained
+from rlhfkit.tracking import check_report_to
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
-
-
-class StoppedEarly(RuntimeError):
-    """Raised after ``stop_after_steps`` steps: the stage is not complete and must not be committed."""
 
 
 class Algorithm(str, Enum):
@@ -72,12 +72,13 @@ class Algorithm(str, Enum):
         """GRPO puts a k3 KL term in the loss (Shao et al. 2024, eq. 3); PPO and RLOO penalise the reward."""
         return self is Algorithm.grpo
 
-    def sequence_advantages(self, returns: torch.Tensor, group_size: int) -> torch.Tensor:
-        """(B,) sequence returns → (B,) advantages for the critic-free members."""
+    def sequence_advantages(self, returns: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+        """(B,) sequence returns → (B,) advantages for the critic-free members; ``scale`` divides GRPO's by the group std."""
         from rlhfkit.advantages import group_normalized_advantages, rloo_advantages
 
-        fn = {Algorithm.grpo: group_normalized_advantages, Algorithm.rloo: rloo_advantages}[self]
-        return fn(returns, group_size)
+        if self is Algorithm.grpo:
+            return group_normalized_advantages(returns, group_size, scale=scale)
+        return rloo_advantages(returns, group_size)
 
 
 class RewardSource(str, Enum):
@@ -116,7 +117,8 @@ class PPOConfig:
     reward_fn: str = ""
     """``module:function`` taking (prompts, responses) and returning scores, when reward_source is callable"""
     unfinished_score: float = -1.0
-    """score of a response that never emitted EOS (replaces the reward source's score)"""
+    """score of a response that never emitted EOS within sampling.max_new_tokens: it replaces the reward
+    source's score (it is not added to it); EOS is looked for in the generated tokens only"""
     score_whiten: bool = False
     """whiten the sequence scores of each rollout batch (mean 0, std 1) before use"""
     score_clip: float = 0.0
@@ -170,7 +172,22 @@ class PPOConfig:
     lam: float = 0.95
     """GAE λ"""
     whiten_advantages: bool = True
-    """whiten advantages over the batch's response tokens"""
+    """ppo: whiten advantages over the batch's response tokens; grpo/rloo: divide them by their std over those
+    tokens without shifting the mean (the group baseline centres them, and a shift would move a group of equal
+    rewards off its zero advantage)"""
+    scale_advantages: bool = True
+    """grpo: divide each group's centred rewards by the group's std (Shao et al. 2024); false keeps r − mean
+    (Dr. GRPO, Liu et al. 2025: the division favours groups whose rewards barely differ). TRL's default
+    scale_rewards="group" is true here. ppo and rloo have no group std and ignore it"""
+    loss_aggregation: LossAggregation = LossAggregation.token_mean
+    """how per-token losses become the loss (policy, value, KL and entropy terms alike): token_mean (every token of
+    the minibatch weighs the same; TRL's dapo, veRL's default token-mean), seq_mean_token_mean (each response's mean,
+    then the mean over responses: GRPO's eq. 3, biased toward long wrong answers) or seq_mean_token_sum_norm (each
+    response's sum / sampling.max_new_tokens, then the mean: Dr. GRPO)"""
+    rollout_is_cap: float = 0.0
+    """truncated importance sampling: multiply each token's policy loss by min(π_train/π_rollout, cap), π_rollout the
+    sampler's probability of the token and π_train the training forward's; 0 disables it (TRL's default is on, cap 2,
+    when it generates with vLLM). Every step logs the mean and max |log π_rollout − log π_train| either way"""
     kl_coef: float = 0.05
     """β: initial (adaptive) or fixed KL coefficient"""
     kl_in_loss: str = "auto"
@@ -185,24 +202,36 @@ class PPOConfig:
     """adaptive controller horizon, in samples"""
     critic_init: str = ""
     """critic backbone: empty means the (first) reward model when the reward is a model, else the policy"""
-    lora_r: int = 0
-    """LoRA rank for the policy and critic (peft); 0 trains every weight"""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator"""
-    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    """module names LoRA adapts"""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """low-rank adapters for the policy and the critic's backbone (``lora.r: 0`` trains every weight); the
+    reference is then the policy with its adapter disabled (no second copy)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the update's backward pass (policy and critic): less memory, more compute"""
     save_every: int = 10
     """write a checkpoint every this many steps (0: never); a rerun resumes from it"""
     stop_after_steps: int = 0
     """stop (after checkpointing) once this many steps are done, without writing the final model; 0 runs to the end"""
+    max_nonfinite_steps: int = 3
+    """an optimizer step whose gradient norm (policy or critic) is NaN or infinite is skipped and counted; this many
+    in a row stop the stage with an error, uncommitted; 0 turns the check off"""
     log_every: int = 1
     """write a log.jsonl line every this many steps"""
     seed: int = 0
     """seed for sampling, minibatch order and initialisation"""
     mixed_precision: str = "auto"
     """``auto`` (bf16 on a GPU, full precision on CPU), ``no``, ``bf16`` or ``fp16``"""
+    report_to: tuple[str, ...] = ()
+    """trackers every logged metric also goes to: tensorboard, wandb, trackio; empty (or [none]) logs only to log.jsonl"""
 
     def __post_init__(self):
+        check_report_to(self.report_to)
+        check_positive(lr=self.lr, critic_lr=self.critic_lr, total_steps=self.total_steps, ppo_epochs=self.ppo_epochs,
+                       prompts_per_step=self.prompts_per_step, clip_eps=self.clip_eps, log_every=self.log_every)
+        check_non_negative(kl_coef=self.kl_coef, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
+                           grad_clip=self.grad_clip, entropy_coef=self.entropy_coef, vf_coef=self.vf_coef,
+                           save_every=self.save_every, lambda_lr=self.lambda_lr,
+                           max_nonfinite_steps=self.max_nonfinite_steps)
+        check_probability(gamma=self.gamma, lam=self.lam)
         # Accept enum values given as strings from Python callers (the YAML loader converts already).
         object.__setattr__(self, "algorithm", Algorithm(self.algorithm))
         object.__setattr__(self, "reward_source", RewardSource(self.reward_source))
@@ -234,6 +263,9 @@ class PPOConfig:
                              "act on whole-sequence scores, so set prm_step_rewards=false to use them")
         if self.scheduler not in ("constant", "linear", "cosine"):
             raise ValueError(f"scheduler must be constant, linear or cosine, got {self.scheduler!r}")
+        object.__setattr__(self, "loss_aggregation", LossAggregation(self.loss_aggregation))
+        if self.rollout_is_cap < 0:
+            raise ValueError(f"rollout_is_cap must be >= 0 (0 disables it), got {self.rollout_is_cap}")
 
     @property
     def kl_uses_loss(self) -> bool:
@@ -262,19 +294,6 @@ class PPOConfig:
 
 
 # ============================================================================ models
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off everywhere: PPO's ratio must compare the same function before and after."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "attention_dropout") and isinstance(m.attention_dropout, float):
-            m.attention_dropout = 0.0  # HF attention reads a float attribute, not a Dropout module
-    cfg = getattr(model, "config", None)
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
-        if cfg is not None and isinstance(getattr(cfg, key, None), float):
-            setattr(cfg, key, 0.0)
-
 
 class Critic(torch.nn.Module):
     """A transformer backbone and a linear head of ``n_values`` outputs (reward value, cost value).
@@ -329,13 +348,6 @@ def build_critic(path: Path, n_values: int, seed: int) -> Critic:
             critic.head.bias[0].copy_(head["bias"][0].float())
     critic.initialised_from_head = head is not None
     return critic
-
-
-def _add_lora(model, cfg: PPOConfig):
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.lora_target_modules))
-    return get_peft_model(model, lcfg)
 
 
 # ============================================================================ scoring
@@ -479,10 +491,8 @@ def reference_forward(policy, reference, batch: dict, temperature: float) -> tor
     with torch.no_grad():
         if reference is not None:
             return policy_forward(reference, batch, temperature)[0]
-        from rlhfkit.generation import unwrap
-
-        with unwrap(policy).disable_adapter():
-            return policy_forward(unwrap(policy), batch, temperature)[0]
+        with reference_mode(policy) as base:
+            return policy_forward(base, batch, temperature)[0]
 
 
 # ============================================================================ rollout
@@ -503,16 +513,28 @@ class Rollout:
     costs: torch.Tensor | None  # (B,)
     old_values: torch.Tensor | None  # (B, T, H)
     samples: list
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: generation, scoring, forward
+    rollout_logprobs: torch.Tensor | None = None  # the sampler's log-probs of the same tokens (a diagnostic; TIS)
+
+
+def _clock(device) -> float:
+    """``time.perf_counter()`` once ``device`` has finished its queued work (CUDA kernels run
+    asynchronously: without the sync a phase's GPU time would be charged to the next one)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], scorer: Scorer, cfg: PPOConfig,
                  seed: int, device, all_sum=None, first_chunk: int = 0) -> Rollout:
     """This process's share of a rollout batch; ``all_sum`` (a sum over processes) makes score
     whitening use the whole batch, ``first_chunk`` is passed to ``generation.sample``."""
-    from rlhfkit.generation import sample, sequences_from_samples, unwrap
+    from rlhfkit.generation import sample, sampler_logprobs, sequences_from_samples, unwrap
 
+    t_start = _clock(device)
     samples = sample(unwrap(policy), tokenizer, prompts, cfg.sampling, seed=seed,
-                     num_return_sequences=cfg.group_size, device=device, first_chunk=first_chunk)
+                     num_return_sequences=cfg.group_size, device=device, first_chunk=first_chunk, return_logprobs=True)
+    t_generated = _clock(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = {k: v.to(device) for k, v in sequences_from_samples(samples, pad, tokenizer.eos_token_id).items()}
     texts = [s.text for s in samples]
@@ -558,14 +580,20 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
     # --- log-probs and values from forward passes (never from generate)
     from rlhfkit.kl import kl_estimate
 
+    t_scored = _clock(device)
     with torch.no_grad():  # the unwrapped models: no DDP bookkeeping outside the update
         old_logprobs = policy_forward(unwrap(policy), batch, cfg.sampling.temperature)[0]
         ref_logprobs = reference_forward(policy, reference, batch, cfg.sampling.temperature)
         old_values = unwrap(critic)(batch["input_ids"], batch["attention_mask"]) if critic is not None else None
     mask = batch["response_mask"].bool()
     kl = torch.where(mask, kl_estimate(old_logprobs, ref_logprobs, cfg.estimator), torch.zeros_like(old_logprobs))
+    timings = {"generation": t_generated - t_start, "scoring": t_scored - t_generated, "forward": _clock(device) - t_scored}
+    # The sampler's own log-probs of the tokens trained on: compared with old_logprobs (the training
+    # forward's) every step, and the ratio of the two for truncated importance sampling.
+    rollout_logprobs = sampler_logprobs(samples, batch["input_ids"].shape[1]).to(device)
     return Rollout(batch["input_ids"], batch["attention_mask"], batch["response_mask"], old_logprobs, ref_logprobs,
-                   kl, scores.to(device), raw, token_rewards.to(device), costs, old_values, samples)
+                   kl, scores.to(device), raw, token_rewards.to(device), costs, old_values, samples, timings,
+                   rollout_logprobs)
 
 
 # ============================================================================ advantages
@@ -576,11 +604,14 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
     ``all_sum`` (a sum over processes): whitening uses the statistics of the whole rollout batch.
 
     PPO: rewards_t = token_rewards_t − β·KL_t (reward mode), GAE with the critic's values.
-    GRPO/RLOO: sequence return = Σ_t rewards_t, advantage of the group, spread over its tokens.
+    GRPO/RLOO: sequence return = Σ_t rewards_t, advantage of the group, spread over its tokens
+    (``scale_advantages``: GRPO's division by the group std); ``whiten_advantages`` then scales
+    them by their std over the batch's tokens without re-centring, so a group of equal returns
+    keeps its advantage of exactly 0 (PPO's GAE advantages are whitened: shifted and scaled).
     With a cost, the same estimator on the cost gives A_c and the combination is
     (A_r − λ·A_c) / (1 + λ) (Dai et al. 2023, eq. 10 divided by 1 + λ to keep its scale).
     """
-    from rlhfkit.advantages import gae, whiten
+    from rlhfkit.advantages import gae, scale_by_std, whiten
 
     alg = Algorithm(cfg.algorithm)
     mask = ro.response_mask
@@ -594,9 +625,11 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
             a, ret = gae(r, ro.old_values[..., h], mask, cfg.gamma, cfg.lam)
             returns.append(ret)
         else:
-            seq = alg.sequence_advantages((r * mask).sum(1), cfg.group_size)  # (B,)
+            seq = alg.sequence_advantages((r * mask).sum(1), cfg.group_size, cfg.scale_advantages)  # (B,)
             a = seq[:, None] * mask
-        advs.append(whiten(a, mask, all_sum=all_sum) if cfg.whiten_advantages else a)
+        if cfg.whiten_advantages:
+            a = whiten(a, mask, all_sum=all_sum) if alg.uses_critic else scale_by_std(a, mask, all_sum=all_sum)
+        advs.append(a)
     adv = advs[0]
     if ro.costs is not None:
         adv = (advs[0] - lagrange * advs[1]) / (1.0 + lagrange)
@@ -606,19 +639,26 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
 # ============================================================================ update
 
 def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout, adv, returns, cfg: PPOConfig,
-               kl_coef: float, accelerator, generator: torch.Generator) -> dict:
+               kl_coef: float, accelerator, generator: torch.Generator, guard=None) -> dict:
     """``ppo_epochs`` passes of shuffled minibatches; returns the mean of each diagnostic.
 
     With several processes (``accelerator``'s DDP) process r holds rows
     [r·b, (r+1)·b) of the rollout batch. Every process draws the same permutation of the whole
     batch, so a minibatch is the same set of rows as in one process; each process runs its own
     rows of it, weighted so that DDP's mean over processes is the gradient of the minibatch's
-    token mean: 2 processes equal 1 at the same global batch.
+    loss (``cfg.loss_aggregation``: a mean over its tokens or its responses): 2 processes equal 1
+    at the same global batch. With ``rollout_is_cap`` each token's policy loss is multiplied by
+    min(π_train/π_rollout, cap) (``losses.truncated_importance_weights``).
     """
     from rlhfkit.kl import kl_estimate
-    from rlhfkit.losses import masked_mean, ppo_policy_loss, ppo_value_loss
-    from rlhfkit.training import Collective
+    from rlhfkit.losses import aggregate_loss, masked_mean, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
+    from rlhfkit.training import Collective, NonFiniteGuard
 
+    guard = guard or NonFiniteGuard("ppo", 0, accelerator)  # none given: no check, the plain update
+
+    agg, max_len = cfg.loss_aggregation, cfg.sampling.max_new_tokens
+    if cfg.rollout_is_cap > 0 and ro.rollout_logprobs is None:
+        raise ValueError("rollout_is_cap needs the sampler's log-probs (Rollout.rollout_logprobs)")
     coll = Collective(accelerator)
     world, rank = coll.world, coll.rank
     b = ro.input_ids.shape[0]
@@ -631,7 +671,7 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
         perm = torch.randperm(B, generator=generator).tolist()
         for start in range(0, B, cfg.minibatch):
             mb = [i - rank * b for i in perm[start:start + cfg.minibatch] if rank * b <= i < (rank + 1) * b]
-            n_tokens = coll.sum(ro.response_mask[mb].sum())
+            n_units = coll.sum(agg.units(ro.response_mask[mb]))  # the minibatch's tokens (or responses)
             # grad_accum_steps micro-batches on every process (DDP syncs at each backward); one a
             # process has no rows for runs row 0 at weight 0.
             k, extra = divmod(len(mb), cfg.grad_accum_steps)
@@ -644,19 +684,27 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 cut = lambda t: t[idx, :width]  # noqa: E731
                 batch = {"input_ids": cut(ro.input_ids), "attention_mask": cut(ro.attention_mask)}
                 mask = cut(ro.response_mask)
-                # Each micro-batch's masked mean is weighted by its share of the minibatch's tokens
-                # (times the process count, which DDP's mean divides out), so accumulation gives the
-                # gradient of the minibatch's token mean exactly.
-                w = 0.0 if dummy else mask.sum() / n_tokens * world
+                # Each micro-batch's aggregate (a mean over its tokens or responses) is weighted by its
+                # share of the minibatch's (times the process count, which DDP's mean divides out), so
+                # accumulation gives the gradient of the minibatch's loss exactly. Every term below is
+                # aggregated the same way, or the weight would be wrong for some of them.
+                w = 0.0 if dummy else agg.units(mask) / n_units * world
                 logp, ent = policy_forward(policy, batch, cfg.sampling.temperature, with_entropy=True)
-                loss, pm = ppo_policy_loss(logp, cut(ro.old_logprobs), cut(adv), mask, cfg.clip_eps)
+                is_weights = None
+                if cfg.rollout_is_cap > 0:
+                    is_weights = truncated_importance_weights(cut(ro.old_logprobs), cut(ro.rollout_logprobs), mask,
+                                                              cfg.rollout_is_cap)
+                loss, pm = ppo_policy_loss(logp, cut(ro.old_logprobs), cut(adv), mask, cfg.clip_eps, agg, max_len,
+                                           is_weights)
+                if is_weights is not None:
+                    pm["rollout_is_weight"] = masked_mean(is_weights, mask).item()
                 if cfg.kl_uses_loss:
-                    kl_loss = masked_mean(kl_estimate(logp, cut(ro.ref_logprobs), cfg.estimator), mask)
+                    kl_loss = aggregate_loss(kl_estimate(logp, cut(ro.ref_logprobs), cfg.estimator), mask, agg, max_len)
                     loss = loss + kl_coef * kl_loss
                     pm["kl_loss"] = kl_loss.item()
-                entropy = masked_mean(ent, mask)
+                entropy = masked_mean(ent, mask)  # logged as the mean over tokens whatever the aggregation
                 if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * entropy
+                    loss = loss - cfg.entropy_coef * aggregate_loss(ent, mask, agg, max_len)
                 accelerator.backward(loss * w)
                 pm.update(loss=loss.item(), entropy=entropy.item())
                 if critic is not None:
@@ -664,7 +712,7 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                     vloss = 0.0
                     for h in range(values.shape[-1]):
                         vl, vm = ppo_value_loss(values[..., h], cut(ro.old_values[..., h]), cut(returns[..., h]),
-                                                mask, cfg.value_clip_eps)
+                                                mask, cfg.value_clip_eps, agg, max_len)
                         vloss = vloss + vl
                         if h == 0:
                             pm["value_clipfrac"] = vm["value_clipfrac"]
@@ -673,72 +721,17 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 if not dummy:
                     for key, v in pm.items():
                         stats.setdefault(key, []).append(v)
-            for model, o, s in ((policy, opt, sched), (critic, critic_opt, critic_sched)):
-                if model is None:
-                    continue
-                if cfg.grad_clip > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                o.step()
-                s.step()
-                o.zero_grad(set_to_none=True)
+            # One decision for both models (training.NonFiniteGuard, ``guard``): a non-finite gradient norm in
+            # either skips both updates. Every term of the loss depends on the parameters, so a non-finite
+            # loss shows in the norms, which DDP's all-reduce makes the same on every process.
+            models = [(m, o, s) for m, o, s in ((policy, opt, sched), (critic, critic_opt, critic_sched)) if m is not None]
+            norms = [guard.grad_norm(m, cfg.grad_clip) for m, _, _ in models]
+            guard.step(None, None, norms, [(o, s) for _, o, s in models])
     policy.eval()
     if critic is not None:
         critic.eval()
     # Diagnostics: with several processes, the mean of the processes' means.
     return coll.mean_of({key: sum(v) / len(v) for key, v in stats.items()})
-
-
-# ============================================================================ checkpoints
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-
-
-def save_checkpoint(ckpt: Path, step: int, objects: dict, controllers: dict, log_path: Path, config: dict) -> None:
-    """Everything a resumed run needs, written to ``ckpt.partial`` then renamed over ``ckpt``."""
-    from rlhfkit.io import atomic_write_json, partial_dir, replace_dir
-
-    tmp = partial_dir(ckpt)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = {name: obj.state_dict() for name, obj in objects.items() if obj is not None}
-    state["controllers"] = {name: c.state_dict() for name, c in controllers.items() if c is not None}
-    state["rng"] = _rng_state()
-    torch.save(state, tmp / "state.pt")
-    if log_path.exists():
-        shutil.copyfile(log_path, tmp / "log.jsonl")
-    atomic_write_json(tmp / "meta.json", {"step": step, "config": config})
-    replace_dir(tmp, ckpt)
-
-
-def load_checkpoint(ckpt: Path, objects: dict, controllers: dict, log_path: Path | None, config: dict) -> int:
-    """Restore a checkpoint into ``objects``/``controllers``; returns the step it was taken after (0 if none).
-
-    The checkpoint's log replaces ``log_path`` (None: leave the log alone, as every process but the first does).
-    """
-    meta_path = ckpt / "meta.json"
-    if not meta_path.exists():
-        return 0
-    meta = json.loads(meta_path.read_text())
-    if meta["config"] != config:
-        raise ValueError(f"{meta_path}: checkpoint was written with a different config; remove {ckpt} to start over")
-    state = torch.load(ckpt / "state.pt", weights_only=True)  # no pickle: tensors, numbers, tuples only
-    for name, obj in objects.items():
-        if obj is not None:
-            obj.load_state_dict(state[name])
-    for name, c in controllers.items():
-        if c is not None:
-            c.load_state_dict(state["controllers"][name])
-    _set_rng_state(state["rng"])
-    if log_path is not None and (ckpt / "log.jsonl").exists():
-        shutil.copyfile(ckpt / "log.jsonl", log_path)  # lines after the checkpoint are redone
-    return int(meta["step"])
 
 
 # ============================================================================ the recipe
@@ -751,15 +744,13 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     Checkpoints go to ``ckpt_dir`` (default ``OUT/<name>.ckpt``), outside the stage directory,
     so a killed stage that is started over still finds them.
     """
-    import copy
-
-    from rlhfkit.config import to_dict
     from rlhfkit.data.loading import load_prompts
     from rlhfkit.io import JsonlLog
     from rlhfkit.kl import AdaptiveKLController, FixedKLController, LagrangeMultiplier
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, save_pretrained_atomic
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.local import resolve_in_run
     from rlhfkit.tasks.arith import Problem
-    from rlhfkit.training import Collective, TrainConfig, global_batches, make_optimizer_and_scheduler
+    from rlhfkit.training import Collective, NonFiniteGuard, TrainConfig, global_batches, make_optimizer_and_scheduler
 
     coll = Collective(accelerator)
     if cfg.prompts_per_step % coll.world:
@@ -768,9 +759,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     device = accelerator.device
     t0 = time.time()
     # --- inputs, checked before any model is loaded
-    policy_path = run_path(out, cfg.policy or "sft/model")
-    if not policy_path.exists():
-        raise FileNotFoundError(f"policy: model directory {policy_path} does not exist")
+    policy_path = resolve_in_run(cfg.policy or "sft/model", out)
     records = load_prompts(run_path(out, cfg.data) if cfg.data else out / "data" / "prompts.jsonl")
     prompts = [r.prompt for r in records]
     problems = {r.prompt: Problem.from_meta(r.meta) for r in records if r.meta is not None}
@@ -784,9 +773,8 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     policy = load_causal_lm(policy_path)
     disable_dropout(policy)
     reference = None
-    if cfg.lora_r > 0:
-        policy = _add_lora(policy, cfg)  # reference = this model with the adapter disabled
-    else:
+    policy = make_trainable(policy, cfg.lora, cfg.gradient_checkpointing)
+    if not cfg.lora.enabled:  # under LoRA the reference is this model with the adapter disabled
         reference = load_causal_lm(policy_path).to(device)
         disable_dropout(reference)
         reference.eval().requires_grad_(False)
@@ -800,8 +788,10 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
             critic_path = policy_path
         critic = build_critic(critic_path, 2 if cfg.cost_model else 1, cfg.seed)
         disable_dropout(critic)
-        if cfg.lora_r > 0:
-            critic.backbone = _add_lora(critic.backbone, cfg)
+        if cfg.gradient_checkpointing:
+            critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora.enabled:
+            critic.backbone = add_lora(critic.backbone, cfg.lora)  # the value head trains fully
     opt_cfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, scheduler=cfg.scheduler)
     opt, sched = make_optimizer_and_scheduler(policy, opt_cfg, cfg.optimizer_steps)
     critic_opt = critic_sched = None
@@ -820,8 +810,9 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     # --- resume
     ckpt = ckpt_dir or out / f"{name}.ckpt"
     objects = {"policy": policy, "critic": critic, "opt": opt, "critic_opt": critic_opt, "sched": sched, "critic_sched": critic_sched}
-    controllers = {"kl": kl_ctl, "lambda": lagrange}
-    config_dict = to_dict(cfg)
+    guard = NonFiniteGuard(name, cfg.max_nonfinite_steps, accelerator)
+    controllers = {"kl": kl_ctl, "lambda": lagrange, "nonfinite": guard}
+    config_dict = checkpoint_config(cfg)  # less stop_after_steps and save_every: a rerun that changes them resumes
     start = load_checkpoint(ckpt, objects, controllers, log_path if accelerator.is_main_process else None, config_dict)
     if start and accelerator.is_main_process:
         print(f"[rlhfkit] {name}: resuming from {ckpt} after step {start}")
@@ -830,14 +821,17 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     policy, opt = accelerator.prepare(policy, opt)
     if critic is not None:
         critic, critic_opt = accelerator.prepare(critic, critic_opt)
-    log = JsonlLog(log_path, enabled=accelerator.is_main_process)
+    log = JsonlLog(log_path, enabled=accelerator.is_main_process, accelerator=accelerator)
     # This process's share of each step's prompts, and where its sampling chunks fall in one process's draw.
     per_rank = cfg.prompts_per_step // coll.world
     first_chunk = coll.rank * -(-per_rank // cfg.sampling.batch_size)
 
     # --- the loop
+    from tqdm.auto import tqdm
+
     gold_available = bool(problems) and len(problems) == len(prompts)
     last = {}
+    bar = tqdm(total=cfg.total_steps, initial=start, desc=name, disable=not accelerator.is_main_process)
     try:
         batches = global_batches(len(prompts), cfg.prompts_per_step, cfg.total_steps, cfg.seed, start_step=start)
         for step, idx in enumerate(batches, start=start):
@@ -853,8 +847,10 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
                 lagrange.update(mean_cost, cfg.cost_threshold)  # λ first, then the advantages that use it
             adv, returns = compute_advantages(ro, cfg, kl_ctl.value, lagrange.value if lagrange else None, all_sum=coll.sum)
             gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+            t_update = _clock(device)
             stats = ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro, adv, returns, cfg,
-                               kl_ctl.value, accelerator, gen)
+                               kl_ctl.value, accelerator, gen, guard)
+            update_s = _clock(device) - t_update
             kl_coef_used = kl_ctl.value
             if returns is not None:
                 # cleanrl's diagnostic, over the whole rollout: 1 − Var(R − V_old) / Var(R).
@@ -864,6 +860,10 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
                 stats["explained_variance"] = float(1 - masked_var(returns[..., 0] - ro.old_values[..., 0], mask, all_sum=coll.sum) / var_r) if var_r > 0 else float("nan")
             all_kl = every(seq_kl)
             kl_ctl.update(float(all_kl.mean()), cfg.batch_size)
+            # Sampler against training forward, same weights, same tokens: only numerics (kernels, batch
+            # shapes, padding, an inference engine) can make them differ; a drift here means the rollouts
+            # come from another policy than the one the loss assumes (rollout_is_cap corrects for it).
+            lp_diff = torch.where(mask, (ro.rollout_logprobs - ro.old_logprobs).abs(), torch.zeros_like(ro.old_logprobs))
             rec = {
                 "step": step + 1,
                 "reward": float(every(ro.raw_scores).mean()),
@@ -871,9 +871,16 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
                 "kl": float(all_kl.mean()),
                 "kl_coef": kl_coef_used,
                 "response_length": float(every(mask.sum(1)).mean()),
+                "rollout_logprob_diff_mean": float(coll.sum(lp_diff.sum()) / coll.sum(mask.sum()).clamp(min=1)),
+                "rollout_logprob_diff_max": float(every(lp_diff.amax(1)).max()),
                 "finished_rate": float(every(torch.tensor([s.finished for s in ro.samples])).mean()),
                 "lr": sched.get_last_lr()[0],
                 "step_time_s": time.time() - t_step,
+                # where the step's time went (this process's clock; the rest is advantages and logging)
+                "time_generation_s": ro.timings["generation"],
+                "time_scoring_s": ro.timings["scoring"],
+                "time_forward_s": ro.timings["forward"],
+                "time_update_s": update_s,
                 **stats,
             }
             if mean_cost is not None:
@@ -888,16 +895,20 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
             last = rec
             if step % cfg.log_every == 0 or step == cfg.total_steps - 1:
                 log.write(rec)
+            bar.update(1)
+            bar.set_postfix({"reward": f"{rec['reward']:.3f}", "kl": f"{rec['kl']:.3f}",
+                             "gen": f"{rec['time_generation_s']:.2f}s", "update": f"{update_s:.2f}s"})
             done = step + 1
             if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.stop_after_steps) and done < cfg.total_steps:
                 log.close()
                 if accelerator.is_main_process:
                     save_checkpoint(ckpt, done, objects, controllers, log_path, config_dict)
                 accelerator.wait_for_everyone()
-                log = JsonlLog(log_path, enabled=accelerator.is_main_process)
+                log = JsonlLog(log_path, enabled=accelerator.is_main_process, accelerator=accelerator)
             if cfg.stop_after_steps and done >= cfg.stop_after_steps and done < cfg.total_steps:
                 raise StoppedEarly(f"{name}: stopped after step {done} (stop_after_steps); rerun to resume from {ckpt}")
     finally:
+        bar.close()
         log.close()
 
     # --- final figures on held-out prompts: KL from the reference, and cost when constrained
@@ -906,11 +917,8 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     if held_path.exists() and accelerator.is_main_process:
         final = heldout_figures(accelerator.unwrap_model(policy), reference, tokenizer,
                                 [r.prompt for r in load_prompts(held_path)], scorer, cfg, device)
-    unwrapped = accelerator.unwrap_model(policy)
-    if cfg.lora_r > 0:
-        unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
     if accelerator.is_main_process:
-        save_pretrained_atomic(unwrapped, tokenizer, stage_dir / "model")
+        save_trained(accelerator.unwrap_model(policy), tokenizer, stage_dir, cfg.lora)
     runtime = time.time() - t0
     policy_entry = dict(final)
     if cfg.cost_model:
@@ -922,6 +930,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
         "total_steps": cfg.total_steps,
         "samples_seen": cfg.total_steps * cfg.batch_size,
         "resumed_from_step": start,
+        **guard.metrics(),
         "critic_initialised_from_reward_head": bool(getattr(critic, "initialised_from_head", False)),
         "train_runtime_s": runtime,
     }

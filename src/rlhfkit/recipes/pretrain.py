@@ -32,6 +32,7 @@ class PretrainConfig(TrainConfig):
 
 
 def run(cfg: PretrainConfig, data_path: Path, out_dir: Path, accelerator, log) -> dict:
+    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
     from rlhfkit.data.collate import collate_packed, pack_documents
     from rlhfkit.data.loading import load_texts
     from rlhfkit.models.loading import build_tiny_causal_lm, load_causal_lm, load_tokenizer, save_pretrained_atomic
@@ -57,6 +58,7 @@ def run(cfg: PretrainConfig, data_path: Path, out_dir: Path, accelerator, log) -
         accelerator=accelerator,
         log=log,
         progress_desc="pretrain",
+        checkpoint=LoopCheckpoint(checkpoint_dir(out_dir), cfg, accelerator, log, "pretrain"),
     )
     if accelerator.is_main_process:
         save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, out_dir / "model")

@@ -19,6 +19,7 @@ answers; gold accuracy of the pick with a 95% CI (``summary.json`` key ``reranki
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field, replace
@@ -27,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from rlhfkit.config import check_non_negative, check_probability
 from rlhfkit.training import TrainConfig
 
 
@@ -67,6 +69,9 @@ class RewardConfig(TrainConfig):
     """step-labelled solutions (PRM, ORM and cost labels); empty means OUT/label/steps.jsonl"""
     steps_eval_data: str = ""
     """held-out step-labelled solutions; empty means hold out ``heldout_frac`` of ``steps_data``"""
+    max_unusable_share: float = 0.5
+    """refuse a pair file where more than this share of the records is unusable (chosen equals rejected,
+    HH dialogues that differ before the last turn), saying why"""
     heldout_frac: float = 0.1
     """share of records held out when no eval file is given"""
     train_rm: bool = True
@@ -115,6 +120,8 @@ class RewardConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_probability(heldout_frac=self.heldout_frac, max_unusable_share=self.max_unusable_share)
+        check_non_negative(center_coef=self.center_coef, prm_lr=self.prm_lr, freeze_layers=self.freeze_layers)
         if self.pooling not in ("last", "mean", "response"):
             raise ValueError(f"pooling must be last, mean or response, got {self.pooling!r}")
         if self.prm_target not in ("step", "prefix"):
@@ -123,65 +130,79 @@ class RewardConfig(TrainConfig):
             raise ValueError(f"ambiguous must be drop, positive or negative, got {self.ambiguous!r}")
 
 
-def resolve_model(spec: str) -> Path:
-    """``pkg:NAME`` → the ``model/`` folder inside installed package NAME (no import, no network)."""
-    if not spec.startswith("pkg:"):
-        return Path(spec)
-    import importlib.util
-
-    name = spec[4:].replace("-", "_")
-    found = importlib.util.find_spec(name)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(f"model {spec}: Python package {name} is not installed (pip install {spec[4:]})")
-    path = Path(list(found.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"model {spec}: no model/config.json inside {path.parent}")
-    return path
-
-
 # ------------------------------------------------------------------------------ the training loop
 
 def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], list[int]], tuple[torch.Tensor, dict]],
-         cfg: RewardConfig, accelerator, log, name: str) -> dict:
+         cfg: RewardConfig, accelerator, log, name: str, ckpt: Path | None = None) -> dict:
     """Minimise ``batch_loss(model, my unit indices, the global batch's)`` over seeded global batches of
     units (pairs/rankings/solutions).
 
     ``model`` is ``net`` as ``accelerator.prepare`` wrapped it (DDP, FSDP): the loss must be computed
-    through its forward, the only path on which the engine synchronises gradients. Each process
-    returns its share of the global batch's mean loss times the number of processes (for equal
-    shares of equal-weight units, its own mean); DDP's mean of the shares is then the global mean.
-    The logged loss is that global mean; the other logged metrics are the first process's share.
+    through its forward, the only path on which the engine synchronises gradients. A global batch
+    is cut into ``grad_accum_steps`` micro-batches, each split across processes (``training.shard``);
+    ``batch_loss`` returns its micro-batch's share of the global batch's mean loss times the number
+    of processes (its own mean × its units' part of the global batch's, weights or rated steps
+    counted), so the summed gradients, after DDP's mean, are the global mean's: accumulation equals
+    the bigger batch. The logged loss is that global mean; the other logged metrics are the first
+    process's, averaged over its micro-batches.
+
+    ``ckpt``: this model's checkpoint directory (``OUT/reward.ckpt/<name>``), resumed from and saved
+    to every ``save_every`` steps; a model trained to the end keeps its weights there, so a restarted
+    stage does not train it again.
     """
     from tqdm.auto import tqdm
 
-    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.checkpoints import LoopCheckpoint
+    from rlhfkit.training import Collective, NonFiniteGuard, global_batches, make_optimizer_and_scheduler, shard
 
-    bs = min(cfg.batch_size, n_units - n_units % accelerator.num_processes)
+    world = accelerator.num_processes
+    bs = min(cfg.batch_size, n_units - n_units % (cfg.grad_accum_steps * world))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * n_units / bs + 0.999999))
     opt, sched = make_optimizer_and_scheduler(net, cfg, total)
     # The scheduler stays out of prepare(), as in training.train_lm: accelerate would step it once
     # per process per step, running the schedule N times too fast on N processes.
+    objects = {"model": net, "opt": opt, "sched": sched}
     model, opt = accelerator.prepare(net, opt)
     model.train()
+    guard = NonFiniteGuard(f"reward/{name}", cfg.max_nonfinite_steps, accelerator)
+    checkpoint = LoopCheckpoint(ckpt, cfg, accelerator, log, f"reward/{name}", model=name)
+    start, extra = checkpoint.resume(objects, {"nonfinite": guard})
+    if extra.get("done"):
+        net.eval()
+        return extra["fit"]
     t0, last, coll = time.time(), {}, Collective(accelerator)
-    bar = tqdm(total=total, desc=name, disable=not accelerator.is_main_process)
-    for step, idx in enumerate(global_batches(n_units, bs, total, cfg.seed)):
-        mine = shard(idx, 1, accelerator.process_index, accelerator.num_processes)[0]
-        loss, metrics = batch_loss(model, mine, idx)
-        accelerator.backward(loss)
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+    bar = tqdm(total=total, initial=start, desc=name, disable=not accelerator.is_main_process)
+    for step, idx in enumerate(global_batches(n_units, bs, total, cfg.seed, start_step=start), start=start):
+        micro = shard(idx, cfg.grad_accum_steps, accelerator.process_index, world)
+        loss = torch.zeros((), device=accelerator.device)
+        metrics: dict[str, float] = {}
+        for m, mine in enumerate(micro):
+            # DDP synchronises gradients at the last micro-batch's backward only
+            with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
+                share, share_metrics = batch_loss(model, mine, idx)
+                accelerator.backward(share)
+            loss = loss + share.detach()
+            for key, v in share_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + v / len(micro)
+        grad_norm = guard.grad_norm(model, cfg.grad_clip)
+        logged = step % cfg.log_every == 0 or step == total - 1  # the same steps on every process
+        # The whole batch's loss (a collective): every step when the guard decides on it, else on logged steps only.
+        loss_all = coll.mean(loss.detach()).item() if guard.enabled or logged else None
+        guard.step(step + 1, loss_all, [grad_norm], [(opt, sched)])
         bar.update(1)
-        if step % cfg.log_every == 0 or step == total - 1:  # the same steps on every process: a collective
-            last = {**metrics, "loss": coll.mean(loss.detach()).item()}
+        if logged:
+            last = {**metrics, "loss": loss_all}
             log.write({"model": name, "step": step + 1, **last, "lr": sched.get_last_lr()[0],
                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
                        "elapsed_s": time.time() - t0})
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+        checkpoint.after_step(step + 1, total, objects, {"nonfinite": guard})
     bar.close()
     net.eval()
-    return {"train_steps": total, "train_runtime_s": time.time() - t0, "final_train": last}
+    fit = {"train_steps": total, "train_runtime_s": time.time() - t0, "final_train": last, "resumed_from_step": start,
+           **guard.metrics()}
+    checkpoint.save_done(total, {"model": net}, {"fit": fit})
+    return fit
 
 
 def _build(cfg: RewardConfig, backbone: Path, kind: str):
@@ -190,6 +211,13 @@ def _build(cfg: RewardConfig, backbone: Path, kind: str):
     net, tok = build_scalar_model(backbone, kind, cfg.max_len, cfg.pooling, seed=cfg.seed,
                                   dropout=cfg.dropout if cfg.dropout >= 0 else None,
                                   step_likelihood=cfg.step_likelihood and kind == "prm")
+    if cfg.lora.enabled or cfg.gradient_checkpointing:
+        # Adapters on the backbone only: the scalar head (and a PRM's likelihood weights) train fully.
+        from rlhfkit.models.trainable import make_trainable
+
+        if cfg.lora.enabled and cfg.freeze_layers:
+            raise ValueError("reward: freeze_layers and lora.r > 0 both choose what trains; set one of them")
+        net.backbone = make_trainable(net.backbone, cfg.lora, cfg.gradient_checkpointing)
     if cfg.freeze_layers:
         # Embeddings and the lowest layers keep their pretrained weights; no backward through them.
         layers = next(m for n, m in net.backbone.named_modules() if n.endswith("layers") or n.endswith("layer"))
@@ -245,16 +273,18 @@ def pair_scores(net, tok, pairs, batch_size: int, device) -> tuple[list[float], 
     return [s[uniq[(p.prompt, p.chosen)]] for p in pairs], [s[uniq[(p.prompt, p.rejected)]] for p in pairs]
 
 
-def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log) -> tuple:
+def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: Path | None = None) -> tuple:
     """Bradley-Terry on rankings: ``train`` is a PairSet; a batch unit is one ranking (all its pairs)."""
-    from rlhfkit.losses import bradley_terry_loss
+    from rlhfkit.losses import bradley_terry_loss, reward_centering
 
     net, tok = _build(cfg, backbone, "reward")
     groups = train.groups
     dev = accelerator.device
+    world = accelerator.num_processes
 
-    def batch_loss(model, idx, _):
+    def batch_loss(model, idx, global_idx):
         pairs = [train.pairs[i] for g in idx for i in groups[g]]
+        everyone = [train.pairs[i] for g in global_idx for i in groups[g]]
         uniq: dict[tuple[str, str], int] = {}
         for p in pairs:
             uniq.setdefault((p.prompt, p.chosen), len(uniq))
@@ -266,9 +296,16 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log) -> tupl
         margin = None
         if any(p.margin is not None for p in pairs):
             margin = torch.tensor([p.margin or 0.0 for p in pairs], device=scores.device)
-        return bradley_terry_loss(c, r, margin, w, cfg.center_coef)
+        # Shares of the global batch: the BT mean is over pair weights, the centering mean over pairs
+        # (rankings of different K give micro-batches different numbers of pairs).
+        loss, metrics = bradley_terry_loss(c, r, margin, w)
+        w_all = torch.tensor([p.weight for p in everyone], device=scores.device)
+        loss = loss * (w.sum() * world / w_all.sum())
+        if cfg.center_coef:
+            loss = loss + cfg.center_coef * reward_centering(c, r) * (len(pairs) * world / len(everyone))
+        return loss, metrics
 
-    fit = _fit(net, len(groups), batch_loss, cfg, accelerator, log, "rm")
+    fit = _fit(net, len(groups), batch_loss, cfg, accelerator, log, "rm", ckpt)
     return net, tok, fit
 
 
@@ -293,7 +330,7 @@ def _pad_logits(vals: list, width: int) -> torch.Tensor:
     return torch.stack([torch.nn.functional.pad(v, (0, width - v.numel())) for v in vals])
 
 
-def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> tuple:
+def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt: Path | None = None) -> tuple:
     from rlhfkit.losses import step_bce_loss
     from rlhfkit.models.reward import step_logits
     from rlhfkit.models.step_likelihood import fit_step_likelihood
@@ -321,7 +358,7 @@ def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> t
         # weight this share by its part of the global batch's rated steps (1 in one process).
         return loss * (rated(idx) * accelerator.num_processes / max(rated(global_idx), 1)), metrics
 
-    fit = _fit(net, len(records), batch_loss, replace(cfg, lr=cfg.prm_lr) if cfg.prm_lr > 0 else cfg, accelerator, log, "prm")
+    fit = _fit(net, len(records), batch_loss, replace(cfg, lr=cfg.prm_lr) if cfg.prm_lr > 0 else cfg, accelerator, log, "prm", ckpt)
     if start is not None:
         fit["step_likelihood"] = {"start": start, "weight": net.likelihood.weight.tolist()}
     return net, tok, fit
@@ -345,39 +382,41 @@ def prm_eval(net, tok, records, batch_size: int, device) -> dict:
     return step_metrics(probs, labels)
 
 
-def train_orm(cfg: RewardConfig, backbone: Path, records, accelerator, log) -> tuple:
+def train_orm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt: Path | None = None) -> tuple:
     """Outcome model: BCE of the last-token logit against ``correct`` (step_bce_loss on one position)."""
     from rlhfkit.losses import step_bce_loss
 
     net, tok = _build(cfg, backbone, "orm")
     dev = accelerator.device
 
-    def batch_loss(model, idx, _):
+    def batch_loss(model, idx, global_idx):
         recs = [records[i] for i in idx]
         z = _score_texts(net, tok, [(r.prompt, r.completion) for r in recs], len(recs), dev, grad=True, module=model)
         y = torch.tensor([float(r.correct) for r in recs], device=z.device)
-        return step_bce_loss(z[:, None], y[:, None])
+        loss, metrics = step_bce_loss(z[:, None], y[:, None])
+        return loss * (len(idx) * accelerator.num_processes / len(global_idx)), metrics  # its share of the batch
 
-    fit = _fit(net, len(records), batch_loss, cfg, accelerator, log, "orm")
+    fit = _fit(net, len(records), batch_loss, cfg, accelerator, log, "orm", ckpt)
     return net, tok, fit
 
 
-def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log) -> tuple:
+def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt: Path | None = None) -> tuple:
     """Safe RLHF cost model on (safer, unsafer) pairs; sign −1 for a safe response, +1 for an unsafe one."""
     from rlhfkit.losses import cost_model_loss
 
     net, tok = _build(cfg, backbone, "cost")
     dev = accelerator.device
 
-    def batch_loss(model, idx, _):
+    def batch_loss(model, idx, global_idx):
         ps = [pairs[i] for i in idx]
         c = _score_texts(net, tok, [(s.prompt, s.response) for s, _ in ps] + [(u.prompt, u.response) for _, u in ps],
                          2 * len(ps), dev, grad=True, module=model)
         sign = torch.tensor([-1 if s.is_safe else 1 for s, _ in ps] + [-1 if u.is_safe else 1 for _, u in ps], device=c.device)
         n = len(ps)
-        return cost_model_loss(c[:n], c[n:], sign[:n], sign[n:])
+        loss, metrics = cost_model_loss(c[:n], c[n:], sign[:n], sign[n:])
+        return loss * (n * accelerator.num_processes / len(global_idx)), metrics  # its share of the batch
 
-    fit = _fit(net, len(pairs), batch_loss, cfg, accelerator, log, "cost")
+    fit = _fit(net, len(pairs), batch_loss, cfg, accelerator, log, "cost", ckpt)
     return net, tok, fit
 
 
@@ -475,26 +514,31 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
 # ------------------------------------------------------------------------------ the stage
 
 def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict:
+    from rlhfkit.checkpoints import checkpoint_dir
     from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.models.reward_files import save_scalar_model
     from rlhfkit.models.reward_eval import pair_metrics
 
-    backbone = resolve_model(cfg.model) if cfg.model else out / "sft" / "model"
+    from rlhfkit.models.local import resolve_in_run
+
+    backbone = resolve_in_run(cfg.model, out) if cfg.model else out / "sft" / "model"
     dev = accelerator.device
     metrics: dict = {"models": {}, "backbone": str(backbone)}
     trained: dict = {}
+    ckpt_root = checkpoint_dir(stage_dir)  # OUT/reward.ckpt/<model>: each model resumes, or is kept once trained
+    _ckpt = lambda name: ckpt_root / name if ckpt_root is not None else None  # noqa: E731
 
     # Load and validate every file first: a bad record fails before any model is built.
     rm_train = rm_eval = None
     if cfg.train_rm:
         data = Path(cfg.data) if cfg.data else out / "label" / "rankings.jsonl"
-        loaded = load_pairs(data)
+        loaded = load_pairs(data, cfg.max_unusable_share)
         if loaded.skipped:
             print(f"[rlhfkit] reward: {len(loaded.skipped)} pair(s) left out, e.g. {loaded.skipped[0]}")
         metrics["rm_skipped"] = loaded.skipped
         if cfg.eval_data:
-            rm_train, ev = loaded, load_pairs(cfg.eval_data)
+            rm_train, ev = loaded, load_pairs(cfg.eval_data, cfg.max_unusable_share)
             metrics["rm_eval_skipped"] = ev.skipped
             rm_eval = ev.pairs
         else:
@@ -519,7 +563,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
             steps_eval = [replace(r, labels=prefix_targets(r.labels)) for r in steps_eval]
 
     if cfg.train_rm:
-        net, tok, fit = train_rm(cfg, backbone, rm_train, accelerator, log)
+        net, tok, fit = train_rm(cfg, backbone, rm_train, accelerator, log, _ckpt("rm"))
         c, r = pair_scores(net, tok, rm_eval, cfg.eval_batch_size, dev)
         tc, tr = pair_scores(net, tok, rm_train.pairs[: len(rm_eval) * 2], cfg.eval_batch_size, dev)
         m = {"heldout": pair_metrics(c, r), "train_subset": pair_metrics(tc, tr), **fit,
@@ -532,7 +576,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
             save_scalar_model(net, tok, stage_dir / "rm")
         trained["rm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
     if cfg.train_prm:
-        net, tok, fit = train_prm(cfg, backbone, steps_train, accelerator, log)
+        net, tok, fit = train_prm(cfg, backbone, steps_train, accelerator, log, _ckpt("prm"))
         metrics["models"]["prm"] = {"heldout": prm_eval(net, tok, steps_eval, cfg.eval_batch_size, dev), **fit,
                                     "train_solutions": len(steps_train)}
         if accelerator.is_main_process:
@@ -542,7 +586,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
         tr = [s for s in steps_train if s.correct is not None]
         ev = [s for s in steps_eval if s.correct is not None]
         if tr:
-            net, tok, fit = train_orm(cfg, backbone, tr, accelerator, log)
+            net, tok, fit = train_orm(cfg, backbone, tr, accelerator, log, _ckpt("orm"))
             from rlhfkit.models.reward_eval import sigmoid, step_metrics
 
             z = _score_texts(net, tok, [(s.prompt, s.completion) for s in ev], cfg.eval_batch_size, dev).tolist()
@@ -557,7 +601,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
         held = {(s.prompt, s.completion) for s in steps_eval}
         tr = [x for x in safety if (x.prompt, x.response) not in held]
         ev = [x for x in safety if (x.prompt, x.response) in held]
-        net, tok, fit = train_cost(cfg, backbone, safety_pairs(tr), accelerator, log)
+        net, tok, fit = train_cost(cfg, backbone, safety_pairs(tr), accelerator, log, _ckpt("cost"))
         costs = _score_texts(net, tok, [(x.prompt, x.response) for x in ev], cfg.eval_batch_size, dev).tolist()
         from rlhfkit.models.reward_eval import roc_auc
 
@@ -572,6 +616,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
     metrics["reward_models"] = {name: {k: v for k, v in m.items() if k in ("heldout", "judge_agreement")}
                                 for name, m in metrics["models"].items()}
     metrics["summary_sections"] = ["reward_models"]
+    metrics["skipped_nonfinite_steps"] = sum(m["skipped_nonfinite_steps"] for m in metrics["models"].values())
     if cfg.rerank.enabled:
         metrics["reranking"] = rerank(cfg, out, trained, stage_dir, accelerator)
         metrics["summary_sections"].append("reranking")

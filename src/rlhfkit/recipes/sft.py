@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhfkit.data.collate import Truncation
 from rlhfkit.training import TrainConfig
 
 
@@ -16,11 +17,15 @@ class SFTConfig(TrainConfig):
     """Supervised fine-tuning stage."""
 
     model: str = ""
-    """model to fine-tune (directory or hub name); empty means the pretrain stage's output"""
+    """model to fine-tune: a directory, a hub name, a .gguf file or package:NAME[/FILE]; empty means the
+    pretrain stage's output"""
     data: str = ""
-    """demonstrations with ``prompt`` and ``response`` fields; empty means the task's sft.jsonl"""
+    """demonstrations: ``prompt`` + ``response``/``completion``, or ``messages``; empty means the task's sft.jsonl"""
     max_len: int = 192
-    """longest prompt + response in tokens; longer examples are reported as errors"""
+    """longest prompt + response in tokens (see ``truncation``)"""
+    truncation: Truncation = Truncation.error
+    """a longer example: error (names file:line), left (cut the prompt's start) or right (cut the response's end);
+    metrics.json counts the truncated ones"""
     epochs: float = 2.0
     """passes over the demonstrations"""
     trust_remote_code: bool = False
@@ -28,9 +33,13 @@ class SFTConfig(TrainConfig):
 
 
 def run(cfg: SFTConfig, model_path: str, data_path: Path, out_dir: Path, accelerator, log) -> dict:
+    import torch
+
+    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
     from rlhfkit.data.collate import collate_sft, tokenize_demonstrations
     from rlhfkit.data.loading import load_demonstrations
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config, save_pretrained_atomic
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
+    from rlhfkit.models.trainable import make_trainable, save_trained
     from rlhfkit.training import train_lm
 
     demos = load_demonstrations(data_path)
@@ -38,8 +47,12 @@ def run(cfg: SFTConfig, model_path: str, data_path: Path, out_dir: Path, acceler
     context = getattr(model_config(model_path), "max_position_embeddings", cfg.max_len)
     max_len = min(cfg.max_len, context)
     # Validate every record before loading the model: a bad record fails in seconds, not after training.
-    examples = tokenize_demonstrations(tokenizer, demos, max_len)
+    examples, n_truncated = tokenize_demonstrations(tokenizer, demos, max_len, cfg.truncation)
+    if n_truncated:
+        print(f"[rlhfkit] sft: {n_truncated} of {len(demos)} demonstrations truncated to {max_len} tokens ({cfg.truncation.value})")
     model = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
+    torch.manual_seed(cfg.seed)  # the adapters' initialisation under LoRA, as dpo.run seeds it: a rerun (a resume) starts alike
+    model = make_trainable(model, cfg.lora, cfg.gradient_checkpointing)
     metrics = train_lm(
         model,
         n_examples=len(examples),
@@ -49,8 +62,9 @@ def run(cfg: SFTConfig, model_path: str, data_path: Path, out_dir: Path, acceler
         accelerator=accelerator,
         log=log,
         progress_desc="sft",
+        checkpoint=LoopCheckpoint(checkpoint_dir(out_dir), cfg, accelerator, log, "sft"),
     )
     if accelerator.is_main_process:
-        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
-    metrics.update(n_demonstrations=len(demos))
+        save_trained(accelerator.unwrap_model(model), tokenizer, out_dir, cfg.lora)
+    metrics.update(n_demonstrations=len(demos), n_truncated=n_truncated)
     return metrics
