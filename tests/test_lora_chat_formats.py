@@ -287,3 +287,50 @@ def test_missing_local_model_and_a_directory_without_weights(tmp_path):
     (d / "config.json").write_text("{}")
     with pytest.raises(ModelNotFound, match="no weights"):
         resolve_pretrained(str(d))
+
+
+def test_lora_merge_false_saves_the_adapter_as_model_and_it_loads(tiny_lm_dir, tiny_tokenizer, tmp_path):
+    """``lora.merge: false``: model/ is the adapter alone; load_causal_lm puts it on its base and merges."""
+    from rlhfkit.generation import token_logprobs
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.models.trainable import save_trained
+
+    policy = add_lora(_lm(tiny_lm_dir), LoRAConfig(r=4))
+    with torch.no_grad():
+        for n, p in policy.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.3)
+    save_trained(policy, tiny_tokenizer, tmp_path, LoRAConfig(r=4, merge=False))
+    assert (tmp_path / "model" / "adapter_config.json").exists() and not (tmp_path / "model" / "config.json").exists()
+    ids = torch.tensor([encode_prompt(tiny_tokenizer, "Question: 2 + 3?\n")])
+    with torch.no_grad():
+        want = token_logprobs(policy, ids, torch.ones_like(ids))
+        got = token_logprobs(load_causal_lm(tmp_path / "model"), ids, torch.ones_like(ids))
+    assert (want - got).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_lm_dir, tiny_tokenizer, lora):
+    from rlhfkit.data.collate import collate_sft
+    from rlhfkit.training import token_loss_sum
+
+    demos = [Demonstration(f"Question: {i} + 1?\n", f"Answer: {i + 1}") for i in range(4)]
+    examples, _ = tokenize_demonstrations(tiny_tokenizer, demos, 64)
+    batch = collate_sft(examples, tiny_tokenizer.pad_token_id)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = make_trainable(_lm(tiny_lm_dir), LoRAConfig(r=lora), gradient_checkpointing=ckpt)
+        if lora:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.add_(0.1)
+        model.train()
+        loss = token_loss_sum(model, batch)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    assert abs(grads[0][0] - grads[1][0]) < 1e-5
+    for n, g in grads[0][1].items():
+        assert torch.allclose(g, grads[1][1][n], atol=1e-6), n
+    assert (model.get_base_model() if lora else model).is_activation_checkpointing  # it really was on

@@ -23,7 +23,7 @@ def summary(tmp_path_factory):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "report.md").exists() and (out / "report.html").exists()
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / "summary.json").read_text()) | {"_out": str(out)}
 
 
 def test_sft_is_20_points_above_base_on_heldout_accuracy(summary):
@@ -47,8 +47,36 @@ def test_dno_rises_over_its_iterations_and_ends_above_dpo(summary):
     assert win["dno_3"] > win["dpo"], win
 
 
-def test_prm_best_of_16_beats_orm_and_majority_vote(summary):
-    """Issue 3's figure: best-of-16 by the PRM (min over steps) is more often right than by the ORM or
-    by majority vote over final answers, on the same held-out samples."""
+def test_prm_best_of_16_beats_orm_on_the_heldout_prompts(summary):
+    """Issue 3's figure on the report's 100 held-out prompts: best-of-16 by the PRM (min over steps) is
+    more often right than by the ORM. (PRM against majority vote is measured on 500 fresh prompts below:
+    100 prompts cannot separate them. On the machine of 2026-12-01 they gave 0.53 and 0.54 here, the same
+    at the commit before, with pretrain and SFT weights bit-identical; 0.57 and 0.51 where first measured.)"""
     acc = {k: summary["reranking"][k]["accuracy"]["mean"] for k in ("prm", "orm", "majority")}
-    assert acc["prm"] > acc["orm"] and acc["prm"] > acc["majority"], acc
+    assert acc["prm"] > acc["orm"], acc
+
+
+def test_prm_best_of_16_beats_majority_vote_on_500_fresh_prompts(summary, tmp_path):
+    """The quickstart's PRM, ORM and RM rerank 16 SFT samples of 500 new task prompts that share no
+    question with the run's data (scripts/fresh_task_prompts.py): the PRM's pick is more often right
+    than majority vote's and the ORM's. Measured: PRM 0.594 [0.550, 0.636], majority 0.544 [0.500, 0.587],
+    ORM 0.332 on 2026-12-01 (0.588 / 0.544 / 0.380 where first measured)."""
+    import dataclasses
+    from pathlib import Path
+
+    from rlhfkit.models.reward_files import load_reward_model
+    from rlhfkit.pipeline import load_pipeline_config
+    from rlhfkit.recipes.reward import rerank
+    from rlhfkit.training import make_accelerator
+
+    out = Path(summary["_out"])
+    fresh = tmp_path / "fresh.jsonl"
+    script = Path(__file__).parents[1] / "scripts" / "fresh_task_prompts.py"
+    subprocess.run([sys.executable, str(script), str(out), "500", str(fresh)], check=True)
+    cfg = load_pipeline_config(Path(__file__).parents[1] / "src/rlhfkit/configs/quickstart.yaml").reward
+    cfg = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, data=str(fresh), n_prompts=500))
+    models = {name: load_reward_model(out / "reward" / name) for name in ("prm", "orm", "rm")}
+    result = rerank(cfg, out, models, tmp_path, make_accelerator())
+    acc = {k: result[k]["accuracy"]["mean"] for k in ("prm", "orm", "majority")}
+    assert result["n_prompts"] == 500
+    assert acc["prm"] > acc["majority"] and acc["prm"] > acc["orm"], acc
