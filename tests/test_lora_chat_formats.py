@@ -130,7 +130,8 @@ def test_one_renderer_for_training_labelling_eval_and_serving(tiny_lm_dir, tiny_
     """
     from rlhfkit.generation import SamplingConfig, sample
     from rlhfkit.models.reward import HeadInfo, encode
-    from rlhfkit.serve import ChatModel, _validate
+    from rlhfkit.serve import ChatModel
+    from rlhfkit.serve_requests import validate_request
 
     tok = chat_tokenizer if templated else tiny_tokenizer
     raw = ([{"role": "system", "content": "Be brief."}] if templated else []) + [{"role": "user", "content": "Question: 2 + 2?"}]
@@ -159,7 +160,7 @@ def test_one_renderer_for_training_labelling_eval_and_serving(tiny_lm_dir, tiny_
         return original(**kw)
 
     model.generate = spy
-    ChatModel(model, tok, "tiny").complete(_validate({"messages": raw, "temperature": 0, "max_tokens": 2}, 16))
+    ChatModel(model, tok, "tiny").complete(validate_request({"messages": raw, "temperature": 0, "max_tokens": 2}, 16))
     assert seen["ids"] == expected
 
 

@@ -8,20 +8,8 @@ import math
 import pytest
 import torch
 
-from rlhfkit.losses import (
-    bradley_terry_loss,
-    cost_model_loss,
-    entropy_from_logits,
-    logprobs_from_logits,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
-    ppo_policy_loss,
-    ppo_value_loss,
-    ranking_pairs,
-    step_bce_loss,
-)
+from rlhfkit.losses import bradley_terry_loss, cost_model_loss, masked_mean, masked_sum, masked_var, masked_whiten, ranking_pairs, step_bce_loss
+from rlhfkit.policy_losses import entropy_from_logits, logprobs_from_logits, ppo_policy_loss, ppo_value_loss
 from rlhfkit.preference_losses import DPOLossType, dno_loss, dno_soft_loss, dpo_loss, sft_nll
 
 LN3 = math.log(3)

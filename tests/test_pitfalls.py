@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from rlhfkit.generation import Sample, SamplingConfig, sampler_logprobs, sequences_from_samples
-from rlhfkit.losses import LossAggregation, aggregate_loss, ppo_policy_loss, truncated_importance_weights
+from rlhfkit.policy_losses import LossAggregation, aggregate_loss, ppo_policy_loss, truncated_importance_weights
 from rlhfkit.recipes import ppo
 from rlhfkit.recipes.ppo import PPOConfig, Rollout
 

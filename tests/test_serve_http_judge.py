@@ -12,7 +12,8 @@ import pytest
 
 from rlhfkit.judges.http import HTTPJudge, JudgeHTTPError
 from rlhfkit.data.collate import encode_prompt
-from rlhfkit.serve import ChatModel, make_server
+from rlhfkit.serve import ChatModel
+from rlhfkit.serve_http import make_server
 
 ITEMS = [("Question: Tom has 3 apples and buys 2 more. How many?\n", "3 + 2 = 5\nAnswer: 5", "Answer: 7"),
          ("Question: 2 boxes of 6 eggs. How many eggs?\n", "2 * 6 = 12\nAnswer: 12", "Answer: 8")]

@@ -9,7 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from rlhfkit.serve import ChatModel, make_server
+from rlhfkit.serve import ChatModel
+from rlhfkit.serve_http import make_server
 
 SHORT = [{"role": "user", "content": "Question: 1 + 1?"}]
 

@@ -58,18 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.data.loading import DataError
     from rlhfkit.io import RunLocked
     from rlhfkit.models.local import ModelNotFound
+    from rlhfkit.nonfinite import TrainingDiverged
 
     try:
         return int(mod.run(args) or 0)
-    except (ConfigError, DataError, ModelNotFound, RunLocked) as e:
-        print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        # A diverged training loop (too many non-finite steps in a row). Looked up, not imported:
-        # rlhfkit.training imports torch, and a loop can only have raised it if it is loaded.
-        training = sys.modules.get("rlhfkit.training")
-        if training is None or not isinstance(e, training.TrainingDiverged):
-            raise
+    except (ConfigError, DataError, ModelNotFound, RunLocked, TrainingDiverged) as e:
         print(f"rlhfkit {args.command}: error: {e}", file=sys.stderr)
         return 2
 

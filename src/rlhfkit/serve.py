@@ -23,32 +23,15 @@ on a CPU parallel calls only slow each other down). Requests wait for it in a bo
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
-import re
 import sys
 import threading
 import time
 import traceback
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-MAX_BODY = 1 << 20
-MAX_JSON_DEPTH = 32
-"""deepest nesting of arrays and objects a request body may have (a chat request needs 3)"""
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
-"""what ``torch.manual_seed`` accepts; outside it torch raises instead of seeding"""
-_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error", 500: "server_error"}
-
-
-class BadRequest(ValueError):
-    """A 400; ``code`` and ``param`` fill the fields of OpenAI's error object."""
-
-    def __init__(self, msg: str, code: str | None = None, param: str | None = None):
-        super().__init__(msg)
-        self.code, self.param = code, param
-
+from rlhfkit.serve_requests import BadRequest
 
 class QueueFull(RuntimeError):
     """The generation queue holds ``queue_depth`` requests already (a 429)."""
@@ -56,25 +39,6 @@ class QueueFull(RuntimeError):
 
 class GenerationFailed(RuntimeError):
     """``generate`` raised in the worker; the worker logged the traceback (a 500)."""
-
-
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.DOTALL)  # possessive, and an open string runs to the end: linear
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
-
-
-def json_nesting_depth(raw: bytes) -> int:
-    """How deep arrays and objects nest in a JSON text, measured without parsing it.
-
-    The trap: ``json.loads`` recurses once per level, so a 30,000-deep ``[[[...]]]`` that fits
-    under any size cap raises RecursionError deep in a handler (the client sees a dropped
-    connection). Strings are cut out first, so brackets inside them do not count; on text that is
-    not JSON the result is only an estimate, and the parser refuses such text anyway.
-    """
-    depth = deepest = 0
-    for c in _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS):
-        depth += 1 if c in b"[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
 
 
 def add_arguments(p) -> None:
@@ -90,50 +54,6 @@ def add_arguments(p) -> None:
                    help="most requests with the same sampling settings generated together (default 16)")
     p.add_argument("--api-key-env", default=None,
                    help="require 'Authorization: Bearer KEY' where KEY is this environment variable's value")
-
-
-def _validate(body: dict, max_tokens_limit: int) -> dict:
-    """The request's parameters, checked; raises BadRequest naming the field."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise BadRequest("'messages' must be a non-empty list")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise BadRequest(f"messages[{i}] must be {{'role': system|user|assistant, 'content': string}}")
-
-    def num(key, default, lo, hi, kind=float):
-        v = body.get(key, default)
-        if v is None:
-            v = default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and not isinstance(v, int)):
-            raise BadRequest(f"'{key}' must be a{'n integer' if kind is int else ' number'}")
-        if not lo <= v <= hi:
-            raise BadRequest(f"'{key}' must be in [{lo}, {hi}], got {v}")
-        return kind(v)
-
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise BadRequest("'stop' must be a string or a list of up to 4 non-empty strings")
-    logprobs = body.get("logprobs", False)
-    if not isinstance(logprobs, bool):
-        raise BadRequest("'logprobs' must be true or false")
-    top = num("top_logprobs", 0, 0, 20, int)
-    if top and not logprobs:
-        raise BadRequest("'top_logprobs' needs 'logprobs': true")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise BadRequest("'seed' must be an integer", param="seed")
-    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-        raise BadRequest(f"'seed' must be in [-2**63, 2**64 - 1], got {seed}", param="seed")
-    return {"messages": msgs, "temperature": num("temperature", 1.0, 0.0, 2.0), "top_p": num("top_p", 1.0, 0.0, 1.0),
-            "max_tokens": num("max_tokens", 64, 1, max_tokens_limit, int), "n": num("n", 1, 1, 16, int),
-            "stop": stop, "logprobs": logprobs, "top_logprobs": top, "seed": seed}
 
 
 class _Job:
@@ -327,132 +247,12 @@ class ChatModel:
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
 
-def make_handler(chat: ChatModel, max_tokens_limit: int, api_key: str | None):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, fmt, *a):  # quiet: one line per request on stderr is noise in tests
-            pass
-
-        def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
-            data = json.dumps(obj).encode()
-            self._responded = True  # from here on a failure cannot become a clean 500
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, msg: str, code: str | None = None, param: str | None = None,
-                   headers: dict | None = None) -> None:
-            err = {"message": msg, "type": _ERROR_TYPES.get(status, "invalid_request_error"), "param": param,
-                   "code": code}
-            self._send(status, {"error": err}, headers)
-
-        def _guarded(self, route) -> None:
-            """Run ``route``; an exception it lets out is logged here and answered as a bare 500."""
-            self._responded = False
-            try:
-                route()
-            except Exception as e:
-                self.close_connection = True
-                if isinstance(e, ConnectionError):
-                    return  # the client went away: nothing to answer, nothing to log
-                if not isinstance(e, GenerationFailed):  # the worker logged that one already
-                    print(f"serve: {self.command} {self.path} failed:", file=sys.stderr)
-                    traceback.print_exc(file=sys.stderr)
-                if not self._responded:
-                    try:
-                        self._error(500, "The server had an error while processing your request.")
-                    except OSError:
-                        pass
-
-        def _authorized(self) -> bool:
-            if api_key is None:
-                return True
-            if self.headers.get("Authorization", "") == f"Bearer {api_key}":
-                return True
-            self._error(401, "missing or wrong API key", code="invalid_api_key")
-            return False
-
-        def do_GET(self):
-            self._guarded(self._get)
-
-        def do_POST(self):
-            self._guarded(self._post)
-
-        def _get(self):
-            if not self._authorized():
-                return
-            if self.path.rstrip("/") == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": chat.name, "object": "model", "created": 0,
-                                                             "owned_by": "rlhfkit"}]})
-            else:
-                self._error(404, f"no route {self.path}")
-
-        def _post(self):
-            # Refusals below may leave the body unread: never reuse such a connection.
-            keep_alive = not self.close_connection
-            self.close_connection = True
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                self._error(404, f"no route {self.path}")
-                return
-            if not self._authorized():
-                return
-            try:
-                length = int(self.headers.get("Content-Length", ""))
-            except ValueError:
-                self._error(411, "Content-Length required")
-                return
-            if length > MAX_BODY:
-                self._error(413, f"body over {MAX_BODY} bytes")
-                return
-            raw = self.rfile.read(length)
-            if json_nesting_depth(raw) > MAX_JSON_DEPTH:
-                self._error(400, f"the body nests arrays or objects deeper than {MAX_JSON_DEPTH} levels")
-                return
-            try:
-                body = json.loads(raw or b"null")
-            except (ValueError, RecursionError):  # also UnicodeDecodeError, and ints over 4,300 digits
-                self._error(400, "the body is not valid JSON")
-                return
-            try:
-                req = _validate(body, max_tokens_limit)
-                if body.get("stream"):
-                    raise BadRequest("streaming is not supported", param="stream")
-                answer = chat.complete(req)
-            except BadRequest as e:
-                self._error(400, str(e), e.code, e.param)
-                return
-            except QueueFull as e:
-                self._error(429, str(e), "rate_limit_exceeded", headers={"Retry-After": "1"})
-                return
-            self.close_connection = not keep_alive
-            self._send(200, answer)
-
-    return Handler
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    # socketserver's default backlog is 5: a burst of simultaneous connections (20 annotators
-    # opening pages at once) would overflow it and see connection resets.
-    request_queue_size = 128
-
-def make_server(chat: ChatModel, host: str = "127.0.0.1", port: int = 0, max_tokens_limit: int = 1024,
-                api_key: str | None = None) -> ThreadingHTTPServer:
-    """A server bound to (host, port) — port 0 picks a free one; call ``serve_forever`` to run it."""
-    server = _Server((host, port), make_handler(chat, max_tokens_limit, api_key))
-    return server
-
-
 def run(args) -> int:
     from pathlib import Path
 
     from rlhfkit.config import ConfigError
     from rlhfkit.models.local import ModelNotFound, load_for_inference
+    from rlhfkit.serve_http import make_server, serve_until_interrupted
 
     api_key = None
     if args.api_key_env:
@@ -473,14 +273,3 @@ def run(args) -> int:
     serve_until_interrupted(server, f"serving {name} at http://{host}:{port}/v1 (Ctrl-C to stop)")
     print("stopped", file=sys.stderr)
     return 0
-
-
-def serve_until_interrupted(server, banner: str) -> None:
-    """Print ``banner``, serve until Ctrl-C, then close the socket (used by ``serve`` and ``annotate serve``)."""
-    print(banner, flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()

@@ -38,7 +38,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from rlhfkit.annotate.store import Store, StoreError
-from rlhfkit.serve import json_nesting_depth
+from rlhfkit.serve_requests import json_nesting_depth
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"/": ("index.html", "text/html; charset=utf-8"),

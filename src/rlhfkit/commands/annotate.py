@@ -74,7 +74,7 @@ def run(args) -> int:
             server = make_server(store, args.host, args.port, read_timeout_s=args.read_timeout,
                                  max_connections=args.max_connections)
             host, port = server.server_address[:2]
-            from rlhfkit.serve import serve_until_interrupted
+            from rlhfkit.serve_http import serve_until_interrupted
 
             serve_until_interrupted(server, f"annotation app at http://{host}:{port}/ (Ctrl-C to stop)")
         elif action == "export":

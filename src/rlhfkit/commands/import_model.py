@@ -14,16 +14,14 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from rlhfkit.models.local import import_gguf, resolve_model
+    from rlhfkit.models.local import ModelNotFound, import_gguf, resolve_model
 
     out = Path(args.out)
     if out.exists():
-        print(f"rlhfkit import-model: error: {out} already exists", flush=True)
-        return 2
+        raise ModelNotFound(f"{out} already exists; import into a new directory")
     directory, gguf = resolve_model(args.src)
     if gguf is None:
-        print(f"rlhfkit import-model: error: {args.src} holds no .gguf file (a HF directory needs no import)")
-        return 2
+        raise ModelNotFound(f"model '{args.src}' holds no .gguf file (a Hugging Face directory needs no import)")
     import_gguf(directory / gguf, out)
     print(f"[rlhfkit] imported {directory / gguf} -> {out}")
     return 0

@@ -71,11 +71,9 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
     """The text the model sees before its response (see the module docstring for the two formats)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
-    if isinstance(prompt, str):
-        return prompt
-    if len(prompt) == 1 and prompt[0].role == "user":
-        return prompt[0].content
-    return "".join(f"{m.role}: {m.content}\n" for m in prompt) + "assistant:"
+    text = prompt_as_text(prompt)
+    single_turn = isinstance(prompt, str) or (len(prompt) == 1 and prompt[0].role == "user")
+    return text if single_turn else text + "\nassistant:"
 
 
 def split_conversation(messages: Sequence[Message], where: str, field: str = "messages") -> tuple[Prompt, str]:

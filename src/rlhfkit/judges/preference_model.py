@@ -126,7 +126,8 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
     from rlhfkit.losses import bradley_terry_loss
     from rlhfkit.models.reward import collate, encode
     from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
-    from rlhfkit.training import Collective, NonFiniteGuard, global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.nonfinite import NonFiniteGuard
+    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
 
     if kind not in ("pm", "bt"):
         raise ValueError(f"kind must be 'pm' or 'bt', got {kind!r}")

@@ -143,10 +143,10 @@ def resolve_pretrained(ref: str | Path, cache_dir: str | Path | None = None, ggu
 def resolve_in_run(ref: str, out: str | Path) -> Path:
     """A stage's model reference: a path relative to the run directory ``out`` when one exists there,
     else any reference :func:`resolve_pretrained` takes (GGUF imports cached under ``OUT/models``)."""
-    in_run = Path(out) / ref
-    if not Path(ref).is_absolute() and in_run.exists():
-        return resolve_pretrained(in_run, Path(out) / "models")
-    return resolve_pretrained(ref, Path(out) / "models")
+    from rlhfkit.io import run_path
+
+    path = run_path(out, ref)  # the one rule for a config's relative paths
+    return resolve_pretrained(path if path.exists() else ref, Path(out) / "models")
 
 
 def import_gguf(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
@@ -167,8 +167,9 @@ def import_gguf(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=dtype or torch.float32, **kwargs)
     except ImportError as e:
         raise ModelNotFound(f"model '{src}': {e}") from None
-    except (ValueError, NotImplementedError, KeyError, OSError) as e:
-        # e.g. a GGUF quantization type transformers cannot dequantize: say so, with the file.
+    except (ValueError, NotImplementedError) as e:
+        # transformers' GGUF loader raises these for an architecture or a quantization type it cannot
+        # dequantize (and for a file that is not GGUF): say so, with the file.
         raise ModelNotFound(f"model '{src}': transformers cannot load this GGUF file: {e}") from None
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)

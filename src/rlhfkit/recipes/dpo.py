@@ -162,7 +162,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
     Position t of the logits predicts token t+1, so the response mask is read from 1 on.
     """
-    from rlhfkit.losses import logprobs_from_logits, masked_sum
+    from rlhfkit.losses import masked_sum
+    from rlhfkit.policy_losses import logprobs_from_logits
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (2B, T-1, V)
@@ -198,7 +199,8 @@ def sequence_logps_shared_prompt(model, batch: dict[str, torch.Tensor]) -> tuple
     cache into the prompt pass, so this is the same function as the concatenated forward (to
     float rounding; tested), at B·P + 2B·R tokens instead of 2B·(P + R).
     """
-    from rlhfkit.losses import logprobs_from_logits, masked_sum
+    from rlhfkit.losses import masked_sum
+    from rlhfkit.policy_losses import logprobs_from_logits
 
     pm, ids, rm = batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
     first = model(input_ids=batch["prompt_ids"], attention_mask=pm, position_ids=(pm.cumsum(-1) - 1).clamp(min=0),
@@ -262,7 +264,7 @@ def sequence_logps_packed(model, batch: dict[str, torch.Tensor]) -> tuple[torch.
     The layers run on the N real tokens only; ``logits_to_keep`` applies the LM head to the M
     predicting positions only (no logits for prompt positions or padding).
     """
-    from rlhfkit.losses import logprobs_from_logits
+    from rlhfkit.policy_losses import logprobs_from_logits
     from rlhfkit.models.view_attention import view_attention
 
     with view_attention(model):
@@ -375,7 +377,8 @@ def train_on_pairs(
     """
     from tqdm.auto import tqdm
 
-    from rlhfkit.training import Collective, NonFiniteGuard, global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.nonfinite import NonFiniteGuard
+    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
 
     weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
     total = cfg.total_steps(len(pairs))

@@ -43,7 +43,7 @@ from rlhfkit.checkpoints import StoppedEarly, checkpoint_config, load_checkpoint
 from rlhfkit.config import check_non_negative, check_positive, check_probability
 from rlhfkit.generation import SamplingConfig
 from rlhfkit.io import run_path
-from rlhfkit.losses import LossAggregation
+from rlhfkit.policy_losses import LossAggregation
 from rlhfkit.models.trainable import LoRAConfig, add_lora, disable_dropout, make_trainable, reference_mode, save_trained
 from rlhfkit.tracking import check_report_to
 
@@ -477,7 +477,7 @@ def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: 
 
 def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False):
     """Training-pass log-probs (B, T) at the sampling temperature (position 0 is 0), and entropy (B, T)."""
-    from rlhfkit.losses import entropy_from_logits, logprobs_from_logits
+    from rlhfkit.policy_losses import entropy_from_logits, logprobs_from_logits
 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     logits = logits / temperature
@@ -648,11 +648,13 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     rows of it, weighted so that DDP's mean over processes is the gradient of the minibatch's
     loss (``cfg.loss_aggregation``: a mean over its tokens or its responses): 2 processes equal 1
     at the same global batch. With ``rollout_is_cap`` each token's policy loss is multiplied by
-    min(π_train/π_rollout, cap) (``losses.truncated_importance_weights``).
+    min(π_train/π_rollout, cap) (``policy_losses.truncated_importance_weights``).
     """
     from rlhfkit.kl import kl_estimate
-    from rlhfkit.losses import aggregate_loss, masked_mean, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
-    from rlhfkit.training import Collective, NonFiniteGuard
+    from rlhfkit.losses import masked_mean
+    from rlhfkit.policy_losses import aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
+    from rlhfkit.nonfinite import NonFiniteGuard
+    from rlhfkit.training import Collective
 
     guard = guard or NonFiniteGuard("ppo", 0, accelerator)  # none given: no check, the plain update
 
@@ -721,7 +723,7 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 if not dummy:
                     for key, v in pm.items():
                         stats.setdefault(key, []).append(v)
-            # One decision for both models (training.NonFiniteGuard, ``guard``): a non-finite gradient norm in
+            # One decision for both models (nonfinite.NonFiniteGuard, ``guard``): a non-finite gradient norm in
             # either skips both updates. Every term of the loss depends on the parameters, so a non-finite
             # loss shows in the norms, which DDP's all-reduce makes the same on every process.
             models = [(m, o, s) for m, o, s in ((policy, opt, sched), (critic, critic_opt, critic_sched)) if m is not None]
@@ -750,7 +752,8 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.models.local import resolve_in_run
     from rlhfkit.tasks.arith import Problem
-    from rlhfkit.training import Collective, NonFiniteGuard, TrainConfig, global_batches, make_optimizer_and_scheduler
+    from rlhfkit.nonfinite import NonFiniteGuard
+    from rlhfkit.training import Collective, TrainConfig, global_batches, make_optimizer_and_scheduler
 
     coll = Collective(accelerator)
     if cfg.prompts_per_step % coll.world:

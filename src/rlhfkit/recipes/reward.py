@@ -153,7 +153,8 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
     from tqdm.auto import tqdm
 
     from rlhfkit.checkpoints import LoopCheckpoint
-    from rlhfkit.training import Collective, NonFiniteGuard, global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.nonfinite import NonFiniteGuard
+    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
 
     world = accelerator.num_processes
     bs = min(cfg.batch_size, n_units - n_units % (cfg.grad_accum_steps * world))
