@@ -2,29 +2,47 @@
 
 Everything here is read back from what the stages wrote (``OUT/<stage>/metrics.json``,
 ``log.jsonl``, ``eval/samples.jsonl``); the report computes nothing that a stage did not measure.
+Every section is a table or a plot (plots: ``report_plots``); the HTML is the Markdown rendered by
+markdown-it (CommonMark plus tables). Paths are shown relative to the working directory, never
+absolute, so a report reads the same wherever the run directory is copied.
 """
 from __future__ import annotations
 
-import html
 import json
+import math
+import os
+import re
 from pathlib import Path
 
+from markdown_it import MarkdownIt
+
+from rlhfkit.data.chat import parse_messages, prompt_as_text
 from rlhfkit.io import atomic_write_json, atomic_write_text, read_jsonl_plain
+from rlhfkit.report_plots import (gold_peak, overoptimization_points, plot_curves, plot_iterations,
+                                  plot_overoptimization, stage_dirs, stage_logs)
 
 METRICS = ["gold_score", "accuracy", "abstain_rate", "invented_number_rate", "win_rate_vs_sft", "kl_from_reference",
            "false_abstain_rate", "finished_rate", "response_length"]
 # Eval with any other judge, on prompts without the task's meta (recipes/evaluate.py, general path).
 GENERAL_METRICS = ["win_rate", "judge_score", "response_length", "hit_token_limit_rate", "kl_from_reference"]
-PLOT_KEYS = ["loss", "reward", "kl", "gold_score", "win_rate"]
-
-
-def _stage_dirs(out: Path) -> list[Path]:
-    return sorted([p for p in out.iterdir() if p.is_dir() and (p / "metrics.json").exists()], key=lambda p: p.stat().st_mtime)
+# The stages' summary sections (metrics.json "summary_sections"): heading, what a row is, caption.
+SECTIONS = {
+    "reward_models": ("Reward models", "model", "Held-out figures of each model; models measured alike share a "
+                      "table. Pairwise: accuracy (ties count as wrong), mean margin r(chosen) − r(rejected), ECE of "
+                      "σ(margin); model_vs_judge and labels_vs_judge: how often the model's order, and the noisy "
+                      "label's, agree with the noiseless judge, mean [95% CI], n pairs. Steps (PRM, ORM): accuracy of "
+                      "σ(score) > 0.5, ROC AUC, the always-majority baseline. Cost: sign accuracy (cost < 0 for a "
+                      "safe response) and AUC for unsafe responses."),
+    "reranking": ("Best-of-n reranking", "method", "Accuracy of the response each method picks from n samples "
+                  "per prompt, mean [95% CI]; oracle_best_of_n: the share of prompts with any right sample."),
+    "intransitive": ("Intransitive preferences", "", "The cyclic judge's labels and how each learned preference "
+                     "function reads the cycle (mean P(style x ≻ style y) on restyled gold responses)."),
+}
 
 
 def build_summary(out: Path) -> dict:
     summary: dict = {"policies": {}, "stages": {}}
-    for d in _stage_dirs(out):
+    for d in stage_dirs(out):
         m = json.loads((d / "metrics.json").read_text())
         summary["stages"][d.name] = {"runtime_s": m.get("stage_runtime_s", m.get("train_runtime_s"))}
         for name, metrics in m.get("policies", {}).items():
@@ -37,6 +55,42 @@ def build_summary(out: Path) -> dict:
     return summary
 
 
+# ---------------------------------------------------------------- Markdown pieces
+
+def md_escape(text: str) -> str:
+    """``text`` as literal Markdown inline text, on one line (a line break becomes ``<br>``).
+
+    Escapes what CommonMark would read as markup inside a paragraph or a table cell: backslash,
+    backtick, ``<`` (raw HTML is on for ``<br>``), brackets, ``|``, an entity-like ``&``, and ``*`` or
+    ``_`` that could open or close emphasis (a ``*`` between spaces, as in ``18 * 3``, or a ``_``
+    inside a word, as in ``dno_1``, cannot, and stays unescaped for the plain-text reader).
+    """
+    out = []
+    for i, ch in enumerate(text):
+        prev, nxt = text[i - 1] if i else " ", text[i + 1] if i + 1 < len(text) else " "
+        if (ch in "\\`<[]|" or ch == "&" and re.match(r"&#?\w+;", text[i:])
+                or ch in "*_" and not (prev.isspace() and nxt.isspace()) and not (ch == "_" and prev.isalnum() and nxt.isalnum())):
+            out.append("\\")
+        out.append(ch)
+    return "".join(out).replace("\r\n", "\n").replace("\n", "<br>")
+
+
+_ABSOLUTE = re.compile(r"(?:^|(?<=[\s:=(,'\"]))(/[^\s,;)'\"]*)")
+
+
+def relative_paths(text: str) -> str:
+    """Every absolute path in ``text`` (alone, or after ``kind:`` as in a judge spec) relative to the working directory."""
+    return _ABSOLUTE.sub(lambda m: os.path.relpath(m[1]), text)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _is_ci(v) -> bool:
+    return isinstance(v, dict) and "mean" in v and "ci95" in v
+
+
 def _fmt(v: dict | None) -> str:
     if not v or v.get("mean") is None:
         return "–"
@@ -44,9 +98,24 @@ def _fmt(v: dict | None) -> str:
     return f"{v['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _cell(v) -> str:
+    """One figure as table-cell text: mean [95% CI] (with n when known), a number, yes/no, or escaped text."""
+    if _is_ci(v):
+        return _fmt(v) + (f", n = {v['n']}" if "n" in v else "")
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}" if v == 0 or not math.isfinite(v) or 1e-3 <= abs(v) < 1e6 else f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_cell(x) for x in v) or "–"
+    if v is None or v == {}:
+        return "–"
+    return md_escape(relative_paths(str(v)))
+
+
 def ci_table(section) -> list[str] | None:
     """A section shaped {row: {metric: {"mean", "ci95", ...}}} (plus scalar notes such as ``n``) as a
-    markdown table of mean [95% CI]; None for any other shape (the report then shows its JSON)."""
+    markdown table of mean [95% CI]; None for any other shape (``section_tables`` draws those)."""
     if not isinstance(section, dict):
         return None
     rows = {k: v for k, v in section.items() if isinstance(v, dict)}
@@ -61,225 +130,151 @@ def ci_table(section) -> list[str] | None:
     return lines + (["", ", ".join(notes)] if notes else [])
 
 
-def plot_curves(out: Path) -> list[Path]:
-    """One PNG per stage with a log.jsonl: each logged figure of PLOT_KEYS against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = []
-    (out / "plots").mkdir(exist_ok=True)
-    for d in _stage_dirs(out):
-        log = d / "log.jsonl"
-        if not log.exists():
-            continue
-        rows = read_jsonl_plain(log)
-        keys = [k for k in PLOT_KEYS if any(k in r and isinstance(r[k], (int, float)) for r in rows)]
-        if not keys:
-            continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-        for ax, k in zip(axes[0], keys):
-            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts])
-            ax.set_title(f"{d.name}: {k}")
-            ax.set_xlabel("step")
-        fig.tight_layout()
-        path = out / "plots" / f"{d.name}.png"
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        plots.append(path)
-    return plots
+def _leaves(value, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    """(key path, figure) of every leaf of a nested dict; a {mean, ci95} dict is one figure."""
+    if isinstance(value, dict) and value and not _is_ci(value):
+        return [leaf for k, v in value.items() for leaf in _leaves(v, (*path, str(k)))]
+    return [(path, value)]
 
 
-def plot_overoptimization(out: Path) -> list[Path]:
-    """Gold (oracle) score and proxy reward of the rollouts against sqrt(KL), one line per RL stage.
+def section_tables(section, row_name: str = "") -> list[str]:
+    """Any summary section as Markdown tables, never as a JSON dump.
 
-    Gao et al. (2022): as the policy moves away from the reference (sqrt of the KL, in nats),
-    the proxy reward keeps rising while the gold score peaks and falls: over-optimisation.
+    Each entry that is a dict is a row, its nested figures flattened into columns (named by their
+    last key, or by the whole path where the last key repeats); rows with the same columns share a
+    table, so models measured alike line up. Plain entries go into a two-column table.
     """
-    import matplotlib
+    if not isinstance(section, dict):
+        section = {"value": section}
+    rows = {k: _leaves(v) for k, v in section.items() if isinstance(v, dict) and v and not _is_ci(v)}
+    groups: dict[tuple, list[str]] = {}
+    for name, leaves in rows.items():
+        groups.setdefault(tuple(p for p, _ in leaves), []).append(name)
+    lines: list[str] = []
+    for paths, names in groups.items():
+        last = [p[-1] for p in paths]
+        labels = [p[-1] if last.count(p[-1]) == 1 else ": ".join(p) for p in paths]
+        lines += _table([row_name] + [md_escape(x) for x in labels],
+                        [[md_escape(str(n))] + [_cell(v) for _, v in rows[n]] for n in names]) + [""]
+    plain = [[md_escape(str(k)), _cell(v)] for k, v in section.items() if k not in rows]
+    return lines + (_table(["", "value"], plain) + [""] if plain else [])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    runs = {}
-    for d in _stage_dirs(out):
-        log = d / "log.jsonl"
-        rows = read_jsonl_plain(log) if log.exists() else []
-        rows = [r for r in rows if all(isinstance(r.get(k), (int, float)) for k in ("kl", "reward", "gold_score"))]
-        if rows:
-            runs[d.name] = rows
+# ---------------------------------------------------------------- the report's sections
+
+def _policies(out: Path, summary: dict) -> list[str]:
+    present = {k for m in summary["policies"].values() for k in m}
+    if "gold_score" in present:  # the embedded task's oracle judged
+        cols, caption = METRICS, "Mean [95% CI] over held-out prompts, scored by the task's oracle judge."
+    else:
+        cols = [k for k in GENERAL_METRICS if k in present]
+        ev = out / "eval" / "metrics.json"
+        ev = json.loads(ev.read_text()) if ev.exists() else {}
+        ref, judge = (md_escape(relative_paths(str(ev.get(k, d)))) for k, d in (("reference", "the reference"), ("judge", "?")))
+        caption = (f"Mean [95% CI] over the evaluation prompts. win_rate: P(policy's response ≻ {ref}'s) by judge "
+                   f"{judge}; judge_score: its reward; response_length in tokens; hit_token_limit_rate: responses cut "
+                   f"at the token limit.")
+    rows = [[md_escape(name)] + [_fmt(m.get(k)) for k in cols] for name, m in summary["policies"].items()]
+    return ["## Policies on held-out prompts", "", caption, ""] + _table(["policy", *cols], rows) + [""]
+
+
+def _overoptimization(out: Path, logs: dict[str, list[dict]]) -> list[str]:
+    runs = {stage: pts for stage, rows in logs.items() if (pts := overoptimization_points(rows))}
     if not runs:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name, rows in runs.items():
-        x = [max(r["kl"], 0.0) ** 0.5 for r in rows]
-        axes[0].plot(x, [r["gold_score"] for r in rows], label=name)
-        axes[1].plot(x, [r["reward"] for r in rows], label=name)
-    for ax, title in zip(axes, ("gold score (oracle)", "proxy reward")):
-        ax.set_title(title)
-        ax.set_xlabel("sqrt(KL from reference), nats^0.5")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    (out / "plots").mkdir(exist_ok=True)
-    path = out / "plots" / "overoptimization.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [path]
+    rows = []
+    for stage, pts in runs.items():
+        peak, far = gold_peak(pts), pts[-1]
+        rows.append([md_escape(stage), str(len(pts)), *(_cell(x) for x in (peak[0] ** 2, peak[1], peak[2], far[0] ** 2, far[1], far[2]))])
+    plot = plot_overoptimization(out, runs)[0]
+    return ["## Over-optimization", "",
+            "Each point is one rollout step: the mean gold (oracle) score and proxy reward (the reward model's) of "
+            "its rollouts, at the policy's KL from the reference then (nats, the stage's estimator; a negative estimate "
+            "is drawn at 0). The proxy "
+            "can keep rising with KL while gold peaks and falls (Gao et al., 2022); the dotted line marks gold's peak.",
+            ""] + _table(["stage", "steps", "KL at gold's peak", "gold at peak", "proxy at peak", "largest KL",
+                          "gold at largest KL", "proxy at largest KL"], rows) + ["", f"![over-optimization](plots/{plot.name})", ""]
 
 
-def plot_iterations(out: Path, summary: dict) -> list[Path]:
-    """DNO: win rate against SFT (mean, 95% CI) of each iterate dno_1 … dno_T, with DPO as a line."""
-    import re
-
-    pols = summary["policies"]
-    its = sorted((int(m[1]), name) for name in pols if (m := re.fullmatch(r"dno_(\d+)", name)) and "win_rate_vs_sft" in pols[name])
-    if not its:
-        return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    (out / "plots").mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    xs = [0] + [t for t, _ in its]
-    wr = [pols["sft"]["win_rate_vs_sft"] if "sft" in pols else {"mean": 0.5, "ci95": [0.5, 0.5]}] + [pols[n]["win_rate_vs_sft"] for _, n in its]
-    ax.errorbar(xs, [w["mean"] for w in wr], yerr=[[w["mean"] - w["ci95"][0] for w in wr], [w["ci95"][1] - w["mean"] for w in wr]],
-                marker="o", capsize=3, label="DNO iterate (0 = SFT)")
-    if "dpo" in pols and "win_rate_vs_sft" in pols["dpo"]:
-        d = pols["dpo"]["win_rate_vs_sft"]
-        ax.axhline(d["mean"], color="C1", linestyle="--", label="offline DPO")
-        ax.axhspan(d["ci95"][0], d["ci95"][1], color="C1", alpha=0.15)
-    ax.set_xticks(xs)
-    ax.set_xlabel("DNO iteration")
-    ax.set_ylabel("win rate vs SFT")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "plots" / "dno_iterations.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [path]
-
-
-def _samples(out: Path, per_policy: int = 3) -> dict[str, list[dict]]:
+def _samples(out: Path, n_prompts: int = 3) -> list[tuple[object, list[dict]]]:
+    """The first ``n_prompts`` prompts of eval/samples.jsonl, each with every policy's sample of it."""
     path = out / "eval" / "samples.jsonl"
     if not path.exists():
-        return {}
+        return []
     rows = read_jsonl_plain(path)
-    first_prompts = []
+    first_prompts: list = []
     for r in rows:
         if r["prompt"] not in first_prompts:
             first_prompts.append(r["prompt"])
-        if len(first_prompts) == per_policy:
+        if len(first_prompts) == n_prompts:
             break
-    by: dict[str, list[dict]] = {}
-    for r in rows:
-        if r["prompt"] in first_prompts:
-            by.setdefault(r["policy"], []).append(r)
-    return by
+    return [(p, [r for r in rows if r["prompt"] == p]) for p in first_prompts]
 
 
-def _prompt_text(prompt) -> str:
-    """A written prompt (a string, or a list of message objects) as text for the report."""
-    from rlhfkit.data.chat import parse_messages, prompt_as_text
+def _sample_cells(r: dict, task: bool) -> list[str]:
+    if task:  # judged by the task's oracle
+        return [f"{r['score']:.2f}", _cell(r["correct"]), _cell(r["abstained"]), _cell(r["invented"])]
+    return [str(r["length"]), "yes" if r["finished"] else "no (hit the token limit)",
+            "–" if r.get("score") is None else f"{r['score']:.2f}", "–" if r.get("win_prob") is None else f"{r['win_prob']:.2f}"]
 
-    return prompt if isinstance(prompt, str) else prompt_as_text(parse_messages(prompt, "prompt"))
 
-
-def _sample_note(r: dict) -> str:
-    if "correct" in r:  # judged by the task's oracle
-        return (f"score {r['score']:.2f}, correct {r['correct']}, abstained {r['abstained']}, "
-                f"invented number {r['invented']}")
-    note = [f"{r['length']} tokens", "finished" if r["finished"] else "hit the token limit"]
-    if r.get("score") is not None:
-        note.append(f"judge score {r['score']:.2f}")
-    if r.get("win_prob") is not None:
-        note.append(f"P(≻ reference) {r['win_prob']:.2f}")
-    return ", ".join(note)
+def _sample_section(samples: list[tuple[object, list[dict]]]) -> list[str]:
+    md = ["## Sample responses", "", "The first held-out prompts and every policy's response to each.", ""]
+    for i, (prompt, rows) in enumerate(samples, 1):
+        text = prompt if isinstance(prompt, str) else prompt_as_text(parse_messages(prompt, "prompt"))
+        task = all("correct" in r for r in rows)
+        cols = ["score", "correct", "abstained", "invented number"] if task else ["tokens", "finished", "judge score", "P(≻ reference)"]
+        body = [[md_escape(r["policy"]), f"<samp>{md_escape(r['response'].strip()) or '–'}</samp>", *_sample_cells(r, task)]
+                for r in rows]
+        md += [f"**Prompt {i}.** {md_escape(text.strip())}", ""] + _table(["policy", "response", *cols], body) + [""]
+    return md
 
 
 def write_report(out: Path) -> dict:
     out = Path(out)
     summary = build_summary(out)
     atomic_write_json(out / "summary.json", summary)
-    plots = plot_curves(out) + plot_overoptimization(out) + plot_iterations(out, summary)
-    samples = _samples(out)
-
-    md = ["# rlhfkit report", "", f"Run directory: `{out}`", ""]
+    logs = stage_logs(out)
+    md = ["# rlhfkit report", "", f"Run directory: `{os.path.relpath(out)}`", ""]
     if summary["policies"]:
-        present = {k for m in summary["policies"].values() for k in m}
-        if "gold_score" in present:  # the embedded task's oracle judged
-            cols, caption = METRICS, "Mean [95% CI] over held-out prompts, scored by the task's oracle judge."
-        else:
-            cols = [k for k in GENERAL_METRICS if k in present]
-            ev = out / "eval" / "metrics.json"
-            ev = json.loads(ev.read_text()) if ev.exists() else {}
-            caption = (f"Mean [95% CI] over the evaluation prompts. win_rate: P(policy's response ≻ "
-                       f"{ev.get('reference', 'the reference')}'s) by judge {ev.get('judge', '?')}; judge_score: its "
-                       f"reward; response_length in tokens; hit_token_limit_rate: responses cut at the token limit.")
-        md += ["## Policies on held-out prompts", "", caption, "",
-               "| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for name, m in summary["policies"].items():
-            md.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in cols) + " |")
-        md.append("")
+        md += _policies(out, summary)
     for key in [k for k in summary if k not in ("policies", "stages")]:
+        title, row_name, caption = SECTIONS.get(key, (key, "", ""))
         table = ci_table(summary[key])
-        md += [f"## {key}", ""] + (table if table else ["```json", json.dumps(summary[key], indent=2), "```"]) + [""]
-    md += ["## Stages", "", "| stage | runtime (s) |", "|---|---|"]
-    for name, s in summary["stages"].items():
-        rt = s["runtime_s"]
-        md.append(f"| {name} | {rt:.1f} |" if isinstance(rt, (int, float)) else f"| {name} | – |")
-    md.append("")
-    if plots:
-        md += ["## Training curves", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
-    if samples:
-        md += ["## Sample responses", ""]
-        for name, rows in samples.items():
-            md.append(f"### {name}")
-            for r in rows:
-                md += ["", f"**Prompt:** `{_prompt_text(r['prompt']).strip()}`  ", _sample_note(r), "", "```",
-                       r["response"], "```"]
-            md.append("")
-    atomic_write_text(out / "report.md", "\n".join(md))
-    atomic_write_text(out / "report.html", _html(md))
+        md += [f"## {title}", ""] + ([caption, ""] if caption else []) + (table + [""] if table else section_tables(summary[key], row_name))
+    md += ["## Stages", ""] + _table(["stage", "runtime (s)"], [
+        [md_escape(name), f"{s['runtime_s']:.1f}" if isinstance(s["runtime_s"], (int, float)) else "–"]
+        for name, s in summary["stages"].items()]) + [""]
+    md += _overoptimization(out, logs)
+    if dno := plot_iterations(out, summary):
+        md += ["## DNO iterations", "", "Win rate against SFT of each DNO iterate (mean [95% CI]; 0 is SFT itself), "
+               "offline DPO as the dashed line and band.", "", f"![dno iterations](plots/{dno[0].name})", ""]
+    if curves := plot_curves(out, logs):
+        md += ["## Training curves", "", "What each stage logged, against its optimizer step: one line per model "
+               "(reward stage) or iteration (DNO).", ""] + [f"![{p.stem}](plots/{p.name})" for p in curves] + [""]
+    if samples := _samples(out):
+        md += _sample_section(samples)
+    text = "\n".join(md)
+    atomic_write_text(out / "report.md", text)
+    atomic_write_text(out / "report.html", render_html(text))
     return summary
 
 
-def _html(md_lines: list[str]) -> str:
-    """A small, dependency-free rendering of the markdown we write (tables, headings, code, images)."""
-    body, in_code, in_table = [], False, False
-    for line in md_lines:
-        if line.startswith("```"):
-            body.append("</pre>" if in_code else "<pre>")
-            in_code = not in_code
-            continue
-        if in_code:
-            body.append(html.escape(line))
-            continue
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if all(set(c) <= {"-"} for c in cells):
-                continue
-            if not in_table:
-                body.append("<table border=1 cellpadding=4>")
-                in_table = True
-                body.append("<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cells) + "</tr>")
-            else:
-                body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("!["):
-            alt, src = line[2:].split("](")
-            body.append(f'<img alt="{html.escape(alt)}" src="{html.escape(src.rstrip(")"))}">')
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    return "<!doctype html><html><head><meta charset='utf-8'><title>rlhfkit report</title></head><body>" + "\n".join(body) + "</body></html>\n"
+_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em 2em;line-height:1.45;color:#222}p{max-width:110ch}
+h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em;display:block;max-width:100%;overflow-x:auto}
+th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top;white-space:nowrap}
+th{background:#f2f2f2}tr:nth-child(even) td{background:#fafafa}td{font-variant-numeric:tabular-nums}
+td samp{display:block;white-space:pre-wrap;min-width:40ch}
+img{max-width:100%;display:block;margin:.4em 0}code{background:#f2f2f2;padding:0 .2em}"""
+
+
+def render_html(md: str) -> str:
+    """``report.md`` as a standalone HTML page: CommonMark with GitHub-style tables, by markdown-it.
+
+    Raw HTML is allowed only so that ``<br>`` and ``<samp>`` work inside table cells; every text that
+    comes from data goes through ``md_escape``, which escapes ``<``.
+    """
+    body = MarkdownIt("commonmark", {"html": True}).enable("table").render(md)
+    return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>rlhfkit report</title>"
+            f"<style>{_STYLE}</style></head>\n<body>\n{body}</body></html>\n")
