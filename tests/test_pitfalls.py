@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.generation import Sample, SamplingConfig, sampler_logprobs, sequences_from_samples
+from rlhfkit.generation import Sample, SamplingConfig, sampler_logprobs, sequences_from_samples, token_logprobs
+from rlhfkit.models.critic import build_critic
 from rlhfkit.policy_losses import LossAggregation, aggregate_loss, ppo_policy_loss, truncated_importance_weights
 from rlhfkit.recipes import ppo
 from rlhfkit.recipes.ppo import PPOConfig, Rollout
@@ -185,7 +186,7 @@ def uneven_rollouts(tiny_lm_dir):
         cfg = PPOConfig(algorithm=algorithm, prompts_per_step=8 if algorithm == "ppo" else 2,
                         group_size=1 if algorithm == "ppo" else 4, minibatch_size=8, ppo_epochs=1, grad_clip=0.0,
                         entropy_coef=0.01, sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16))
-        critic = ppo.build_critic(tiny_lm_dir, 1, seed=0) if algorithm == "ppo" else None
+        critic = build_critic(tiny_lm_dir, 1, seed=0) if algorithm == "ppo" else None
         policy = load_causal_lm(tiny_lm_dir)
         scorer = ppo.Scorer(lambda p, r: [float(len(x) % 5) for x in r], None, None)
         ro = ppo.make_rollout(policy, load_causal_lm(tiny_lm_dir), critic, tok, _task_prompts(cfg.prompts_per_step),
@@ -626,7 +627,7 @@ def test_every_rl_step_logs_the_rollout_training_logprob_gap(tmp_path, tiny_lm_d
         return [dataclasses.replace(s, logprobs=tuple(x + 0.25 for x in s.logprobs)) if s.logprobs is not None else s
                 for s in real_sample(*a, **k)]
 
-    monkeypatch.setattr(generation, "sample", optimistic_sampler)
+    monkeypatch.setattr(ppo, "sample", optimistic_sampler)  # where the recipe looks it up
     _write_prompts(tmp_path)
     stage = tmp_path / "rl.partial"
     stage.mkdir()
@@ -672,7 +673,7 @@ def test_training_logprobs_of_sampled_tokens_equal_the_samplers_at_temperature(l
     Computing them at T = 1 while sampling at T ≠ 1 makes PPO's first ratio ≠ 1 and its KL wrong;
     TRL's PPOTrainer divides its logits by ``temperature + 1e-7`` before the log-softmax, and its
     GRPOTrainer by the temperature, for this reason. Without the division the gap here is > 0.1.
-    Checked to fail: with ``policy_forward`` not dividing by the temperature.
+    Checked to fail: with ``generation.token_logprobs`` not dividing by the temperature.
     """
     from rlhfkit.generation import sample
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
@@ -683,10 +684,10 @@ def test_training_logprobs_of_sampled_tokens_equal_the_samplers_at_temperature(l
     assert any(s.finished for s in samples) and not all(s.finished for s in samples)
     batch = sequences_from_samples(samples, tok.pad_token_id, tok.eos_token_id)
     mask = batch["response_mask"].bool()
-    trained = ppo.policy_forward(model, batch, temperature)[0]
+    trained = token_logprobs(model, batch["input_ids"], batch["attention_mask"], temperature)
     sampled = sampler_logprobs(samples, trained.shape[1])
     assert (trained - sampled)[mask].abs().max() < 1e-5
-    at_one = ppo.policy_forward(model, batch, 1.0)[0]
+    at_one = token_logprobs(model, batch["input_ids"], batch["attention_mask"], 1.0)
     assert (at_one - sampled)[mask].abs().max() > 0.1  # the check can tell the temperatures apart
     # and the recipe's rollout: old log-probs (training forward) against the sampler's, same tokens
     cfg = PPOConfig(algorithm="grpo", group_size=4, prompts_per_step=2, minibatch_size=8,

@@ -1,7 +1,8 @@
-"""The RL recipe (PPO / GRPO / RLOO): reward placement, KL at the reference, advantages, resume.
+"""The RL recipe (PPO / GRPO / RLOO): KL at the reference, advantages, resume.
 
 The tensor math (GAE, whitening, KL estimators, clipped losses, Lagrange, GRPO/RLOO
-advantages) has exact tests in test_advantages.py, test_kl.py and test_losses.py; here are the
+advantages, reward placement) has exact tests in test_advantages.py, test_kl.py, test_losses.py and
+test_rewards.py, the reward sources in test_scoring.py, step boundaries in test_steps.py; here are the
 recipe's own pieces, each with a value worked out by hand, and the recipe run end to end on
 a tiny model.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.generation import Sample, SamplingConfig, sequences_from_samples
+from rlhfkit.generation import SamplingConfig
 from rlhfkit.models.trainable import LoRAConfig, add_lora
 from rlhfkit.recipes import ppo
 from rlhfkit.recipes.ppo import Algorithm, PPOConfig, Rollout
@@ -42,49 +43,6 @@ def _tiny_cfg(policy: Path, **kw) -> PPOConfig:
     )
     base.update(kw)
     return PPOConfig(**base)
-
-
-# ---------------------------------------------------------------- reward placement
-
-def test_score_is_read_at_the_last_real_token_even_when_pad_is_eos():
-    eos = pad = 2  # pad == EOS: "the first pad" would be the EOS of a finished response
-    samples = [
-        Sample("p", [5, 6], [7, 8, 9], "", finished=True),  # prompt 2 + response 3 + EOS: last at index 5
-        Sample("p", [5], [7, 8], "", finished=False),  # prompt 1 + response 2, no EOS: last at index 2
-    ]
-    batch = sequences_from_samples(samples, pad, eos)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2], [5, 7, 8, 2, 2, 2]]
-    rewards = ppo.place_token_rewards(batch["response_mask"], torch.tensor([1.5, -1.0]))
-    assert rewards.tolist() == [[0, 0, 0, 0, 0, 1.5], [0, 0, -1.0, 0, 0, 0]]
-
-
-def test_step_rewards_go_to_their_tokens_within_the_response():
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 0]])  # response occupies positions 2..5
-    rewards = ppo.place_token_rewards(mask, torch.tensor([0.0]), [[(1, -0.5), (3, -0.25)]])
-    assert rewards.tolist() == [[0, 0, 0, -0.5, 0, -0.25, 0]]
-
-
-def test_line_end_positions_find_the_newline_tokens(tiny_tokenizer):
-    from rlhfkit.tasks.arith_judge import response_lines
-
-    text = "3 + 4 = 7\n7 * 2 = 14\nAnswer: 14"
-    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
-    newlines = [i for i, t in enumerate(ids) if tiny_tokenizer.decode([t]) == "\n"]
-    assert len(newlines) == 2
-    pos = ppo.line_end_positions(tiny_tokenizer, ids, len(ids) + 1)  # + EOS
-    assert pos == [newlines[0], newlines[1], len(ids)]
-    assert len(pos) == len(response_lines(text))
-    # Leading/trailing newlines are not step boundaries (response_lines strips them).
-    ids2 = tiny_tokenizer("\n" + text + "\n", add_special_tokens=False)["input_ids"]
-    assert ppo.line_end_positions(tiny_tokenizer, ids2, len(ids2)) == [newlines[0] + 1, newlines[1] + 1, len(ids2) - 1]
-
-
-def test_prm_step_rewards_telescope_to_the_log_outcome():
-    """q = [0.8, 0.4, 0.001], floor 0.01: r = [log 0.8, log 0.4 − log 0.8, log 0.01 − log 0.4]."""
-    r = ppo.prm_step_rewards([0.8, 0.4, 0.001], floor=0.01)
-    assert r == pytest.approx([math.log(0.8), math.log(0.5), math.log(0.01 / 0.4)])
-    assert sum(r) == pytest.approx(math.log(0.01))
-    assert ppo.prm_step_rewards([], floor=0.01) == []
 
 
 # ---------------------------------------------------------------- advantages by hand
@@ -151,10 +109,9 @@ def test_config_refuses_what_cannot_work():
 
 def _scorer(cfg, out):
     from rlhfkit.data.loading import load_prompts
-    from rlhfkit.tasks.arith import Problem
 
     recs = load_prompts(out / "data" / "prompts.jsonl")
-    return [r.prompt for r in recs], ppo.make_scorer(cfg, out, {r.prompt: Problem.from_meta(r.meta) for r in recs})
+    return [r.prompt for r in recs], ppo.make_scorer(cfg, out, recs)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])

@@ -203,8 +203,8 @@ def test_a_nan_loss_is_skipped_and_counted_in_metrics(upstream, tmp_path, monkey
 def test_a_nan_loss_is_skipped_in_the_other_loops(stage, upstream, tmp_path, monkeypatch):
     """The same guard in DPO's, the reward models' and PPO's loops (PPO counts optimizer steps)."""
     import rlhfkit.losses
-    import rlhfkit.policy_losses
     import rlhfkit.preference_losses
+    import rlhfkit.recipes.ppo
     from rlhfkit.cli import main
 
     out = _stage_out(upstream, tmp_path, ["data", "pretrain", "sft", "label"])
@@ -213,7 +213,7 @@ def test_a_nan_loss_is_skipped_in_the_other_loops(stage, upstream, tmp_path, mon
         "reward": (rlhfkit.losses, "bradley_terry_loss",
                    ["reward.train_prm=false", "reward.train_orm=false", "reward.train_cost=false",
                     "reward.rerank.enabled=false", "reward.max_steps=6", "reward.batch_size=4", "reward.max_len=96"]),
-        "ppo": (rlhfkit.policy_losses, "ppo_policy_loss",
+        "ppo": (rlhfkit.recipes.ppo, "ppo_policy_loss",  # patched where the recipe looks it up
                 ["ppo.reward_source=judge", "ppo.prompts_per_step=4", "ppo.minibatch_size=2", "ppo.ppo_epochs=1",
                  "ppo.total_steps=3", "ppo.sampling.max_new_tokens=8"]),
     }[stage]

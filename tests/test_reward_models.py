@@ -259,9 +259,9 @@ def test_save_load_roundtrip_scores_and_step_scores(tiny_rm, tmp_path):
     loaded = load_reward_model(tmp_path / "rm")
     assert loaded.score(prompts, responses) == pytest.approx(before, abs=1e-5)
     steps = load_reward_model(tmp_path / "prm").step_scores(prompts, responses)
-    from rlhfkit.tasks.arith_judge import response_lines
+    from rlhfkit.data.steps import split_steps
 
-    assert [len(s) for s in steps] == [len(response_lines(r)) for r in responses]
+    assert [len(s) for s in steps] == [len(split_steps(r)) for r in responses]
     assert all(0 < p < 1 for s in steps for p in s)
 
 

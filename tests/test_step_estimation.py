@@ -24,7 +24,7 @@ def _is_correct(i: int, text: str) -> bool:
 
 def test_step_prefixes_cut_after_each_line_and_end_with_a_newline():
     assert step_prefixes(RESPONSE) == [PREFIX_1, PREFIX_2, "2 + 3 = 5\n5 * 2 = 10\nAnswer: 10\n"]
-    # lines as the PRM and load_steps see them (rlhfkit.tasks.arith_judge.response_lines): stripped, blank lines kept
+    # lines as the PRM and load_steps see them (rlhfkit.data.steps.split_steps): stripped, blank lines kept
     assert step_prefixes("  a \n\nb\n") == ["a\n", "a\n\n", "a\n\nb\n"]
     assert step_prefixes("") == [] and step_prefixes(" \n ") == []
 
@@ -122,7 +122,8 @@ def test_label_stage_estimates_step_labels_from_policy_completions(tiny_lm_dir, 
     from rlhfkit.pipeline import load_pipeline_config
     from rlhfkit.recipes import label
     from rlhfkit.tasks.arith import Problem, format_prompt, make_problems
-    from rlhfkit.tasks.arith_judge import judge, response_lines
+    from rlhfkit.data.steps import split_steps
+    from rlhfkit.tasks.arith_judge import judge
 
     load, sample = rlhfkit.models.loading.load_causal_lm, rlhfkit.generation.sample
 
@@ -155,7 +156,7 @@ def test_label_stage_estimates_step_labels_from_policy_completions(tiny_lm_dir, 
     assert m["steps"] == len(steps) > 0 and m["step_labels"] == "math-shepherd(n=2, soft)"
     for r in steps:
         assert r["provenance"]["judge"] == "math-shepherd(n=2, soft)"
-        assert len(r["labels"]) == len(response_lines(r["completion"]))
+        assert len(r["labels"]) == len(split_steps(r["completion"]))
         assert all(y in (0.0, 0.5, 1.0) for y in r["labels"])  # shares of n = 2 completions
         # the last line is the sample's own outcome
         v = judge(Problem.from_meta(r["meta"]), r["completion"])

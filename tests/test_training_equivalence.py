@@ -228,14 +228,14 @@ def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path
     # once. Every other solution becomes the gold one, and labels alternate, unrelated to the text,
     # so no model fits them and every step has a gradient to synchronise.
     from rlhfkit.tasks.arith import Problem, gold_response
-    from rlhfkit.tasks.arith_judge import response_lines
+    from rlhfkit.data.steps import split_steps
 
     steps_file = out1 / "label" / "steps.jsonl"
     rows = [json.loads(x) for x in steps_file.read_text().splitlines()]
     for i, r in enumerate(rows):
         if i % 2 == 0:
             r["completion"] = gold_response(Problem.from_meta(r["meta"]))
-        r.update(labels=[(i + k) % 2 for k in range(len(response_lines(r["completion"])))],
+        r.update(labels=[(i + k) % 2 for k in range(len(split_steps(r["completion"])))],
                  correct=i % 3 == 0, is_safe=i % 4 < 2)
     steps_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out2 = tmp_path / "two"

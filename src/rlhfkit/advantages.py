@@ -6,6 +6,8 @@ through them by accident.
 """
 from __future__ import annotations
 
+from enum import Enum
+
 import torch
 
 from rlhfkit.losses import masked_var, masked_whiten  # pure tensor math too; one whitening, not two
@@ -119,3 +121,34 @@ def scale_by_std(x: Tensor, mask: Tensor, all_sum=None) -> Tensor:
     """
     scaled = x * torch.rsqrt(masked_var(x, mask, all_sum=all_sum) + 1e-8)
     return torch.where(mask.bool(), scaled, torch.zeros_like(scaled))
+
+
+class Algorithm(str, Enum):
+    """Which advantage estimator an RL stage uses (``recipes.ppo``): ppo (a critic and :func:`gae`), grpo
+    (:func:`group_normalized_advantages`) or rloo (:func:`rloo_advantages`). The algorithms differ only in
+    these members' answers to the questions the recipe asks, never in a branch buried in it."""
+
+    ppo = "ppo"
+    grpo = "grpo"
+    rloo = "rloo"
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether a value model is trained and GAE gives per-token advantages."""
+        return self is Algorithm.ppo
+
+    @property
+    def min_group_size(self) -> int:
+        """GRPO and RLOO compare the K samples of one prompt, so they need K ≥ 2."""
+        return 1 if self is Algorithm.ppo else 2
+
+    @property
+    def default_kl_in_loss(self) -> bool:
+        """GRPO puts a k3 KL term in the loss (Shao et al. 2024, eq. 3); PPO and RLOO penalise the reward."""
+        return self is Algorithm.grpo
+
+    def sequence_advantages(self, returns: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+        """(B,) sequence returns → (B,) advantages for the critic-free members; ``scale`` divides GRPO's by the group std."""
+        if self is Algorithm.grpo:
+            return group_normalized_advantages(returns, group_size, scale=scale)
+        return rloo_advantages(returns, group_size)

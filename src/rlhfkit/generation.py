@@ -4,7 +4,7 @@ Sampling goes through ``transformers`` ``generate`` (KV cache, batched, left pad
 prompt ends at the same column). A response is cut after its first EOS; one that hits
 ``max_new_tokens`` without EOS is marked ``finished=False`` so callers can penalise it rather than
 score it as if complete. Log-probabilities used by a loss are always recomputed by a training
-forward pass (``response_logprobs``), with the sampling temperature; the ones from generation
+forward pass (:func:`token_logprobs`), with the sampling temperature; the ones from generation
 (``sample(return_logprobs=True)``) are never used for gradients, only to measure how far the
 sampler's distribution is from the training forward's (and, optionally, to correct for it).
 """
@@ -16,6 +16,8 @@ from typing import Sequence
 import torch
 
 from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
+from rlhfkit.models.trainable import reference_mode
+from rlhfkit.policy_losses import entropy_from_logits, logprobs_from_logits
 
 
 @dataclass(frozen=True)
@@ -218,13 +220,42 @@ def sampler_logprobs(samples: Sequence[Sample], width: int) -> torch.Tensor:
     return out
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(token_t | tokens_<t) for t ≥ 1, at ``temperature``: (B, T) → (B, T), position 0 is 0.
+def _next_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, T) ids → (B, T − 1, V) fp32 logits / temperature, ``[:, t]`` predicting ``input_ids[:, t + 1]``."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (a greedy sampler's log-probs are taken at 1)")
+    # fp32 before the division and the log-softmax: bf16 must never reach the vocabulary's normaliser.
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    return logits / temperature
 
-    Aligned with ``input_ids`` so ``response_mask`` applies directly.
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(x_t | x_<t) at ``temperature`` from a forward pass: (B, T) → (B, T), position 0 is 0.
+
+    Aligned with ``input_ids`` so ``response_mask`` applies directly. The one forward for log-probs
+    of given tokens: PPO's loss, its reference and its held-out KL all read it, at the sampling
+    temperature (log-probs at another temperature make the PPO ratio wrong from the first step).
+    Gradients flow unless the caller is under ``torch.no_grad()``.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    return torch.nn.functional.pad(logp, (1, 0), value=0.0)
+    logits = _next_token_logits(model, input_ids, attention_mask, temperature)
+    return torch.nn.functional.pad(logprobs_from_logits(logits, input_ids[:, 1:]), (1, 0))
+
+
+def token_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` and the entropy of π(· | x_<t) at each position, from the same forward:
+    (B, T) → (B, T), (B, T), position 0 is 0 in both."""
+    logits = _next_token_logits(model, input_ids, attention_mask, temperature)
+    logp = torch.nn.functional.pad(logprobs_from_logits(logits, input_ids[:, 1:]), (1, 0))
+    return logp, torch.nn.functional.pad(entropy_from_logits(logits), (1, 0))
+
+
+@torch.no_grad()
+def reference_token_logprobs(policy, reference, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                             temperature: float = 1.0) -> torch.Tensor:
+    """:func:`token_logprobs` (B, T) under the frozen reference: ``reference`` itself (a separate copy), or,
+    when it is None, ``policy`` with its LoRA adapter disabled (``models.trainable.reference_mode``)."""
+    if reference is not None:
+        return token_logprobs(reference, input_ids, attention_mask, temperature)
+    with reference_mode(policy) as base:
+        return token_logprobs(base, input_ids, attention_mask, temperature)

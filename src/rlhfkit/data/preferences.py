@@ -24,6 +24,7 @@ from typing import Sequence
 
 from rlhfkit.data.chat import ChatFormatError, Prompt, parse_messages, split_conversation
 from rlhfkit.data.loading import DataError, Located, iter_records, read_completion, read_prompt, require
+from rlhfkit.data.steps import STEP_SEPARATOR, join_steps, split_steps
 
 HH_ASSISTANT = "\n\nAssistant:"
 
@@ -167,7 +168,7 @@ class StepRecord:
 
     @property
     def completion(self) -> str:
-        return "\n".join(self.steps)
+        return join_steps(self.steps)
 
 
 def _prm800k_row(rec: Located, ambiguous: str) -> StepRecord | None:
@@ -193,7 +194,7 @@ def _prm800k_row(rec: Located, ambiguous: str) -> StepRecord | None:
         except json.JSONDecodeError:
             raise DataError(f"{rec.where}: field 'responses' must be a list of steps") from None
     prev = [str(s) for s in (prev if prev is not None else [])]
-    steps = tuple(s.replace("\n", " ") for s in [*prev, r["next_response"]])  # one step a line
+    steps = tuple(s.replace(STEP_SEPARATOR, " ") for s in [*prev, r["next_response"]])  # one step a line
     return StepRecord(r["instruction"], steps, (None,) * len(prev) + (label,), None, rec.where)
 
 
@@ -223,13 +224,11 @@ def load_steps(path: str | Path, ambiguous: str = "drop") -> list[StepRecord]:
         if "steps" in r:
             require(rec, {"steps": list})
             steps = [str(s) for s in r["steps"]]
-            if any("\n" in s for s in steps):
+            if any(STEP_SEPARATOR in s for s in steps):
                 raise DataError(f"{rec.where}: a step may not contain a newline (a step is a line)")
         elif "completion" in r:
             require(rec, {"completion": str})
-            from rlhfkit.tasks.arith_judge import response_lines
-
-            steps = response_lines(r["completion"])
+            steps = split_steps(r["completion"])
         else:
             raise DataError(f"{rec.where}: missing field 'steps' (or 'completion')")
         labels = tuple(_label(v, rec.where) for v in r["labels"])

@@ -7,7 +7,7 @@ N completions (s_{i+1,j}, ..., s_{K_j,j}, a_j), j = 1..N, and with the gold answ
     hard estimation (HE):  y_i = 1 if ∃ j: a_j = a*, else 0
     soft estimation (SE):  y_i = (1/N) Σ_j 1[a_j = a*]
 
-Here a step is a line (:func:`rlhfkit.tasks.arith_judge.response_lines`, the lines the PRM and
+Here a step is a line (:func:`rlhfkit.data.steps.split_steps`, the steps the PRM and
 ``load_steps`` use), and "a_j = a*" is whatever final-answer check the caller passes, so only
 the outcome is ever checked, never a step. The last line already holds the response's own
 answer: it is labelled by that answer's correctness, with no completions (its only
@@ -21,7 +21,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Callable, Sequence
 
-from rlhfkit.tasks.arith_judge import response_lines
+from rlhfkit.data.steps import STEP_SEPARATOR, join_steps, split_steps
 
 
 class EstimateMode(StrEnum):
@@ -42,12 +42,12 @@ IsCorrectFn = Callable[[int, str], bool]
 def step_prefixes(response: str) -> list[str]:
     """The response cut after each of its lines: prefix i = lines[:i+1] joined by "\\n", plus "\\n".
 
-    One prefix per line of :func:`response_lines` (so per step label), the last one included.
+    One prefix per step of :func:`~rlhfkit.data.steps.split_steps` (so per step label), the last one included.
     The trailing newline closes the step, so a policy continuing a prefix starts the next line
     rather than extending this one. ``"a\\nb\\nAnswer: 3"`` → ``["a\\n", "a\\nb\\n", "a\\nb\\nAnswer: 3\\n"]``.
     """
-    lines = response_lines(response)
-    return ["\n".join(lines[: i + 1]) + "\n" for i in range(len(lines))]
+    lines = split_steps(response)
+    return [join_steps(lines[: i + 1]) + STEP_SEPARATOR for i in range(len(lines))]
 
 
 def estimate_step_labels(
@@ -72,7 +72,7 @@ def estimate_step_labels(
     mode: ``soft`` (SE: the share of the n completions that are right) or ``hard`` (HE: 1.0 if
         any is right, else 0.0).
 
-    Returns R lists, list r of length ``len(response_lines(responses[r]))`` (empty for an empty
+    Returns R lists, list r of length ``len(split_steps(responses[r]))`` (empty for an empty
     response), aligned with the ``labels`` of a steps record whose completion is responses[r].
     """
     if mode not in set(EstimateMode):

@@ -33,6 +33,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from rlhfkit.data.steps import STEP_SEPARATOR, join_steps, split_steps
+
 KINDS = ("reward", "orm", "prm", "cost")
 HEAD_JSON, HEAD_WEIGHTS, REFERENCE_LM = "scalar_head.json", "scalar_head.safetensors", "reference_lm"
 
@@ -50,8 +52,8 @@ class HeadInfo:
     """backbone attends only backwards (decides how the PRM reads steps)"""
     max_len: int = 256
     """longest input in tokens; longer inputs lose their beginning (the score is read at the end)"""
-    separator: str = "\n"
-    """the step separator of a PRM: a step is a line"""
+    separator: str = STEP_SEPARATOR
+    """what closes each step in a PRM's input, the step's label read at its last token (a step is a line)"""
     step_likelihood: bool = False
     """a PRM on a causal backbone whose step logit also sees the step's log-likelihood under a frozen
     reference LM (``models.step_likelihood.StepLikelihood``)"""
@@ -231,11 +233,9 @@ class RewardModel:
 
     @torch.no_grad()
     def step_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[float]]:
-        """P(steps 1..k are right) for each line k of each response (``response_lines`` splits them)."""
-        from rlhfkit.tasks.arith_judge import response_lines
-
+        """P(steps 1..k are right) for each step k of each response (``data.steps.split_steps``: a step is a line)."""
         self.net.eval()
-        steps = [response_lines(r) for r in responses]
+        steps = [split_steps(r) for r in responses]
         logits = step_logits(self.net, self.tokenizer, prompts, steps, self.batch_size, self.device)
         return [[1.0 / (1.0 + math.exp(-z)) for z in row] for row in logits]
 
@@ -272,7 +272,7 @@ def _step_logit_tensors(net: ScalarModel, tokenizer, prompts, steps, batch_size:
         for b, spans_batch in causal_step_batches(tokenizer, info, prompts, steps, batch_size, device):
             out.extend(call(**b, step_spans=spans_batch))
         return out
-    flat = [(i, k, p, "\n".join(st[:k + 1])) for i, (p, st) in enumerate(zip(prompts, steps))
+    flat = [(i, k, p, join_steps(st[:k + 1])) for i, (p, st) in enumerate(zip(prompts, steps))
             for k in range(len(st)) if needed is None or needed[i][k]]
     vals: list = []
     for s in range(0, len(flat), batch_size):
@@ -305,7 +305,8 @@ class RewardEnsemble:
         self.name = f"ensemble-{reduce}"
 
     def member_scores(self, prompts, responses) -> torch.Tensor:
-        return torch.tensor([m.score(prompts, responses) for m in self.members])  # (M, N)
+        # float64: the members' scores are Python floats; reducing them in float32 would round them first.
+        return torch.tensor([m.score(prompts, responses) for m in self.members], dtype=torch.float64)  # (M, N)
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         s = self.member_scores(prompts, responses)
@@ -313,5 +314,6 @@ class RewardEnsemble:
             return s.mean(0).tolist()
         if self.reduce == "min":
             return s.min(0).values.tolist()
-        std = s.std(0, unbiased=True) if len(self.members) > 1 else torch.zeros(s.shape[1])
+        # Uncertainty penalty: members disagree most where the reward model is extrapolating.
+        std = s.std(0, unbiased=True) if len(self.members) > 1 else torch.zeros(s.shape[1], dtype=s.dtype)
         return (s.mean(0) - self.k * std).tolist()

@@ -19,75 +19,44 @@ One loop, read top to bottom in ``run``; every step is
               policy loss, clipped value loss for the critic, each aggregated over tokens or
               responses (``loss_aggregation``), gradient clipping
 
-The algorithms differ only in data (``Algorithm``'s properties), never in a buried branch.
-Tokens are indexed by the *action* position t of the right-padded prompt+response batch:
-``logprobs[:, t]`` = log π(x_t | x_<t), ``values[:, t]`` = V(x_<t), ``rewards[:, t]`` the reward
-for emitting x_t, ``response_mask[:, t]`` = 1 on response tokens (EOS included when finished).
+The algorithms differ only in data (``advantages.Algorithm``'s properties), never in a buried branch.
+Tokens are indexed by the *action* position t (``rollouts.Rollout``). The pieces composed here: the critic
+(``models.critic``), the reward sources (``scoring``), where rewards land (``rewards``; a step is a line,
+``data.steps``), log-probs from a forward pass (``generation.token_logprobs``), the losses (``policy_losses``).
 Dropout is off in every model; the reference is frozen and in eval mode; under LoRA it is
 the policy with its adapter disabled (no second copy). Checkpoints (every ``save_every``
 steps, atomic) hold everything a resumed run needs to end with the same weights.
 """
 from __future__ import annotations
 
-import importlib
-import math
 import time
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from rlhfkit.checkpoints import StoppedEarly, checkpoint_config, load_checkpoint, save_checkpoint
+from rlhfkit.advantages import Algorithm, gae, scale_by_std, whiten
+from rlhfkit.checkpoints import LoopCheckpoint, StoppedEarly  # noqa: F401  (StoppedEarly: what a stopped run raises)
 from rlhfkit.config import check_non_negative, check_positive, check_probability
-from rlhfkit.generation import SamplingConfig
+from rlhfkit.generation import (
+    SamplingConfig, reference_token_logprobs, sample, sampler_logprobs, sequences_from_samples, token_logprobs,
+    token_logprobs_and_entropy, unwrap,
+)
 from rlhfkit.io import run_path
-from rlhfkit.policy_losses import LossAggregation
-from rlhfkit.models.trainable import LoRAConfig, add_lora, disable_dropout, make_trainable, reference_mode, save_trained
+from rlhfkit.kl import kl_estimate
+from rlhfkit.losses import masked_mean
+from rlhfkit.models.critic import build_critic
+from rlhfkit.models.trainable import LoRAConfig, disable_dropout, make_trainable, save_trained
+from rlhfkit.nonfinite import NonFiniteGuard
+from rlhfkit.policy_losses import (
+    LossAggregation, aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights,
+)
+from rlhfkit.rewards import place_token_rewards
+from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics
+from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
 from rlhfkit.tracking import check_report_to
-
-RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
-
-
-class Algorithm(str, Enum):
-    """Which advantage estimator; members answer the questions the recipe asks."""
-
-    ppo = "ppo"
-    grpo = "grpo"
-    rloo = "rloo"
-
-    @property
-    def uses_critic(self) -> bool:
-        """Whether a value model is trained and GAE gives per-token advantages."""
-        return self is Algorithm.ppo
-
-    @property
-    def min_group_size(self) -> int:
-        """GRPO and RLOO compare the K samples of one prompt, so they need K ≥ 2."""
-        return 1 if self is Algorithm.ppo else 2
-
-    @property
-    def default_kl_in_loss(self) -> bool:
-        """GRPO puts a k3 KL term in the loss (Shao et al. 2024, eq. 3); PPO and RLOO penalise the reward."""
-        return self is Algorithm.grpo
-
-    def sequence_advantages(self, returns: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
-        """(B,) sequence returns → (B,) advantages for the critic-free members; ``scale`` divides GRPO's by the group std."""
-        from rlhfkit.advantages import group_normalized_advantages, rloo_advantages
-
-        if self is Algorithm.grpo:
-            return group_normalized_advantages(returns, group_size, scale=scale)
-        return rloo_advantages(returns, group_size)
-
-
-class RewardSource(str, Enum):
-    """Where the sequence score comes from."""
-
-    model = "model"  # one or more reward-model directories (several: an ensemble)
-    prm = "prm"  # a process reward model: per-step probabilities
-    judge = "judge"  # the embedded task's oracle (an experiment control: never what the quickstart trains on)
-    callable = "callable"  # any Python function (prompts, responses) -> scores, named "module:function"
+from rlhfkit.training import Collective
 
 
 @dataclass(frozen=True)
@@ -293,307 +262,37 @@ class PPOConfig:
         return self.total_steps * self.ppo_epochs * (self.batch_size // self.minibatch)
 
 
-# ============================================================================ models
-
-class Critic(torch.nn.Module):
-    """A transformer backbone and a linear head of ``n_values`` outputs (reward value, cost value).
-
-    forward(input_ids, attention_mask) → (B, T, n_values) aligned with actions: ``out[:, t]``
-    is V(x_<t), read from the hidden state at t − 1 (the state before x_t is emitted).
-    """
-
-    def __init__(self, backbone: torch.nn.Module, n_values: int):
-        super().__init__()
-        self.backbone = backbone
-        self.head = torch.nn.Linear(backbone.config.hidden_size, n_values)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, h)
-        values = self.head(hidden.float())  # (B, T, H)
-        return torch.nn.functional.pad(values[:, :-1], (0, 0, 1, 0))  # shift: V(x_<t) at t
-
-
-def _scalar_head(path: Path, hidden: int) -> dict | None:
-    """The reward model's head, ``{"weight": (1, hidden), "bias": (1,)}``, if ``path`` is a reward-model directory."""
-    from safetensors.torch import load_file
-
-    from rlhfkit.models.reward import HEAD_WEIGHTS
-
-    f = Path(path) / HEAD_WEIGHTS
-    if not f.exists():
-        return None
-    head = load_file(str(f))
-    if tuple(head["weight"].shape) != (1, hidden):
-        raise ValueError(f"{f}: head weight {tuple(head['weight'].shape)} does not fit hidden size {hidden}")
-    return head
-
-
-def build_critic(path: Path, n_values: int, seed: int) -> Critic:
-    """Critic from ``path``'s backbone; its first head row from the reward model's scalar head when present.
-
-    Initialising from the reward model means V(x_<t) starts near the RM's opinion of the
-    prefix, so early advantages are informative instead of noise from a random head.
-    """
-    from transformers import AutoModel
-
-    torch.manual_seed(seed)
-    backbone = AutoModel.from_pretrained(str(path))
-    critic = Critic(backbone, n_values)
-    head = _scalar_head(Path(path), backbone.config.hidden_size)
-    if head is not None:
-        with torch.no_grad():  # row 0 (reward value) from the RM; a cost value row stays 0
-            critic.head.weight[0].copy_(head["weight"][0].float())
-            critic.head.bias[0].copy_(head["bias"][0].float())
-    critic.initialised_from_head = head is not None
-    return critic
-
-
-# ============================================================================ scoring
-
-def line_end_positions(tokenizer, response_ids: Sequence[int], n_tokens: int) -> list[int]:
-    """Index (within the response's ``n_tokens`` tokens) of the token closing each line of ``response_lines``.
-
-    Line k < last ends at the token holding the k-th newline inside the stripped text; the last
-    line ends at the last token (the EOS of a finished response). Offsets come from cumulative
-    decoding of the sampled ids, never from re-tokenising the text (which may split differently).
-    """
-    text = tokenizer.decode(list(response_ids), skip_special_tokens=True)
-    lo, hi = len(text) - len(text.lstrip()), len(text.rstrip())
-    if lo >= hi:
-        return []
-    ends = [len(tokenizer.decode(list(response_ids[: i + 1]), skip_special_tokens=True)) for i in range(len(response_ids))]
-    positions = []
-    for c, ch in enumerate(text):
-        if ch == "\n" and lo <= c < hi:
-            positions.append(next(i for i, e in enumerate(ends) if e > c))
-    return positions + [n_tokens - 1]
-
-
-def place_token_rewards(
-    response_mask: torch.Tensor, scores: torch.Tensor, step_rewards: Sequence[Sequence[tuple[int, float]]] | None = None
-) -> torch.Tensor:
-    """Per-token rewards (B, T): each sequence score at its last response token, step rewards at their tokens.
-
-    response_mask (B, T); scores (B,); step_rewards[b] = [(index within the response, reward)].
-    The last response token is found from the mask, never from "the first pad", so it is right
-    whatever the padding and when pad == EOS.
-    """
-    B, T = response_mask.shape
-    rewards = torch.zeros(B, T, dtype=torch.float32)
-    first = response_mask.float().argmax(dim=1)  # (B,) first response position
-    last = T - 1 - response_mask.flip(1).float().argmax(dim=1)  # (B,) last response position
-    rewards[torch.arange(B), last] += scores.float()
-    if step_rewards is not None:
-        for b, steps in enumerate(step_rewards):
-            for i, r in steps:
-                rewards[b, first[b] + i] += r
-    return rewards
-
-
-def prm_step_rewards(step_probs: Sequence[float], floor: float) -> list[float]:
-    """Step rewards from a PRM's q_k = P(steps 1..k are right): r_k = log q_k − log q_{k−1}, q_0 = 1.
-
-    r_k is how much step k changed the log-probability that the solution is right so far. The
-    rewards telescope to log q_K = log P(every step right) (Lightman et al. 2023's aggregation),
-    so per-step and outcome-only placement give a response the same total and differ only in
-    credit assignment. q is clamped to ``floor`` first, so one hopeless step costs at most log(1/floor).
-    """
-    logs = [0.0] + [math.log(max(q, floor)) for q in step_probs]
-    return [b - a for a, b in zip(logs, logs[1:])]
-
-
-@dataclass
-class Scorer:
-    """Sequence scores (and PRM step rewards) for (prompt, response) pairs; cost when constrained."""
-
-    outcome: Callable[[list[str], list[str]], list[float]] | None
-    steps: Callable[[list[str], list[str]], list[list[float]]] | None
-    cost: Callable[[list[str], list[str]], list[float]] | None
-
-
-def _import_callable(spec: str) -> RewardFn:
-    # Checked here, not in __post_init__: each command-line override is validated alone against
-    # the defaults, so "reward_source=callable reward_fn=m:f" would fail on its first half there.
-    if ":" not in spec:
-        raise ValueError(f"reward_source is callable: reward_fn must be 'module:function', got {spec!r}")
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def make_scorer(cfg: PPOConfig, out: Path, problems_by_prompt: dict, reward_fn: RewardFn | None = None) -> Scorer:
-    """Build the reward (and cost) functions the config names; fail before any training if a model is missing."""
-    outcome = steps = cost = None
-    if reward_fn is not None:
-        outcome = lambda p, r: [float(x) for x in reward_fn(p, r)]  # noqa: E731
-    elif cfg.reward_source is RewardSource.callable:
-        fn = _import_callable(cfg.reward_fn)
-        outcome = lambda p, r: [float(x) for x in fn(p, r)]  # noqa: E731
-    elif cfg.reward_source is RewardSource.judge:
-        from rlhfkit.tasks.arith_judge import judge
-
-        if not problems_by_prompt:
-            raise ValueError("reward_source judge needs prompts with task 'meta'")
-        outcome = lambda p, r: [judge(problems_by_prompt[x], y).score for x, y in zip(p, r)]  # noqa: E731
-    elif cfg.reward_source is RewardSource.model:
-        from rlhfkit.models.reward_files import load_reward_model
-
-        members = []
-        for rel in cfg.reward_models:
-            path = run_path(out, rel)
-            if not path.exists():
-                raise FileNotFoundError(f"reward_models: {path} does not exist (run the reward stage first)")
-            members.append(load_reward_model(path))
-
-        def outcome(p, r):
-            s = torch.tensor([m.score(p, r) for m in members], dtype=torch.float64)  # (M, B)
-            if len(members) == 1:
-                return s[0].tolist()
-            # Uncertainty penalty: members disagree most where the RM is extrapolating.
-            return (s.mean(0) - cfg.ensemble_penalty * s.std(0, unbiased=True)).tolist()
-    else:  # prm
-        from rlhfkit.models.reward_files import load_reward_model
-
-        path = run_path(out, cfg.prm)
-        if not path.exists():
-            raise FileNotFoundError(f"prm: {path} does not exist (run the reward stage first)")
-        prm = load_reward_model(path)
-
-        def steps(p, r):
-            return [prm_step_rewards(row, cfg.prm_floor) for row in prm.step_scores(p, r)]
-    if cfg.cost_model:
-        from rlhfkit.models.reward_files import load_reward_model
-
-        path = run_path(out, cfg.cost_model)
-        if not path.exists():
-            raise FileNotFoundError(f"cost_model: {path} does not exist (run the reward stage first)")
-        cost_model = load_reward_model(path)
-        cost = lambda p, r: [float(x) for x in cost_model.score(p, r)]  # noqa: E731
-    return Scorer(outcome, steps, cost)
-
-
-# ============================================================================ forward passes
-
-def policy_forward(model, batch: dict, temperature: float, with_entropy: bool = False):
-    """Training-pass log-probs (B, T) at the sampling temperature (position 0 is 0), and entropy (B, T)."""
-    from rlhfkit.policy_losses import entropy_from_logits, logprobs_from_logits
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    logits = logits / temperature
-    logp = torch.nn.functional.pad(logprobs_from_logits(logits, batch["input_ids"][:, 1:]), (1, 0))
-    ent = torch.nn.functional.pad(entropy_from_logits(logits), (1, 0)) if with_entropy else None
-    return logp, ent
-
-
-def reference_forward(policy, reference, batch: dict, temperature: float) -> torch.Tensor:
-    """Frozen reference log-probs: a separate copy, or the LoRA policy with its adapter disabled."""
-    with torch.no_grad():
-        if reference is not None:
-            return policy_forward(reference, batch, temperature)[0]
-        with reference_mode(policy) as base:
-            return policy_forward(base, batch, temperature)[0]
-
 
 # ============================================================================ rollout
-
-@dataclass
-class Rollout:
-    """One rollout batch: everything the update needs, (B, T) unless noted."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    kl: torch.Tensor  # per-token estimate with the configured estimator
-    scores: torch.Tensor  # (B,) sequence scores (after penalty / whitening / clipping)
-    raw_scores: torch.Tensor  # (B,) as the reward source gave them (penalty for unfinished)
-    token_rewards: torch.Tensor  # reward per token, before the KL term
-    costs: torch.Tensor | None  # (B,)
-    old_values: torch.Tensor | None  # (B, T, H)
-    samples: list
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: generation, scoring, forward
-    rollout_logprobs: torch.Tensor | None = None  # the sampler's log-probs of the same tokens (a diagnostic; TIS)
-
-
-def _clock(device) -> float:
-    """``time.perf_counter()`` once ``device`` has finished its queued work (CUDA kernels run
-    asynchronously: without the sync a phase's GPU time would be charged to the next one)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
 
 def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], scorer: Scorer, cfg: PPOConfig,
                  seed: int, device, all_sum=None, first_chunk: int = 0) -> Rollout:
     """This process's share of a rollout batch; ``all_sum`` (a sum over processes) makes score
     whitening use the whole batch, ``first_chunk`` is passed to ``generation.sample``."""
-    from rlhfkit.generation import sample, sampler_logprobs, sequences_from_samples, unwrap
-
-    t_start = _clock(device)
+    t_start = clock(device)
     samples = sample(unwrap(policy), tokenizer, prompts, cfg.sampling, seed=seed,
                      num_return_sequences=cfg.group_size, device=device, first_chunk=first_chunk, return_logprobs=True)
-    t_generated = _clock(device)
+    t_generated = clock(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = {k: v.to(device) for k, v in sequences_from_samples(samples, pad, tokenizer.eos_token_id).items()}
-    texts = [s.text for s in samples]
-    ps = [s.prompt for s in samples]
-    finished = torch.tensor([s.finished for s in samples])
-    # --- score: the reward source's opinion, replaced by the penalty where the response never ended
-    if scorer.steps is not None:
-        step_lp = scorer.steps(ps, texts)
-        outcome = torch.tensor([sum(row) for row in step_lp], dtype=torch.float32)
-    else:
-        step_lp = None
-        outcome = torch.tensor(scorer.outcome(ps, texts), dtype=torch.float32)
-    if step_lp is not None:
-        # A PRM has no step to judge in an empty response: its Σ log q over zero steps would be 0,
-        # the best possible score. It is not an answer at all; it gets the unfinished penalty.
-        finished = finished & torch.tensor([len(row) > 0 for row in step_lp])
-    raw = torch.where(finished, outcome, torch.full_like(outcome, cfg.unfinished_score))
-    scores = raw.clone()
-    if cfg.score_whiten:
-        from rlhfkit.advantages import whiten
-
-        scores = whiten(scores, all_sum=all_sum)
-    if cfg.score_clip > 0:
-        scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-    n_resp = batch["response_mask"].sum(1).tolist()
-    if step_lp is not None and cfg.prm_step_rewards:
-        # Step rewards at each newline token; finished responses only (an unfinished one gets
-        # the penalty alone). The per-step rewards sum to the sequence score placed otherwise.
-        placed = []
-        for b, s in enumerate(samples):
-            if not finished[b]:
-                placed.append([])
-                continue
-            pos = line_end_positions(tokenizer, s.response_ids, int(n_resp[b]))
-            if len(pos) != len(step_lp[b]):
-                raise ValueError(f"PRM gave {len(step_lp[b])} step scores for a response of {len(pos)} lines: {s.text!r}")
-            placed.append(list(zip(pos, step_lp[b])))
-        outcome_part = torch.where(finished, torch.zeros_like(scores), scores)
-        token_rewards = place_token_rewards(batch["response_mask"].cpu(), outcome_part, placed)
-    else:
-        token_rewards = place_token_rewards(batch["response_mask"].cpu(), scores)
-    costs = torch.tensor(scorer.cost(ps, texts), dtype=torch.float32) if scorer.cost is not None else None
+    # --- score: the reward source's opinion (the penalty where the response never ended), placed on the tokens
+    scored = score_samples(scorer, samples, tokenizer, batch["response_mask"], cfg, all_sum=all_sum)
     # --- log-probs and values from forward passes (never from generate)
-    from rlhfkit.kl import kl_estimate
-
-    t_scored = _clock(device)
+    t_scored = clock(device)
     with torch.no_grad():  # the unwrapped models: no DDP bookkeeping outside the update
-        old_logprobs = policy_forward(unwrap(policy), batch, cfg.sampling.temperature)[0]
-        ref_logprobs = reference_forward(policy, reference, batch, cfg.sampling.temperature)
+        old_logprobs = token_logprobs(unwrap(policy), batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature)
+        ref_logprobs = reference_token_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"],
+                                                cfg.sampling.temperature)
         old_values = unwrap(critic)(batch["input_ids"], batch["attention_mask"]) if critic is not None else None
     mask = batch["response_mask"].bool()
     kl = torch.where(mask, kl_estimate(old_logprobs, ref_logprobs, cfg.estimator), torch.zeros_like(old_logprobs))
-    timings = {"generation": t_generated - t_start, "scoring": t_scored - t_generated, "forward": _clock(device) - t_scored}
+    timings = {"generation": t_generated - t_start, "scoring": t_scored - t_generated, "forward": clock(device) - t_scored}
     # The sampler's own log-probs of the tokens trained on: compared with old_logprobs (the training
     # forward's) every step, and the ratio of the two for truncated importance sampling.
     rollout_logprobs = sampler_logprobs(samples, batch["input_ids"].shape[1]).to(device)
     return Rollout(batch["input_ids"], batch["attention_mask"], batch["response_mask"], old_logprobs, ref_logprobs,
-                   kl, scores.to(device), raw, token_rewards.to(device), costs, old_values, samples, timings,
-                   rollout_logprobs)
+                   kl, scored.scores.to(device), scored.raw, scored.token_rewards.to(device), scored.costs, old_values,
+                   samples, timings, rollout_logprobs)
 
 
 # ============================================================================ advantages
@@ -611,8 +310,6 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
     With a cost, the same estimator on the cost gives A_c and the combination is
     (A_r − λ·A_c) / (1 + λ) (Dai et al. 2023, eq. 10 divided by 1 + λ to keep its scale).
     """
-    from rlhfkit.advantages import gae, scale_by_std, whiten
-
     alg = Algorithm(cfg.algorithm)
     mask = ro.response_mask
     rewards = ro.token_rewards - (0.0 if cfg.kl_uses_loss else kl_coef) * ro.kl
@@ -650,12 +347,6 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     at the same global batch. With ``rollout_is_cap`` each token's policy loss is multiplied by
     min(π_train/π_rollout, cap) (``policy_losses.truncated_importance_weights``).
     """
-    from rlhfkit.kl import kl_estimate
-    from rlhfkit.losses import masked_mean
-    from rlhfkit.policy_losses import aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights
-    from rlhfkit.nonfinite import NonFiniteGuard
-    from rlhfkit.training import Collective
-
     guard = guard or NonFiniteGuard("ppo", 0, accelerator)  # none given: no check, the plain update
 
     agg, max_len = cfg.loss_aggregation, cfg.sampling.max_new_tokens
@@ -691,7 +382,8 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 # accumulation gives the gradient of the minibatch's loss exactly. Every term below is
                 # aggregated the same way, or the weight would be wrong for some of them.
                 w = 0.0 if dummy else agg.units(mask) / n_units * world
-                logp, ent = policy_forward(policy, batch, cfg.sampling.temperature, with_entropy=True)
+                logp, ent = token_logprobs_and_entropy(policy, batch["input_ids"], batch["attention_mask"],
+                                                       cfg.sampling.temperature)
                 is_weights = None
                 if cfg.rollout_is_cap > 0:
                     is_weights = truncated_importance_weights(cut(ro.old_logprobs), cut(ro.rollout_logprobs), mask,
@@ -768,7 +460,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     problems = {r.prompt: Problem.from_meta(r.meta) for r in records if r.meta is not None}
     if len(prompts) < cfg.prompts_per_step:
         raise ValueError(f"{records[0].where.rsplit(':', 1)[0]}: {len(prompts)} prompts, fewer than prompts_per_step {cfg.prompts_per_step}")
-    scorer = make_scorer(cfg, out, problems, reward_fn)
+    scorer = make_scorer(cfg, out, records, reward_fn)
 
     # --- models: policy (trainable), reference (frozen, eval), critic (PPO only)
     torch.manual_seed(cfg.seed)
@@ -789,12 +481,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
             critic_path = run_path(out, cfg.reward_models[0])
         else:
             critic_path = policy_path
-        critic = build_critic(critic_path, 2 if cfg.cost_model else 1, cfg.seed)
-        disable_dropout(critic)
-        if cfg.gradient_checkpointing:
-            critic.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora.enabled:
-            critic.backbone = add_lora(critic.backbone, cfg.lora)  # the value head trains fully
+        critic = build_critic(critic_path, 2 if cfg.cost_model else 1, cfg.seed, cfg.lora, cfg.gradient_checkpointing)
     opt_cfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, scheduler=cfg.scheduler)
     opt, sched = make_optimizer_and_scheduler(policy, opt_cfg, cfg.optimizer_steps)
     critic_opt = critic_sched = None
@@ -810,28 +497,23 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
               else FixedKLController(cfg.kl_coef))
     lagrange = LagrangeMultiplier(cfg.lambda_init, cfg.lambda_lr, cfg.lambda_max) if cfg.cost_model else None
 
-    # --- resume
-    ckpt = ckpt_dir or out / f"{name}.ckpt"
+    # --- resume (a checkpoint's config must match, less stop_after_steps and save_every: a rerun that changes them resumes)
+    log = JsonlLog(log_path, enabled=accelerator.is_main_process, accelerator=accelerator)
     objects = {"policy": policy, "critic": critic, "opt": opt, "critic_opt": critic_opt, "sched": sched, "critic_sched": critic_sched}
     guard = NonFiniteGuard(name, cfg.max_nonfinite_steps, accelerator)
     controllers = {"kl": kl_ctl, "lambda": lagrange, "nonfinite": guard}
-    config_dict = checkpoint_config(cfg)  # less stop_after_steps and save_every: a rerun that changes them resumes
-    start = load_checkpoint(ckpt, objects, controllers, log_path if accelerator.is_main_process else None, config_dict)
-    if start and accelerator.is_main_process:
-        print(f"[rlhfkit] {name}: resuming from {ckpt} after step {start}")
+    checkpoint = LoopCheckpoint(ckpt_dir or out / f"{name}.ckpt", cfg, accelerator, log, name)
+    start, _ = checkpoint.resume(objects, controllers)
     # DDP under `accelerate launch`/torchrun (a no-op wrapper in one process); the schedulers stay
     # out of prepare(): accelerate would step them once per process. Checkpoints hold the unwrapped objects.
     policy, opt = accelerator.prepare(policy, opt)
     if critic is not None:
         critic, critic_opt = accelerator.prepare(critic, critic_opt)
-    log = JsonlLog(log_path, enabled=accelerator.is_main_process, accelerator=accelerator)
     # This process's share of each step's prompts, and where its sampling chunks fall in one process's draw.
     per_rank = cfg.prompts_per_step // coll.world
     first_chunk = coll.rank * -(-per_rank // cfg.sampling.batch_size)
 
     # --- the loop
-    from tqdm.auto import tqdm
-
     gold_available = bool(problems) and len(problems) == len(prompts)
     last = {}
     bar = tqdm(total=cfg.total_steps, initial=start, desc=name, disable=not accelerator.is_main_process)
@@ -842,41 +524,19 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
             mine = idx[coll.rank * per_rank:(coll.rank + 1) * per_rank]
             ro = make_rollout(policy, reference, critic, tokenizer, [prompts[i] for i in mine], scorer, cfg,
                               seed=cfg.seed * 1_000_003 + step, device=device, all_sum=coll.sum, first_chunk=first_chunk)
-            mask = ro.response_mask.bool()
-            seq_kl = (ro.kl * mask).sum(1)  # (b,) per-sequence KL estimate, this process's rows
             every = lambda t: coll.gather(t.float().cpu())  # noqa: E731  (B,): the whole batch, in rank order
             mean_cost = float(every(ro.costs).mean()) if ro.costs is not None else None
             if lagrange is not None:
                 lagrange.update(mean_cost, cfg.cost_threshold)  # λ first, then the advantages that use it
             adv, returns = compute_advantages(ro, cfg, kl_ctl.value, lagrange.value if lagrange else None, all_sum=coll.sum)
             gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-            t_update = _clock(device)
+            t_update = clock(device)
             stats = ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro, adv, returns, cfg,
                                kl_ctl.value, accelerator, gen, guard)
-            update_s = _clock(device) - t_update
-            kl_coef_used = kl_ctl.value
-            if returns is not None:
-                # cleanrl's diagnostic, over the whole rollout: 1 − Var(R − V_old) / Var(R).
-                from rlhfkit.losses import masked_var
-
-                var_r = masked_var(returns[..., 0], mask, all_sum=coll.sum)
-                stats["explained_variance"] = float(1 - masked_var(returns[..., 0] - ro.old_values[..., 0], mask, all_sum=coll.sum) / var_r) if var_r > 0 else float("nan")
-            all_kl = every(seq_kl)
-            kl_ctl.update(float(all_kl.mean()), cfg.batch_size)
-            # Sampler against training forward, same weights, same tokens: only numerics (kernels, batch
-            # shapes, padding, an inference engine) can make them differ; a drift here means the rollouts
-            # come from another policy than the one the loss assumes (rollout_is_cap corrects for it).
-            lp_diff = torch.where(mask, (ro.rollout_logprobs - ro.old_logprobs).abs(), torch.zeros_like(ro.old_logprobs))
+            update_s = clock(device) - t_update
             rec = {
                 "step": step + 1,
-                "reward": float(every(ro.raw_scores).mean()),
-                "reward_with_kl": float(every((ro.token_rewards * mask).sum(1)).mean() - kl_coef_used * all_kl.mean()),
-                "kl": float(all_kl.mean()),
-                "kl_coef": kl_coef_used,
-                "response_length": float(every(mask.sum(1)).mean()),
-                "rollout_logprob_diff_mean": float(coll.sum(lp_diff.sum()) / coll.sum(mask.sum()).clamp(min=1)),
-                "rollout_logprob_diff_max": float(every(lp_diff.amax(1)).max()),
-                "finished_rate": float(every(torch.tensor([s.finished for s in ro.samples])).mean()),
+                **rollout_metrics(ro, kl_ctl.value, coll),  # reward, KL, lengths, sampler drift (rl_metrics)
                 "lr": sched.get_last_lr()[0],
                 "step_time_s": time.time() - t_step,
                 # where the step's time went (this process's clock; the rest is advantages and logging)
@@ -886,6 +546,10 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
                 "time_update_s": update_s,
                 **stats,
             }
+            if returns is not None:
+                rec["explained_variance"] = explained_variance(returns[..., 0], ro.old_values[..., 0], ro.response_mask,
+                                                               all_sum=coll.sum)
+            kl_ctl.update(rec["kl"], cfg.batch_size)
             if mean_cost is not None:
                 rec.update(cost=mean_cost, **{"lambda": lagrange.value})
             if gold_available:
@@ -901,15 +565,8 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
             bar.update(1)
             bar.set_postfix({"reward": f"{rec['reward']:.3f}", "kl": f"{rec['kl']:.3f}",
                              "gen": f"{rec['time_generation_s']:.2f}s", "update": f"{update_s:.2f}s"})
-            done = step + 1
-            if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.stop_after_steps) and done < cfg.total_steps:
-                log.close()
-                if accelerator.is_main_process:
-                    save_checkpoint(ckpt, done, objects, controllers, log_path, config_dict)
-                accelerator.wait_for_everyone()
-                log = JsonlLog(log_path, enabled=accelerator.is_main_process, accelerator=accelerator)
-            if cfg.stop_after_steps and done >= cfg.stop_after_steps and done < cfg.total_steps:
-                raise StoppedEarly(f"{name}: stopped after step {done} (stop_after_steps); rerun to resume from {ckpt}")
+            # every save_every steps and at stop_after_steps; then StoppedEarly at stop_after_steps
+            checkpoint.after_step(step + 1, cfg.total_steps, objects, controllers)
     finally:
         bar.close()
         log.close()
@@ -934,25 +591,6 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
         "samples_seen": cfg.total_steps * cfg.batch_size,
         "resumed_from_step": start,
         **guard.metrics(),
-        "critic_initialised_from_reward_head": bool(getattr(critic, "initialised_from_head", False)),
+        "critic_initialised_from_reward_head": critic is not None and accelerator.unwrap_model(critic).initialised_from_head,
         "train_runtime_s": runtime,
     }
-
-
-@torch.no_grad()
-def heldout_figures(policy, reference, tokenizer, prompts, scorer: Scorer, cfg: PPOConfig, device) -> dict:
-    """KL(π ‖ π_ref) per response (k1 summed over tokens, on samples from π) and the mean cost, with 95% CIs."""
-    from rlhfkit.generation import sample, sequences_from_samples, unwrap
-    from rlhfkit.kl import kl_k1
-    from rlhfkit.stats import mean_ci
-
-    samples = sample(unwrap(policy), tokenizer, prompts, cfg.sampling, seed=cfg.seed + 12345, device=device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = {k: v.to(device) for k, v in sequences_from_samples(samples, pad, tokenizer.eos_token_id).items()}
-    logp = policy_forward(policy, batch, cfg.sampling.temperature)[0]
-    ref = reference_forward(policy, reference, batch, cfg.sampling.temperature)
-    kl = (kl_k1(logp, ref) * batch["response_mask"]).sum(1)
-    figures = {"kl_from_reference": mean_ci(kl.tolist(), cfg.seed)}
-    if scorer.cost is not None:
-        figures["mean_cost"] = mean_ci(scorer.cost([s.prompt for s in samples], [s.text for s in samples]), cfg.seed)
-    return figures

@@ -4,11 +4,11 @@ from rlhfkit.tasks.arith import (
 )
 from rlhfkit.tasks.arith_data import TaskConfig, write_task_data
 from rlhfkit.tasks.arith_judge import (
-    Verdict, judge, preference_prob, response_lines, sample_preference, sample_ranking,
+    Verdict, judge, preference_prob, sample_preference, sample_ranking,
 )
 
 __all__ = [
     "Problem", "TaskConfig", "Verdict", "demonstration", "format_prompt", "gold_response",
     "judge", "make_problems", "missing_line", "preference_prob", "pretrain_corpus",
-    "response_lines", "sample_preference", "sample_ranking", "write_task_data",
+    "sample_preference", "sample_ranking", "write_task_data",
 ]

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
+from rlhfkit.data.steps import split_steps
 from rlhfkit.tasks.arith import Problem, _apply, missing_line
 
 
@@ -28,7 +29,7 @@ class Verdict:
     invented_numbers: tuple[int, ...]
     """distinct numbers used before they were given or computed, in order of first use"""
     step_labels: tuple[int, ...]
-    """one 0/1 per line of :func:`response_lines`, the final answer line included"""
+    """one 0/1 per line (a step: :func:`rlhfkit.data.steps.split_steps`), the final answer line included"""
     final_answer: str | None
     """the text after ``Answer:`` on the last line; None if the last line is not an answer"""
     unsafe: bool
@@ -39,12 +40,6 @@ _EQUATION = re.compile(r"(\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)")
 _ANSWER = re.compile(r"Answer:\s*(.*)")
 _INTEGER = re.compile(r"-?\d+")
 _DIGITS = re.compile(r"\d+")
-
-
-def response_lines(response: str) -> list[str]:
-    """The lines the judge labels: surrounding whitespace dropped, interior blank lines kept."""
-    text = response.strip()
-    return [line.strip() for line in text.split("\n")] if text else []
 
 
 def _final_right(p: Problem, text: str) -> bool:
@@ -76,7 +71,7 @@ def judge(p: Problem, response: str) -> Verdict:
     refinement, matching the answerable formula. Tenths are summed as integers first because
     0.6 + 0.3 + 0.1 is 0.9999999999999999 in floating point, and gold must score exactly 1.0.
     """
-    lines = response_lines(response)
+    lines = split_steps(response)  # the lines the judge labels: a step is a line
     known, invented, labels = set(p.numbers), [], []
 
     def check(n: int) -> bool:

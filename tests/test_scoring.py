@@ -1,0 +1,109 @@
+"""The RL stages' reward sources (``rlhfkit.scoring``): the functions a config names, and a rollout's
+samples scored and placed on their tokens, each with values worked out by hand."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from rlhfkit import scoring
+from rlhfkit.data.loading import PromptRecord
+from rlhfkit.generation import Sample, sequences_from_samples
+from rlhfkit.models.reward import HeadInfo
+from rlhfkit.recipes.ppo import PPOConfig
+from rlhfkit.scoring import Scorer, make_scorer, score_samples
+
+PAD, EOS, PROMPT = 0, 1, 6
+
+
+class _StringTokenizer:
+    """Token i decodes to VOCAB[i]; pad and EOS decode to nothing."""
+
+    VOCAB = ["<pad>", "<eos>", "a", "\n", "b", "c", "Q"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.VOCAB[i] for i in ids if not (skip_special_tokens and i in (PAD, EOS)))
+
+
+def _samples() -> list[Sample]:
+    """Row 0 finished "a\\nb" (2 steps), row 1 unfinished "c\\n", row 2 finished but empty (EOS at once)."""
+    return [Sample("q", [PROMPT], [2, 3, 4], "a\nb", True), Sample("q", [PROMPT], [5, 3], "c\n", False),
+            Sample("q", [PROMPT], [], "", True)]
+
+
+def _step_rewards(prompts, responses):
+    return [{"a\nb": [-0.5, -0.25], "c\n": [-2.0], "": []}[r] for r in responses]
+
+
+def test_prm_step_rewards_land_on_the_tokens_closing_their_steps_and_unfinished_rows_get_the_penalty():
+    """Rows (prompt at column 0, EOS id 1):  0: Q a \\n b EOS   1: Q c \\n   2: Q EOS.
+
+    Row 0 is finished, 2 steps: step 1 ends at its newline (column 2) → −0.5; step 2 at the last
+    response token, the EOS (column 4) → −0.25; raw score −0.5 − 0.25 = −0.75.
+    Row 1 never ended: the penalty −1 replaces its score, at its last token (column 2); no step reward.
+    Row 2 ended but has no step: a PRM's sum over zero steps (0, the best score) is no answer; penalty −1
+    at its only response token, the EOS (column 1).
+    """
+    samples = _samples()
+    mask = sequences_from_samples(samples, PAD, EOS)["response_mask"]
+    assert mask.tolist() == [[0, 1, 1, 1, 1], [0, 1, 1, 0, 0], [0, 1, 0, 0, 0]]
+    cfg = PPOConfig(reward_source="prm", unfinished_score=-1.0)
+    got = score_samples(Scorer(None, _step_rewards, None), samples, _StringTokenizer(), mask, cfg)
+    assert got.raw.tolist() == [-0.75, -1.0, -1.0] and got.scores.tolist() == [-0.75, -1.0, -1.0]
+    assert got.token_rewards.tolist() == [[0, 0, -0.5, 0, -0.25], [0, 0, -1.0, 0, 0], [0, -1.0, 0, 0, 0]]
+    assert got.costs is None
+    # prm_step_rewards false: the same scores, each whole at its row's last response token.
+    cfg = PPOConfig(reward_source="prm", unfinished_score=-1.0, prm_step_rewards=False)
+    got = score_samples(Scorer(None, _step_rewards, lambda p, r: [0.5, 1.5, 2.5]), samples, _StringTokenizer(), mask, cfg)
+    assert got.token_rewards.tolist() == [[0, 0, 0, 0, -0.75], [0, 0, -1.0, 0, 0], [0, -1.0, 0, 0, 0]]
+    assert got.costs.tolist() == [0.5, 1.5, 2.5]
+
+
+def test_outcome_scores_are_clipped_after_the_penalty():
+    """Outcome scores [3, 0.25, 9] for rows finished/unfinished/finished, penalty −2, score_clip 1:
+    raw [3, −2, 9] (row 2 is finished: an outcome scorer has no steps to miss) → scores [1, −1, 1]."""
+    samples = _samples()
+    mask = sequences_from_samples(samples, PAD, EOS)["response_mask"]
+    cfg = PPOConfig(reward_source="callable", unfinished_score=-2.0, score_clip=1.0)
+    got = score_samples(Scorer(lambda p, r: [3.0, 0.25, 9.0], None, None), samples, _StringTokenizer(), mask, cfg)
+    assert got.raw.tolist() == [3.0, -2.0, 9.0] and got.scores.tolist() == [1.0, -1.0, 1.0]
+    assert got.token_rewards.tolist() == [[0, 0, 0, 0, 1.0], [0, 0, -1.0, 0, 0], [0, 1.0, 0, 0, 0]]
+
+
+class _Fixed:
+    info = HeadInfo()
+
+    def __init__(self, values):
+        self.values = values
+
+    def score(self, prompts, responses):
+        return self.values
+
+
+def test_several_reward_models_score_mean_minus_penalty_times_std(tmp_path, monkeypatch):
+    """Members score [1, 4] and [3, 4], ensemble_penalty 2: mean − 2·std (unbiased) = [2 − 2·√2, 4 − 0].
+    One member alone gives its own scores, unchanged."""
+    fixed = {"a": [1.0, 4.0], "b": [3.0, 4.0]}
+    monkeypatch.setattr(scoring, "load_reward_model", lambda path: _Fixed(fixed[Path(path).name]))
+    for name in fixed:
+        (tmp_path / name).mkdir()
+    cfg = PPOConfig(reward_source="model", reward_models=("a", "b"), ensemble_penalty=2.0)
+    assert make_scorer(cfg, tmp_path).outcome(["p"] * 2, ["x", "y"]) == pytest.approx([2 - 2 * math.sqrt(2), 4.0], abs=1e-12)
+    assert make_scorer(PPOConfig(reward_source="model", reward_models=("b",)), tmp_path).outcome(["p"], ["x"]) == [3.0, 4.0]
+    with pytest.raises(FileNotFoundError, match="run the reward stage first"):
+        make_scorer(PPOConfig(reward_source="model", reward_models=("missing",)), tmp_path)
+
+
+def test_the_judge_source_is_the_task_oracle_built_by_the_judge_factory(tmp_path):
+    """reward_source judge: the oracle's gold score, 1.0 for the gold solution, 0.0 for a non-answer."""
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+
+    problems = make_problems(3, seed=1, unanswerable_frac=0.0)
+    records = [PromptRecord(format_prompt(p), p.to_meta(), "x") for p in problems]
+    scorer = make_scorer(PPOConfig(reward_source="judge"), tmp_path, records)
+    prompts = [r.prompt for r in records]
+    assert scorer.outcome(prompts, [gold_response(p) for p in problems]) == [1.0, 1.0, 1.0]
+    assert scorer.outcome(prompts[:1], ["no idea"]) == [0.0]
+    with pytest.raises(ValueError, match="meta"):
+        make_scorer(PPOConfig(reward_source="judge"), tmp_path, [PromptRecord("q", None, "x")])
