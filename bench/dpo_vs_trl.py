@@ -85,15 +85,18 @@ def run_ours(model_dir, pairs, args, tmp: Path) -> float:
     import torch
     from accelerate.state import AcceleratorState
 
+    from rlhfkit.data.pairs import tokenize_pairs
     from rlhfkit.io import JsonlLog
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.sequence_logps import precompute_logps
+    from rlhfkit.pair_training import train_on_pairs
     from rlhfkit.recipes import dpo
     from rlhfkit.training import make_accelerator
 
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
     Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])
-    tokenized = dpo.tokenize_pairs(tok, [Pair(**p) for p in pairs], args.max_len)
+    tokenized = tokenize_pairs(tok, [Pair(**p) for p in pairs], args.max_len)
     cfg = dpo.DPOConfig(batch_size=args.batch_size, epochs=float(args.epochs), lr=args.lr, beta=args.beta,
                         max_len=args.max_len, scheduler="constant", warmup_steps=0, log_every=10_000)
     # accelerate's state is process-wide: after a TRL run it still holds TRL's mixed precision (its default bf16
@@ -104,9 +107,9 @@ def run_ours(model_dir, pairs, args, tmp: Path) -> float:
     acc = make_accelerator(cfg)
     log = JsonlLog(tmp / "ours.jsonl")
     t0 = time.perf_counter()
-    ref = dpo.precompute_logps(model, tokenized, tok.pad_token_id, cfg.ref_batch_size, acc.device, cfg.layout)
-    m = dpo.train_on_pairs(model, tokenized, ref, dpo.dpo_pair_loss(cfg, torch.ones(len(tokenized))), cfg, acc, log,
-                           tok.pad_token_id, layout=cfg.layout)
+    ref = precompute_logps(model, tokenized, tok.pad_token_id, cfg.ref_batch_size, acc.device, cfg.layout)
+    m = train_on_pairs(model, tokenized, ref, dpo.dpo_pair_loss(cfg, torch.ones(len(tokenized))), cfg, acc, log,
+                       tok.pad_token_id, layout=cfg.layout)
     dt = time.perf_counter() - t0
     log.close()
     assert m["train_pairs"] == args.epochs * len(pairs), m["train_pairs"]

@@ -105,7 +105,7 @@ def tiny_lm(tiny_lm_dir):
 
 
 def _pairs(tok, n=8):
-    from rlhfkit.recipes.dpo import tokenize_pairs
+    from rlhfkit.data.pairs import tokenize_pairs
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 
     probs = make_problems(n, seed=3, unanswerable_frac=0.25)
@@ -115,7 +115,8 @@ def _pairs(tok, n=8):
 
 
 def test_one_concatenated_forward_equals_separate_forwards(tiny_lm):
-    from rlhfkit.recipes.dpo import collate_pairs, sequence_logps
+    from rlhfkit.data.pairs import collate_pairs
+    from rlhfkit.models.sequence_logps import sequence_logps
 
     model, tok = tiny_lm
     pairs = _pairs(tok, 4)
@@ -129,7 +130,7 @@ def test_one_concatenated_forward_equals_separate_forwards(tiny_lm):
 
 
 def test_shared_prompt_forward_equals_concatenated_forward_values_and_gradients(tiny_lm):
-    from rlhfkit.recipes.dpo import PairLayout, pair_forward
+    from rlhfkit.models.sequence_logps import PairLayout, pair_forward
 
     model, tok = tiny_lm
     pairs = _pairs(tok, 5)  # prompts of different lengths: left padding is exercised
@@ -155,6 +156,8 @@ def test_dpo_reference_computed_once_and_one_forward_per_step(tiny_lm_dir, tmp_p
     from rlhfkit.io import JsonlLog
     from rlhfkit.preference_losses import DPOLossType
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.sequence_logps import precompute_logps
+    from rlhfkit.pair_training import train_on_pairs
     from rlhfkit.recipes import dpo
 
     tok = load_tokenizer(tiny_lm_dir)
@@ -162,13 +165,13 @@ def test_dpo_reference_computed_once_and_one_forward_per_step(tiny_lm_dir, tmp_p
     model = load_causal_lm(tiny_lm_dir)
     calls = {"forward": 0}
     model.register_forward_hook(lambda *a: calls.__setitem__("forward", calls["forward"] + 1))
-    ref = dpo.precompute_logps(model, pairs, tok.pad_token_id, batch_size=8, device="cpu")
+    ref = precompute_logps(model, pairs, tok.pad_token_id, batch_size=8, device="cpu")
     assert calls["forward"] == 1  # 8 pairs, one batch
     cfg = dpo.DPOConfig(batch_size=4, max_steps=3, loss_type=DPOLossType.sigmoid, beta=0.5, lr=1e-3, log_every=1, sft_coef=0.1)
     weights = torch.ones(len(pairs))
     log = JsonlLog(tmp_path / "log.jsonl")
-    m = dpo.train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, weights), cfg, Accelerator(cpu=True), log,
-                           tok.pad_token_id)
+    m = train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, weights), cfg, Accelerator(cpu=True), log,
+                       tok.pad_token_id)
     log.close()
     assert calls["forward"] == 1 + 3  # no reference forward during training; one pass per step for both sides
     assert m["train_pairs"] == 12 and "final_sft_nll" in m
@@ -208,7 +211,8 @@ def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tm
     import rlhfkit.generation as generation
     from rlhfkit.io import JsonlLog
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-    from rlhfkit.recipes import dno, dpo
+    from rlhfkit.models.sequence_logps import precompute_logps
+    from rlhfkit.recipes import dno
     from rlhfkit.tasks.arith import format_prompt, make_problems
 
     prompts = tmp_path / "prompts.jsonl"
@@ -234,8 +238,8 @@ def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tm
     assert len(seen) == 2 and set(result["iterations"]) == {"dno_1", "dno_2"}
     tok = load_tokenizer(tiny_lm_dir)
     pairs2, ref2 = seen[1]
-    prev = dpo.precompute_logps(load_causal_lm(tmp_path / "dno" / "dno_1" / "model"), pairs2, tok.pad_token_id, 64, "cpu")
-    sft = dpo.precompute_logps(load_causal_lm(tiny_lm_dir), pairs2, tok.pad_token_id, 64, "cpu")
+    prev = precompute_logps(load_causal_lm(tmp_path / "dno" / "dno_1" / "model"), pairs2, tok.pad_token_id, 64, "cpu")
+    sft = precompute_logps(load_causal_lm(tiny_lm_dir), pairs2, tok.pad_token_id, 64, "cpu")
     assert torch.allclose(ref2["chosen"], prev["chosen"], atol=1e-5)
     assert torch.allclose(ref2["rejected"], prev["rejected"], atol=1e-5)
     assert (ref2["chosen"] - sft["chosen"]).abs().max() > 1e-2  # training moved π: SFT would differ

@@ -11,7 +11,8 @@ import dataclasses
 import pytest
 import torch
 
-from rlhfkit.recipes.dpo import PairLayout, TokenizedPair
+from rlhfkit.data.pairs import TokenizedPair
+from rlhfkit.models.sequence_logps import PairLayout
 
 
 def _model(family: str, kv_heads: int | None = None, vocab: int = 300):
@@ -26,7 +27,7 @@ def _model(family: str, kv_heads: int | None = None, vocab: int = 300):
 
 
 def _pairs(tok, n=6):
-    from rlhfkit.recipes.dpo import tokenize_pairs
+    from rlhfkit.data.pairs import tokenize_pairs
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 
     probs = make_problems(n, seed=5, unanswerable_frac=0.25)
@@ -42,7 +43,7 @@ def _pairs(tok, n=6):
 
 
 def _logps_and_grads(model, pairs, pad_id, layout):
-    from rlhfkit.recipes.dpo import pair_forward
+    from rlhfkit.models.sequence_logps import pair_forward
 
     model.zero_grad()
     logps, n = pair_forward(model, pairs, pad_id, "cpu", layout)
@@ -63,7 +64,7 @@ def test_packed_collate_by_hand():
     Predictors: chosen 0's tokens by rows 1, 2; rejected 0's by row 1 (the prompt's end, not chosen's);
     chosen 1's by row 5; rejected 1's by rows 5, 7, 8.
     """
-    from rlhfkit.recipes.dpo import collate_pairs_packed
+    from rlhfkit.data.pairs import collate_pairs_packed
 
     b = collate_pairs_packed([TokenizedPair([1, 2], [3, 4], [5]), TokenizedPair([6], [7], [8, 9, 10])])
     assert b["input_ids"].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
@@ -91,7 +92,7 @@ def test_packed_equals_concatenated_values_and_gradients(tiny_tokenizer, family,
 
 
 def test_packed_reference_logps_equal_concatenated(tiny_tokenizer):
-    from rlhfkit.recipes.dpo import precompute_logps
+    from rlhfkit.models.sequence_logps import precompute_logps
 
     tok = tiny_tokenizer
     model = _model("llama", vocab=len(tok))

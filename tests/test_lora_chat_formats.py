@@ -94,7 +94,8 @@ def test_adapter_disabled_reference_equals_the_base_model_exactly(tiny_lm_dir, t
 
 
 def test_dpo_reference_logprobs_under_lora_are_the_base_models(tiny_lm_dir, tiny_tokenizer):
-    from rlhfkit.recipes.dpo import precompute_logps, tokenize_pairs
+    from rlhfkit.data.pairs import tokenize_pairs
+    from rlhfkit.models.sequence_logps import precompute_logps
 
     class P:
         prompt, chosen, rejected = "Question: 1 + 1?\n", "Answer: 2", "Answer: 3"
@@ -247,7 +248,7 @@ def test_truncation_cuts_and_counts(tiny_tokenizer):
 
 
 def test_dpo_truncation_counts_pairs(tiny_tokenizer):
-    from rlhfkit.recipes.dpo import tokenize_pairs
+    from rlhfkit.data.pairs import tokenize_pairs
 
     class P:
         def __init__(self, prompt, chosen, rejected):

@@ -490,7 +490,10 @@ def test_dpo_accumulation_equals_the_big_batch_with_weighted_pairs_and_an_sft_te
     """
     from accelerate import Accelerator
 
+    from rlhfkit.data.pairs import tokenize_pairs
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.models.sequence_logps import precompute_logps
+    from rlhfkit.pair_training import train_on_pairs
     from rlhfkit.recipes import dpo
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 
@@ -499,9 +502,9 @@ def test_dpo_accumulation_equals_the_big_batch_with_weighted_pairs_and_an_sft_te
     weights = [1.0, 1 / 3, 1 / 3, 1 / 3, 1.0, 1 / 6, 0.5, 1.0]
     raw = [Pair(format_prompt(p), gold_response(p), "Answer: 1" + "0" * i, w)
            for i, (p, w) in enumerate(zip(make_problems(8, seed=3, unanswerable_frac=0.25), weights))]
-    pairs = dpo.tokenize_pairs(tok, raw, max_len=200)
+    pairs = tokenize_pairs(tok, raw, max_len=200)
     reference = load_causal_lm(tiny_lm_dir)
-    ref = dpo.precompute_logps(reference, pairs, tok.pad_token_id, batch_size=8, device="cpu")
+    ref = precompute_logps(reference, pairs, tok.pad_token_id, batch_size=8, device="cpu")
     made = _record_gradients(monkeypatch)
     losses = []
     for accum in (1, 4):
@@ -512,8 +515,8 @@ def test_dpo_accumulation_equals_the_big_batch_with_weighted_pairs_and_an_sft_te
         cfg = dpo.DPOConfig(batch_size=8, grad_accum_steps=accum, max_steps=1, grad_clip=0.0, warmup_steps=0, beta=0.5,
                             sft_coef=0.1, log_every=1)
         log = _ListLog()
-        dpo.train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, torch.tensor(weights)), cfg, Accelerator(cpu=True),
-                           log, tok.pad_token_id, layout=cfg.layout)
+        train_on_pairs(model, pairs, ref, dpo.dpo_pair_loss(cfg, torch.tensor(weights)), cfg, Accelerator(cpu=True),
+                       log, tok.pad_token_id, layout=cfg.layout)
         losses.append(log.rows[0]["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert _relative_gap(made[0].steps[0], made[1].steps[0]) < 1e-5
@@ -815,15 +818,16 @@ def test_dpo_reference_under_lora_and_precomputed_equals_a_frozen_copy(tiny_lm_d
     Checked to fail: with ``reference_mode`` leaving the adapter on (loss gap 6e-3).
     """
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+    from rlhfkit.data.pairs import tokenize_pairs
+    from rlhfkit.models.sequence_logps import PairLayout, pair_forward, precompute_logps
     from rlhfkit.models.trainable import LoRAConfig, add_lora, reference_mode
     from rlhfkit.preference_losses import dpo_loss
-    from rlhfkit.recipes import dpo
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 
     tok = load_tokenizer(tiny_lm_dir)
     Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])
-    pairs = dpo.tokenize_pairs(tok, [Pair(format_prompt(p), gold_response(p), "Answer: 1" + "0" * i)
-                                     for i, p in enumerate(make_problems(6, seed=3, unanswerable_frac=0.25))], max_len=200)
+    pairs = tokenize_pairs(tok, [Pair(format_prompt(p), gold_response(p), "Answer: 1" + "0" * i)
+                                 for i, p in enumerate(make_problems(6, seed=3, unanswerable_frac=0.25))], max_len=200)
     policy = add_lora(load_causal_lm(tiny_lm_dir), LoRAConfig(r=4))
     with torch.no_grad():
         for n, p in policy.named_parameters():
@@ -831,17 +835,17 @@ def test_dpo_reference_under_lora_and_precomputed_equals_a_frozen_copy(tiny_lm_d
                 p.add_(0.05)
     copy_ref = load_causal_lm(tiny_lm_dir).eval().requires_grad_(False)
     with reference_mode(policy) as base:  # what dpo.run does, once, before training
-        ref = dpo.precompute_logps(base, pairs, tok.pad_token_id, batch_size=64, device="cpu")
+        ref = precompute_logps(base, pairs, tok.pad_token_id, batch_size=64, device="cpu")
     policy.eval()
     k = len(pairs)
-    logps, _ = dpo.pair_forward(policy, pairs, tok.pad_token_id, "cpu", dpo.PairLayout.concatenated)
+    logps, _ = pair_forward(policy, pairs, tok.pad_token_id, "cpu", PairLayout.concatenated)
     with torch.no_grad():
-        copy_logps, _ = dpo.pair_forward(copy_ref, pairs, tok.pad_token_id, "cpu", dpo.PairLayout.concatenated)
+        copy_logps, _ = pair_forward(copy_ref, pairs, tok.pad_token_id, "cpu", PairLayout.concatenated)
     assert (logps.detach() - copy_logps).abs().max() > 1e-2  # the adapter is on: policy ≠ reference
     precomputed, _ = dpo_loss(logps[:k], logps[k:], ref["chosen"], ref["rejected"], 0.5)
     separate, _ = dpo_loss(logps[:k], logps[k:], copy_logps[:k], copy_logps[k:], 0.5)
     assert precomputed.item() == pytest.approx(separate.item(), abs=1e-6)
-    after, _ = dpo.pair_forward(policy, pairs, tok.pad_token_id, "cpu", dpo.PairLayout.concatenated)
+    after, _ = pair_forward(policy, pairs, tok.pad_token_id, "cpu", PairLayout.concatenated)
     assert torch.equal(after, logps)  # the adapter is back on after the reference pass
 
 

@@ -265,7 +265,7 @@ _COMPARISON_DRIVER = '''
 import dataclasses, sys
 from pathlib import Path
 from rlhfkit.io import JsonlLog
-from rlhfkit.judges.preference_model import ComparisonModelConfig, train_comparison_model
+from rlhfkit.recipes.intransitive import ComparisonModelConfig, train_comparison_model
 from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 from rlhfkit.training import make_accelerator
 

@@ -143,15 +143,17 @@ class LoopCheckpoint:
     ``path`` None (``checkpoint_dir`` of a directory that is not a stage's) keeps none. ``cfg`` gives
     ``save_every`` and ``stop_after_steps`` (0: never) and, with ``identity``, the config a checkpoint
     must match. ``log`` is the loop's ``JsonlLog``; ``name`` labels the console line of a resume, which
-    counts ``unit``s (steps; DNO's outer loop counts iterations).
+    counts ``unit``s (steps; DNO's outer loop counts iterations). ``keep_done``: a loop that ran to the end
+    keeps its trained model here (``save_done``), for a stage that trains several (the reward models).
     """
 
-    def __init__(self, path: Path | None, cfg, accelerator, log=None, name: str = "", unit: str = "step", **identity):
+    def __init__(self, path: Path | None, cfg, accelerator, log=None, name: str = "", unit: str = "step",
+                 keep_done: bool = False, **identity):
         self.path = Path(path) if path is not None else None
         self.every = getattr(cfg, "save_every", 0)
         self.stop_after = getattr(cfg, "stop_after_steps", 0)
         self.config = checkpoint_config(cfg, **identity)
-        self.accelerator, self.log, self.name, self.unit = accelerator, log, name, unit
+        self.accelerator, self.log, self.name, self.unit, self.keep_done = accelerator, log, name, unit, keep_done
 
     @property
     def enabled(self) -> bool:
@@ -194,8 +196,8 @@ class LoopCheckpoint:
 
     def save_done(self, total: int, objects: dict, extra: dict) -> None:
         """Keep a loop that ran to the end (``objects``: the trained model) so a restarted stage does not
-        train it again: ``resume`` then returns ``extra`` with ``done: true`` (when checkpoints are on)."""
-        if self.enabled:
+        train it again: ``resume`` then returns ``extra`` with ``done: true`` (with ``keep_done``, when checkpoints are on)."""
+        if self.enabled and self.keep_done:
             self.save(total, objects, {}, {**extra, "done": True})
 
     def remove(self) -> None:

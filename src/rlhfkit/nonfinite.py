@@ -22,9 +22,9 @@ class NonFiniteGuard:
     (``TrainingDiverged``, naming the stage and the step) at ``max_consecutive`` skips in a row; 0 turns
     it off (no check, no extra gradient norm: the loop as it was).
 
-    Every training loop decides through it, on values all processes hold alike (the global gradient
-    norm after DDP's all-reduce, the loss reduced over processes), so the processes step or skip
-    together. A skipped step zeroes the gradients and steps neither optimizer nor scheduler: weights,
+    Every training loop decides through it (``training.optimizer_step``: clip, then step or skip), on
+    values all processes hold alike (the global gradient norm after DDP's all-reduce, the loss reduced
+    over processes), so the processes step or skip together. A skipped step zeroes the gradients and steps neither optimizer nor scheduler: weights,
     Adam's moments and the learning rate stay as they were. Under fp16 the loss scaler owns gradient
     overflow (it skips the step and lowers the scale, its normal working), so only a non-finite loss
     counts there. Its state (``state_dict``) goes into checkpoints, so counts survive a resume.

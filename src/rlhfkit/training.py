@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from rlhfkit.config import check_non_negative, check_positive
 from rlhfkit.nonfinite import NonFiniteGuard
@@ -211,6 +212,107 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+def optimizer_step(guard: NonFiniteGuard, updates: Sequence[tuple], grad_clip: float, step: int | None = None,
+                   loss: float | None = None) -> tuple[bool, list]:
+    """Clip each model of ``updates`` = [(model, optimizer, scheduler), ...] to the global norm ``grad_clip``
+    (0: no clipping), then step every optimizer and scheduler together unless ``loss`` or a norm is non-finite
+    (``guard`` skips, counts, and raises ``TrainingDiverged`` at its limit); gradients are zeroed either way.
+    ``step`` names the step in messages (None: the guard's count). Returns (applied, the norms: None where
+    neither clipping nor the guard wants one)."""
+    norms = [guard.grad_norm(model, grad_clip) for model, _, _ in updates]
+    applied = guard.step(step, loss, norms, [(opt, sched) for _, opt, sched in updates])
+    return applied, norms
+
+
+# batch_loss(model, this process's micro-batch indices, the global batch's indices) → (loss, logged, metrics)
+BatchLoss = Callable[[torch.nn.Module, list[int], list[int]], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+def fit(model, n_examples: int, batch_loss: BatchLoss, cfg: TrainConfig, accelerator, log: JsonlLog, *, name: str,
+        checkpoint=None, train_mode: bool = True, loss_denominator: Callable[[list[int]], float] | None = None,
+        tokens: Callable[[list[int]], int] | None = None, unit: str = "samples", log_fields: dict | None = None,
+        step_offset: int = 0) -> dict:
+    """The supervised loop: minimise ``batch_loss`` over seeded global batches of ``n_examples`` examples.
+
+    A global batch of ``cfg.batch_size`` indices (``global_batches``) is cut into ``grad_accum_steps``
+    micro-batches split across processes (``shard``). ``batch_loss(model, mine, global_idx)`` gets ``model``
+    as ``accelerator.prepare`` wrapped it (DDP syncs gradients only through its forward) and returns
+    ``loss``, back-propagated: its micro-batch's share of the global batch's loss × processes (DDP
+    averages), so the summed gradient is the global batch's whatever the split (module docstring). Then
+    one ``optimizer_step``. The logged loss is Σ ``logged`` over micro-batches and processes /
+    ``loss_denominator(global_idx)`` (default: the process count, so ``logged = loss.detach()`` logs the
+    global mean): each stage keeps its own arithmetic for it, so its figures stay the same to the last digit.
+    ``metrics`` (floats or 0-d tensors) are averaged over micro-batches, then processes.
+
+    ``train_mode`` False: dropout off throughout (DPO's step-0 policy equals its reference); the model
+    ends in eval mode. ``checkpoint`` (``checkpoints.LoopCheckpoint``): resumed from, saved every
+    ``save_every`` steps; with ``keep_done`` a rerun returns the kept result without training again.
+    Logs ``{**log_fields, step (+ step_offset), loss, **metrics, lr, grad_norm, [tokens_per_s,] <unit>_per_s,
+    elapsed_s}``; returns ``final_<loss, metrics>``, ``train_steps``, ``train_<unit>``, [``train_tokens``,]
+    ``train_runtime_s``, ``train_<unit>_per_s``, ``resumed_from_step`` and the guard's counts.
+    """
+    total = cfg.total_steps(n_examples)
+    opt, sched = make_optimizer_and_scheduler(model, cfg, total)
+    # The scheduler is not passed to prepare(): accelerate would step it once per process per
+    # step (it assumes sharded dataloaders), running the schedule N times too fast on N processes.
+    objects = {"model": model, "opt": opt, "sched": sched}  # unwrapped: what a checkpoint holds
+    prepared, opt = accelerator.prepare(model, opt)
+    prepared.train(train_mode)
+    guard = NonFiniteGuard(name, cfg.max_nonfinite_steps, accelerator)
+    controllers = {"nonfinite": guard}
+    start, extra = checkpoint.resume(objects, controllers) if checkpoint is not None else (0, {})
+    if extra.get("done"):
+        prepared.eval()
+        return extra["fit"]
+    coll = Collective(accelerator)
+    denominator = loss_denominator or (lambda idx: coll.world)
+    t0 = time.time()
+    seen = seen_before = extra.get("seen", 0)
+    n_tokens = tokens_before = extra.get("tokens", 0)
+    last = extra.get("last", {})
+    bar = tqdm(total=total, initial=start, desc=name, disable=not accelerator.is_main_process)
+    for step, idx in enumerate(global_batches(n_examples, cfg.batch_size, total, cfg.seed, start_step=start), start=start):
+        micro = shard(idx, cfg.grad_accum_steps, coll.rank, coll.world)
+        logged_sum = torch.zeros((), device=accelerator.device)
+        metrics: dict = {}
+        for m, mine in enumerate(micro):
+            # DDP synchronises gradients at the last micro-batch's backward only
+            with accelerator.no_sync(prepared) if m < len(micro) - 1 else contextlib.nullcontext():
+                loss, logged, micro_metrics = batch_loss(prepared, mine, idx)
+                accelerator.backward(loss)
+            logged_sum = logged_sum + logged
+            for key, v in micro_metrics.items():
+                metrics[key] = metrics.get(key, 0.0) + v / len(micro)
+        is_logged = step % cfg.log_every == 0 or step == total - 1  # the same steps on every process: collectives
+        # The global batch's loss (a collective): every step when the guard decides on it, else on logged steps only.
+        loss_value = float(coll.sum(logged_sum) / denominator(idx)) if guard.enabled or is_logged else None
+        _, (grad_norm,) = optimizer_step(guard, [(prepared, opt, sched)], cfg.grad_clip, step + 1, loss_value)
+        seen += len(idx)
+        n_tokens += tokens(idx) if tokens is not None else 0
+        bar.update(1)
+        if is_logged:
+            last = {"loss": loss_value, **coll.mean_of({k: float(v) for k, v in metrics.items()})}
+            elapsed = time.time() - t0
+            rates = {"tokens_per_s": (n_tokens - tokens_before) / max(elapsed, 1e-9)} if tokens is not None else {}
+            rates[f"{unit}_per_s"] = (seen - seen_before) / max(elapsed, 1e-9)
+            log.write({**(log_fields or {}), "step": step_offset + step + 1, **last, "lr": sched.get_last_lr()[0],
+                       "grad_norm": float(grad_norm) if grad_norm is not None else None, **rates, "elapsed_s": elapsed})
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+        if checkpoint is not None:
+            checkpoint.after_step(step + 1, total, objects, controllers,
+                                  lambda: {"seen": seen, "tokens": n_tokens, "last": last})
+    bar.close()
+    runtime = time.time() - t0
+    prepared.eval()
+    result = {**{"final_" + k: v for k, v in last.items()}, "train_steps": total, f"train_{unit}": seen,
+              **({"train_tokens": n_tokens} if tokens is not None else {}), "train_runtime_s": runtime,
+              f"train_{unit}_per_s": (seen - seen_before) / max(runtime, 1e-9), "resumed_from_step": start,
+              **guard.metrics()}
+    if checkpoint is not None:
+        checkpoint.save_done(total, {"model": model}, {"fit": result})
+    return result
+
+
 def train_lm(
     model,
     n_examples: int,
@@ -222,74 +324,21 @@ def train_lm(
     progress_desc: str = "train",
     checkpoint=None,
 ) -> dict:
-    """Next-token training (pretraining and SFT): the loop, with exact global-token normalisation.
+    """Next-token training (pretraining and SFT) by ``fit``, normalised by the global batch's loss tokens.
 
     ``collate(indices)`` builds a batch for those examples; ``loss_tokens[i]`` is the number of
     positions of example i that carry a loss (known up front, so no communication is needed to
-    normalise). ``checkpoint`` (a ``checkpoints.LoopCheckpoint``): resume from it, save to it every
-    ``cfg.save_every`` steps. Returns final metrics.
+    normalise): a micro-batch back-propagates its token-loss sum × processes / the global batch's
+    loss tokens, and the logged loss is the summed token losses over those tokens.
     """
-    from tqdm.auto import tqdm
+    world, device = accelerator.num_processes, accelerator.device
 
-    total = cfg.total_steps(n_examples)
-    opt, sched = make_optimizer_and_scheduler(model, cfg, total)
-    # The scheduler is not passed to prepare(): accelerate would step it once per process per
-    # step (it assumes sharded dataloaders), running the schedule N times too fast on N processes.
-    objects = {"model": model, "opt": opt, "sched": sched}  # unwrapped: what a checkpoint holds
-    model, opt = accelerator.prepare(model, opt)
-    model.train()
-    guard = NonFiniteGuard(progress_desc, cfg.max_nonfinite_steps, accelerator)
-    controllers = {"nonfinite": guard}
-    start, extra = checkpoint.resume(objects, controllers) if checkpoint is not None else (0, {})
-    world, rank = accelerator.num_processes, accelerator.process_index
-    t0 = time.time()
-    tokens_seen = tokens_before = extra.get("tokens_seen", 0)
-    samples_seen = samples_before = extra.get("samples_seen", 0)
-    last_loss = extra.get("last_loss", float("nan"))
-    bar = tqdm(total=total, initial=start, desc=progress_desc, disable=not accelerator.is_main_process)
-    for step, idx in enumerate(global_batches(n_examples, cfg.batch_size, total, cfg.seed, start_step=start), start=start):
-        n_global = sum(loss_tokens[i] for i in idx)
-        micro_batches = shard(idx, cfg.grad_accum_steps, rank, world)
-        loss_sum_local = torch.zeros((), device=accelerator.device)
-        for m, mb in enumerate(micro_batches):
-            batch = {k: v.to(accelerator.device) for k, v in collate(mb).items()}
-            sync = m == len(micro_batches) - 1
-            ctx = accelerator.no_sync(model) if not sync else contextlib.nullcontext()
-            with ctx:
-                s = token_loss_sum(model, batch)
-                accelerator.backward(s * world / n_global)
-            loss_sum_local += s.detach()
-        grad_norm = guard.grad_norm(model, cfg.grad_clip)
-        last_loss = (accelerator.reduce(loss_sum_local, reduction="sum") / n_global).item()
-        guard.step(step + 1, last_loss, [grad_norm], [(opt, sched)])
-        tokens_seen += n_global
-        samples_seen += len(idx)
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == total - 1:
-            elapsed = time.time() - t0
-            log.write({
-                "step": step + 1,
-                "loss": last_loss,
-                "lr": sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tokens_per_s": (tokens_seen - tokens_before) / max(elapsed, 1e-9),
-                "samples_per_s": (samples_seen - samples_before) / max(elapsed, 1e-9),
-                "elapsed_s": elapsed,
-            })
-            bar.set_postfix(loss=f"{last_loss:.3f}")
-        if checkpoint is not None:
-            checkpoint.after_step(step + 1, total, objects, controllers, lambda: {
-                "tokens_seen": tokens_seen, "samples_seen": samples_seen, "last_loss": last_loss})
-    bar.close()
-    runtime = time.time() - t0
-    model.eval()
-    return {
-        "final_loss": last_loss,
-        "train_steps": total,
-        "train_samples": samples_seen,
-        "train_tokens": tokens_seen,
-        "train_runtime_s": runtime,
-        "train_samples_per_s": (samples_seen - samples_before) / max(runtime, 1e-9),
-        "resumed_from_step": start,
-        **guard.metrics(),
-    }
+    def n_tokens(idx: list[int]) -> int:
+        return sum(loss_tokens[i] for i in idx)
+
+    def batch_loss(prepared, mine, idx):
+        s = token_loss_sum(prepared, {k: v.to(device) for k, v in collate(mine).items()})
+        return s * world / n_tokens(idx), s.detach(), {}
+
+    return fit(model, n_examples, batch_loss, cfg, accelerator, log, name=progress_desc, checkpoint=checkpoint,
+               loss_denominator=n_tokens, tokens=n_tokens)

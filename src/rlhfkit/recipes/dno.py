@@ -32,7 +32,10 @@ from typing import Sequence
 import torch
 
 from rlhfkit.config import check_non_negative, check_positive
+from rlhfkit.data.pairs import tokenize_pairs
 from rlhfkit.generation import SamplingConfig
+from rlhfkit.models.sequence_logps import precompute_logps
+from rlhfkit.pair_training import add_sft_term, train_on_pairs
 from rlhfkit.training import TrainConfig
 
 
@@ -240,10 +243,9 @@ def validation_win_rate(pf, prompts, policy_samples, base_samples) -> float:
 
 
 def dno_pair_loss(cfg: DNOConfig, targets: torch.Tensor):
-    """The iteration's loss as a ``recipes.dpo.PairLoss``: ``dno_loss`` (hard) or ``dno_soft_loss`` with the
+    """The iteration's loss as a ``pair_training.PairLoss``: ``dno_loss`` (hard) or ``dno_soft_loss`` with the
     pairs' soft ``targets`` (N,), plus ``sft_coef`` × the chosen responses' per-token NLL when set."""
     from rlhfkit.preference_losses import dno_loss, dno_soft_loss
-    from rlhfkit.recipes.dpo import add_sft_term
 
     def loss_fn(pc, pr, rc, rr, lengths, ix):
         if cfg.loss == "soft":
@@ -257,8 +259,6 @@ def dno_pair_loss(cfg: DNOConfig, targets: torch.Tensor):
 
 def reference_logps(model, pairs, pad_id: int, batch_size: int, device) -> dict[str, torch.Tensor]:
     """π_t's log-probs of this iteration's pairs: the DNO reference is the model as it stands now."""
-    from rlhfkit.recipes.dpo import precompute_logps
-
     return precompute_logps(model, pairs, pad_id, batch_size, device)
 
 
@@ -276,7 +276,6 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
     from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir, run_path
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
     from rlhfkit.models.trainable import make_trainable, save_trained
-    from rlhfkit.recipes.dpo import tokenize_pairs, train_on_pairs
 
     records = load_prompts(prompts_path)
     if len(records) <= cfg.n_validation:

@@ -30,10 +30,30 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from rlhfkit.judges.preference_model import ComparisonModelConfig
+import torch
+import torch.nn.functional as F
+
 from rlhfkit.recipes.dno import DNOConfig
 from rlhfkit.recipes.sft import SFTConfig
+from rlhfkit.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class ComparisonModelConfig(TrainConfig):
+    """Training of a comparison model (pairwise preference model or Bradley-Terry reward model)."""
+
+    max_len: int = 256
+    """longest input in tokens (a pairwise input holds both responses)"""
+    epochs: float = 2.0
+    """passes over the comparisons"""
+    lr: float = 3e-4
+    """peak learning rate"""
+    batch_size: int = 32
+    """comparisons per optimizer step"""
+    warmup_steps: int = 5
+    """linear warm-up steps"""
 
 
 def _dno() -> DNOConfig:
@@ -87,8 +107,7 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.generation import SamplingConfig, sample
     from rlhfkit.io import JsonlLog, atomic_write_jsonl, run_path
     from rlhfkit.judges.intransitive import STYLES, IntransitiveJudge, restyle
-    from rlhfkit.judges.preference_model import (PairwisePreferenceModel, load_bt_preference,
-                                                 load_preference_model, train_comparison_model)
+    from rlhfkit.judges.preference_model import PairwisePreferenceModel, load_bt_preference, load_preference_model
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.recipes import dno, sft
     from rlhfkit.training import make_accelerator
@@ -198,6 +217,70 @@ def _labelled(judge, rng: random.Random, prompt: str, a: str, b: str) -> dict:
     """One annotator's comparison of ``a`` and ``b``: the winner drawn from the judge's P(a ≻ b)."""
     a_wins = rng.random() < judge.prob([(prompt, a, b)])[0]
     return {"prompt": prompt, "chosen": a if a_wins else b, "rejected": b if a_wins else a}
+
+
+def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg: ComparisonModelConfig,
+                           out_dir: Path, accelerator, log) -> dict:
+    """Train ``kind`` = "pm" (pairwise, ``judges.preference_model``) or "bt" (Bradley-Terry reward) on pairs with
+    .prompt/.chosen/.rejected by ``training.fit``, dropout off; saves ``out_dir``. The same data, backbone and
+    budget for both, so the two preference functions differ only in what they can express.
+
+    pm: each comparison in both orders, f(chosen, rejected) → 1 and f(rejected, chosen) → 0, binary
+    cross-entropy over the 2B logits; bt: ``losses.bradley_terry_loss`` on r(chosen), r(rejected) (B,).
+    """
+    from rlhfkit.io import atomic_write_json
+    from rlhfkit.judges.preference_model import MARKER, pair_text_ids
+    from rlhfkit.losses import bradley_terry_loss
+    from rlhfkit.models.reward import collate, encode
+    from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
+    from rlhfkit.training import Collective, fit
+
+    if kind not in ("pm", "bt"):
+        raise ValueError(f"kind must be 'pm' or 'bt', got {kind!r}")
+    world = accelerator.num_processes
+    if cfg.batch_size % world:
+        raise ValueError(f"comparison_model.batch_size={cfg.batch_size} must be a multiple of the {world} processes")
+    net, tok = build_scalar_model(backbone, kind="reward", max_len=cfg.max_len, seed=cfg.seed)
+    max_len = net.info.max_len
+    if kind == "pm":
+        fwd = [pair_text_ids(tok, p.prompt, p.chosen, p.rejected, max_len) for p in pairs]
+        rev = [pair_text_ids(tok, p.prompt, p.rejected, p.chosen, max_len) for p in pairs]
+    else:
+        fwd = [encode(tok, net.info, p.prompt, p.chosen)[0] for p in pairs]
+        rev = [encode(tok, net.info, p.prompt, p.rejected)[0] for p in pairs]
+        # The head's bias cancels in r(chosen) − r(rejected): its gradient is rounding noise, which Adam's
+        # normalisation turns into lr-sized steps that differ with the process count. Frozen at 0, the
+        # model's preferences σ(r_c − r_r) are unchanged and 2 processes give 1 process's weights.
+        net.head.bias.requires_grad_(False)
+    accuracy_sum, n_seen = 0.0, 0
+
+    def batch_loss(model, idx, global_idx):
+        nonlocal accuracy_sum, n_seen
+        batch = collate([fwd[i] for i in idx] + [rev[i] for i in idx], None, tok.pad_token_id)
+        out = model(**{k: v.to(accelerator.device) for k, v in batch.items()})  # (2B,)
+        k = len(idx)
+        if kind == "pm":
+            target = torch.cat([torch.ones(k), torch.zeros(k)]).to(out.device)
+            loss = F.binary_cross_entropy_with_logits(out, target)
+            accuracy = ((out[:k] > 0).float().mean() + (out[k:] < 0).float().mean()) / 2
+        else:
+            loss, _ = bradley_terry_loss(out[:k], out[k:])
+            accuracy = (out[:k] > out[k:]).float().mean()
+        accuracy_sum += accuracy.item() * k
+        n_seen += k
+        # Equal micro-batches: each one's mean × its share of the batch × processes (exactly 1 without accumulation).
+        share = loss * (k * world / len(global_idx))
+        return share, share.detach(), {"accuracy": accuracy.item()}
+
+    done = fit(net, len(pairs), batch_loss, cfg, accelerator, log, name=f"{kind} model", train_mode=False, unit="pairs")
+    if accelerator.is_main_process:
+        save_scalar_model(net, tok, out_dir)
+        if kind == "pm":
+            atomic_write_json(out_dir / MARKER, {"kind": "pairwise", "symmetrized": True})
+    train_accuracy = Collective(accelerator).mean(torch.tensor(accuracy_sum / max(n_seen, 1),
+                                                               device=accelerator.device)).item()
+    return {"final_loss": done["final_loss"], "train_accuracy": train_accuracy, "train_steps": done["train_steps"],
+            "train_runtime_s": done["train_runtime_s"], **{k: v for k, v in done.items() if k.startswith("skipped_nonfinite")}}
 
 
 def _cycle_probe(judge, prompts, pfs) -> dict:

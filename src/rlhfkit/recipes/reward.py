@@ -19,9 +19,7 @@ answers; gold accuracy of the pick with a 95% CI (``summary.json`` key ``reranki
 """
 from __future__ import annotations
 
-import contextlib
 import random
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -135,75 +133,38 @@ class RewardConfig(TrainConfig):
 def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], list[int]], tuple[torch.Tensor, dict]],
          cfg: RewardConfig, accelerator, log, name: str, ckpt: Path | None = None) -> dict:
     """Minimise ``batch_loss(model, my unit indices, the global batch's)`` over seeded global batches of
-    units (pairs/rankings/solutions).
+    units (pairs/rankings/solutions), by ``training.fit``.
 
     ``model`` is ``net`` as ``accelerator.prepare`` wrapped it (DDP, FSDP): the loss must be computed
-    through its forward, the only path on which the engine synchronises gradients. A global batch
-    is cut into ``grad_accum_steps`` micro-batches, each split across processes (``training.shard``);
-    ``batch_loss`` returns its micro-batch's share of the global batch's mean loss times the number
-    of processes (its own mean × its units' part of the global batch's, weights or rated steps
-    counted), so the summed gradients, after DDP's mean, are the global mean's: accumulation equals
-    the bigger batch. The logged loss is that global mean; the other logged metrics are the first
-    process's, averaged over its micro-batches.
+    through its forward, the only path on which the engine synchronises gradients. ``batch_loss``
+    returns its micro-batch's share of the global batch's mean loss times the number of processes
+    (its own mean × its units' part of the global batch's, weights or rated steps counted), so the
+    summed gradients, after DDP's mean, are the global mean's: accumulation equals the bigger batch.
+    The logged loss is that global mean (the shares' mean over processes); the other metrics are
+    averaged over micro-batches and processes.
 
     ``ckpt``: this model's checkpoint directory (``OUT/reward.ckpt/<name>``), resumed from and saved
     to every ``save_every`` steps; a model trained to the end keeps its weights there, so a restarted
     stage does not train it again.
     """
-    from tqdm.auto import tqdm
-
     from rlhfkit.checkpoints import LoopCheckpoint
-    from rlhfkit.nonfinite import NonFiniteGuard
-    from rlhfkit.training import Collective, global_batches, make_optimizer_and_scheduler, shard
+    from rlhfkit.training import fit
 
-    world = accelerator.num_processes
-    bs = min(cfg.batch_size, n_units - n_units % (cfg.grad_accum_steps * world))
+    # Fewer units than a batch: one batch of as many as split evenly into micro-batches and processes.
+    bs = min(cfg.batch_size, n_units - n_units % (cfg.grad_accum_steps * accelerator.num_processes))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * n_units / bs + 0.999999))
-    opt, sched = make_optimizer_and_scheduler(net, cfg, total)
-    # The scheduler stays out of prepare(), as in training.train_lm: accelerate would step it once
-    # per process per step, running the schedule N times too fast on N processes.
-    objects = {"model": net, "opt": opt, "sched": sched}
-    model, opt = accelerator.prepare(net, opt)
-    model.train()
-    guard = NonFiniteGuard(f"reward/{name}", cfg.max_nonfinite_steps, accelerator)
-    checkpoint = LoopCheckpoint(ckpt, cfg, accelerator, log, f"reward/{name}", model=name)
-    start, extra = checkpoint.resume(objects, {"nonfinite": guard})
-    if extra.get("done"):
-        net.eval()
-        return extra["fit"]
-    t0, last, coll = time.time(), {}, Collective(accelerator)
-    bar = tqdm(total=total, initial=start, desc=name, disable=not accelerator.is_main_process)
-    for step, idx in enumerate(global_batches(n_units, bs, total, cfg.seed, start_step=start), start=start):
-        micro = shard(idx, cfg.grad_accum_steps, accelerator.process_index, world)
-        loss = torch.zeros((), device=accelerator.device)
-        metrics: dict[str, float] = {}
-        for m, mine in enumerate(micro):
-            # DDP synchronises gradients at the last micro-batch's backward only
-            with accelerator.no_sync(model) if m < len(micro) - 1 else contextlib.nullcontext():
-                share, share_metrics = batch_loss(model, mine, idx)
-                accelerator.backward(share)
-            loss = loss + share.detach()
-            for key, v in share_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + v / len(micro)
-        grad_norm = guard.grad_norm(model, cfg.grad_clip)
-        logged = step % cfg.log_every == 0 or step == total - 1  # the same steps on every process
-        # The whole batch's loss (a collective): every step when the guard decides on it, else on logged steps only.
-        loss_all = coll.mean(loss.detach()).item() if guard.enabled or logged else None
-        guard.step(step + 1, loss_all, [grad_norm], [(opt, sched)])
-        bar.update(1)
-        if logged:
-            last = {**metrics, "loss": loss_all}
-            log.write({"model": name, "step": step + 1, **last, "lr": sched.get_last_lr()[0],
-                       "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                       "elapsed_s": time.time() - t0})
-            bar.set_postfix(loss=f"{last['loss']:.3f}")
-        checkpoint.after_step(step + 1, total, objects, {"nonfinite": guard})
-    bar.close()
-    net.eval()
-    fit = {"train_steps": total, "train_runtime_s": time.time() - t0, "final_train": last, "resumed_from_step": start,
-           **guard.metrics()}
-    checkpoint.save_done(total, {"model": net}, {"fit": fit})
-    return fit
+    checkpoint = LoopCheckpoint(ckpt, cfg, accelerator, log, f"reward/{name}", keep_done=True, model=name)
+
+    def shares(model, idx, global_idx):
+        share, metrics = batch_loss(model, idx, global_idx)
+        return share, share.detach(), metrics
+
+    done = fit(net, n_units, shares, replace(cfg, batch_size=bs, max_steps=total), accelerator, log, name=f"reward/{name}",
+               checkpoint=checkpoint, log_fields={"model": name})
+    return {"train_steps": done["train_steps"], "train_runtime_s": done["train_runtime_s"],
+            "final_train": {k.removeprefix("final_"): v for k, v in done.items() if k.startswith("final_")},
+            "resumed_from_step": done["resumed_from_step"],
+            **{k: v for k, v in done.items() if k.startswith("skipped_nonfinite")}}
 
 
 def _build(cfg: RewardConfig, backbone: Path, kind: str):
