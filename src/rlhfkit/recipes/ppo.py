@@ -56,7 +56,7 @@ from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
 from rlhfkit.tracking import check_report_to
-from rlhfkit.training import Collective
+from rlhfkit.training import Collective, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -419,8 +419,7 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
             # either skips both updates. Every term of the loss depends on the parameters, so a non-finite
             # loss shows in the norms, which DDP's all-reduce makes the same on every process.
             models = [(m, o, s) for m, o, s in ((policy, opt, sched), (critic, critic_opt, critic_sched)) if m is not None]
-            norms = [guard.grad_norm(m, cfg.grad_clip) for m, _, _ in models]
-            guard.step(None, None, norms, [(o, s) for _, o, s in models])
+            optimizer_step(guard, models, cfg.grad_clip)
     policy.eval()
     if critic is not None:
         critic.eval()
