@@ -325,7 +325,7 @@ def test_bt_cannot_express_a_cycle_and_the_pairwise_model_can(tiny_lm_dir, tmp_p
 
 def test_intransitive_judge_by_hand():
     from rlhfkit.judges.intransitive import IntransitiveJudge, answer_style, restyle
-    from rlhfkit.recipes.evaluate import pairwise_win
+    from rlhfkit.judges.oracle import TaskOracle
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
     from rlhfkit.tasks.arith_judge import judge
 
@@ -343,10 +343,10 @@ def test_intransitive_judge_by_hand():
     wrong = "\n".join(g.split("\n")[:-1] + [f"Answer:  {p.answer + 1}"])
     assert judge(p, wrong).score == pytest.approx(0.3)
     assert j.prob([(q, wrong, s)]) == pytest.approx([_sig(-4)])
-    # the eval's noiseless verdict: the sign of the same logit
-    row = lambda r: {"response": r, "score": judge(p, r).score}
-    assert pairwise_win(row(w), row(s), "intransitive") == 1.0 and pairwise_win(row(w), row(s), "oracle") == 0.5
-    assert pairwise_win(row(wrong), row(s), "intransitive") == 0.0
+    # the eval's noiseless verdict (TaskOracle.verdict, given the scores as judged): the sign of the same logit
+    sc = lambda r: judge(p, r).score  # noqa: E731
+    assert j.verdict(q, w, s, sc(w), sc(s)) == 1.0 and TaskOracle([p]).verdict(q, w, s, sc(w), sc(s)) == 0.5
+    assert j.verdict(q, wrong, s, sc(wrong), sc(s)) == 0.0
 
 
 @pytest.mark.slow

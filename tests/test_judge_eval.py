@@ -9,7 +9,8 @@ from rlhfkit.cli import main
 from rlhfkit.commands.judge_eval import load_pairs, task_pairs
 from rlhfkit.config import load_config
 from rlhfkit.data.loading import DataError
-from rlhfkit.judges.config import JudgeConfig, JudgeKind, build_judge
+from rlhfkit.judges.config import JudgeConfig, JudgeKind
+from rlhfkit.judges.spec import from_spec
 
 
 def last_json(capsys):
@@ -101,4 +102,4 @@ def test_bad_judge_configs_fail_clearly(tmp_path, capsys):
     c = load_config(JudgeConfig, None, ["kind=oracle"])
     assert c.kind is JudgeKind.ORACLE
     with pytest.raises(ValueError, match="meta"):
-        build_judge(c, [{"prompt": "x"}])
+        from_spec(c, [{"prompt": "x"}])

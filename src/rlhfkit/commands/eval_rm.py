@@ -32,23 +32,18 @@ def run(args) -> int:
     t0 = time.time()
     if args.command == "eval-rm":
         from rlhfkit.data.preferences import load_pairs
-        from rlhfkit.models.reward_eval import pair_metrics
+        from rlhfkit.models.reward_eval import pair_metrics, score_each_once
 
         loaded = load_pairs(args.data)  # validated before the model loads
         pairs = loaded.pairs[: args.limit] if args.limit else loaded.pairs
         model = load_reward_model(args.model, batch_size=args.batch_size)
-        uniq = {}
-        for p in pairs:
-            uniq.setdefault((p.prompt, p.chosen), len(uniq))
-            uniq.setdefault((p.prompt, p.rejected), len(uniq))
-        keys = list(uniq)
-        s = model.score([k[0] for k in keys], [k[1] for k in keys])
-        result = pair_metrics([s[uniq[(p.prompt, p.chosen)]] for p in pairs], [s[uniq[(p.prompt, p.rejected)]] for p in pairs])
+        s = score_each_once(model.score, [t for p in pairs for t in ((p.prompt, p.chosen), (p.prompt, p.rejected))])
+        result = pair_metrics(s[0::2], s[1::2])
         result["skipped"] = len(loaded.skipped)
     else:
         from rlhfkit.data.preferences import load_steps
         from rlhfkit.models.reward import step_logits
-        from rlhfkit.models.reward_eval import sigmoid, step_metrics
+        from rlhfkit.models.reward_eval import rated_step_metrics
 
         recs = load_steps(args.data, args.ambiguous)
         recs = recs[: args.limit] if args.limit else recs
@@ -56,13 +51,7 @@ def run(args) -> int:
         needed = [[v is not None for v in r.labels] for r in recs]
         logits = step_logits(model.net, model.tokenizer, [r.prompt for r in recs], [list(r.steps) for r in recs],
                              args.batch_size, model.device, needed=needed)
-        probs, labels = [], []
-        for r, row in zip(recs, logits):
-            for z, y in zip(row, r.labels):
-                if y is not None:
-                    probs.append(sigmoid(z))
-                    labels.append(y)
-        result = step_metrics(probs, labels)
+        result = rated_step_metrics(logits, [r.labels for r in recs])
     result["runtime_s"] = round(time.time() - t0, 1)
     print(_table(result))
     print(json.dumps(result))

@@ -109,11 +109,12 @@ def evaluate(judge, pairs: list[dict]) -> tuple[list, dict]:
 
 
 def run(args) -> int:
-    from rlhfkit.config import ConfigError, load_config
+    from rlhfkit.config import ConfigError
     from rlhfkit.io import atomic_write_jsonl
-    from rlhfkit.judges.config import JudgeConfig, build_judge
+    from rlhfkit.judges.config import load_judge_config
+    from rlhfkit.judges.spec import from_spec
 
-    cfg = load_config(JudgeConfig, args.judge, args.overrides)
+    cfg = load_judge_config(args.judge, args.overrides)
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
     if args.task_pairs is not None:
@@ -126,7 +127,7 @@ def run(args) -> int:
         pairs = pairs[: args.limit]
     t0 = time.time()
     try:
-        judge = build_judge(cfg, pairs)
+        judge = from_spec(cfg, pairs)
     except ValueError as e:
         raise ConfigError(f"{args.judge}: {e}") from None
     t_load = time.time() - t0
@@ -134,9 +135,9 @@ def run(args) -> int:
     if args.against:
         from rlhfkit.judges.agreement import agreement_between
 
-        other_cfg = load_config(JudgeConfig, args.against)
+        other_cfg = load_judge_config(args.against)
         try:
-            other = build_judge(other_cfg, pairs)
+            other = from_spec(other_cfg, pairs)
         except ValueError as e:
             raise ConfigError(f"{args.against}: {e}") from None
         other_judgments, other_fig = evaluate(other, pairs)

@@ -1,15 +1,20 @@
-"""The judge config (one YAML file per judge) and the function that builds a judge from it.
+"""The judge config: one YAML file per AI judge (``configs/judge_*.yaml``), and its one parser.
 
-``rlhfkit judge-eval`` and the labeling stage both go through :func:`build_judge`, so a judge
-measured by ``judge-eval`` is exactly the judge that labels.
+:func:`load_judge_config` is the only reader of this format; :func:`rlhfkit.judges.spec.from_spec`
+builds the judge, so a judge measured by ``rlhfkit judge-eval`` is exactly the judge that labels
+and evaluates.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from rlhfkit.config import load_config
 
 
-class JudgeKind(str, enum.Enum):
+class JudgeKind(enum.StrEnum):
     LLM = "llm"
     """a local transformers causal LM (directory, .gguf file or package:NAME/FILE.gguf)"""
     HTTP = "http"
@@ -72,25 +77,9 @@ class JudgeConfig:
             raise ValueError("need max_retries >= 0, timeout_s > 0, backoff_s >= 0")
 
 
-def build_judge(cfg: JudgeConfig, records: list[dict] | None = None):
-    """A PreferenceFunction from a config. The oracle needs ``records`` carrying ``meta``."""
-    from rlhfkit.judges.prompt import prompt_from_files
+def load_judge_config(path: str | Path, overrides: Sequence[str] = ()) -> JudgeConfig:
+    """The :class:`JudgeConfig` a judge YAML file holds, with ``key=value`` overrides applied (they win).
 
-    if cfg.kind in (JudgeKind.LLM, JudgeKind.HTTP) and not cfg.model:
-        raise ValueError(f"a {cfg.kind.value} judge needs 'model'")
-    if cfg.kind is JudgeKind.ORACLE:
-        from rlhfkit.judges.oracle import TaskOracle
-
-        metas = [r for r in (records or []) if isinstance(r.get("meta"), dict)]
-        if not metas:
-            raise ValueError("the oracle judge needs records of the embedded task (each with 'meta')")
-        return TaskOracle.from_records(metas, beta=cfg.beta)
-    prompt = prompt_from_files(cfg.rubric_file, cfg.constitution_file, tuple(cfg.labels))
-    if cfg.kind is JudgeKind.LLM:
-        from rlhfkit.judges.llm import LLMJudge
-
-        return LLMJudge.from_pretrained(cfg.model, cfg.gguf_file, prompt=prompt, average_orders=cfg.average_orders,
-                                        cot=cfg.cot, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    from rlhfkit.judges.http import HTTPJudge
-
-    return HTTPJudge.from_config(cfg, prompt)
+    Errors are :class:`~rlhfkit.config.ConfigError` naming the file, or the override, and the key.
+    """
+    return load_config(JudgeConfig, path, overrides)

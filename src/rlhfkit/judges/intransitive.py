@@ -26,7 +26,6 @@ from typing import Iterable, Sequence
 
 from rlhfkit.judges.oracle import TaskOracle
 from rlhfkit.tasks.arith import Problem
-from rlhfkit.tasks.arith_judge import judge
 
 STYLES = ("spaced", "tight", "wide")
 _SPACES = {"spaced": " ", "tight": "", "wide": "  "}
@@ -76,12 +75,9 @@ class IntransitiveJudge(TaskOracle):
     def from_records(cls, records: Iterable[dict], beta: float = 10.0, gamma: float = 3.0) -> IntransitiveJudge:
         return cls((Problem.from_meta(r["meta"]) for r in records), beta=beta, gamma=gamma)
 
-    def logit(self, prompt: str, a: str, b: str, score_a: float | None = None, score_b: float | None = None) -> float:
-        """beta·(score_a − score_b) + gamma·cycle; pass scores to override the gold ones (e.g. unfinished)."""
-        p = self.problem(prompt)
-        sa = judge(p, a).score if score_a is None else score_a
-        sb = judge(p, b).score if score_b is None else score_b
-        return self.beta * (sa - sb) + self.gamma * cycle(answer_style(a), answer_style(b))
+    def _logit(self, a: str, b: str, score_a: float, score_b: float) -> float:
+        """beta·(score_a − score_b) + gamma·cycle(style_a, style_b); ``logit`` looks the gold scores up."""
+        return self.beta * (score_a - score_b) + self.gamma * cycle(answer_style(a), answer_style(b))
 
     def prob(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
         return [1.0 / (1.0 + math.exp(-self.logit(p, a, b))) for p, a, b in items]

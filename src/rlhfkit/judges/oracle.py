@@ -41,3 +41,24 @@ class TaskOracle:
 
     def score(self, prompt: str, response: str) -> Verdict:
         return judge(self.problem(prompt), response)
+
+    def logit(self, prompt: str, a: str, b: str, score_a: float | None = None, score_b: float | None = None) -> float:
+        """The logit of P(a ≻ b): beta · (score_a − score_b).
+
+        Pass the gold scores to override them (an evaluation scores a response that never ended
+        as ``unfinished_score``); the prompt is looked up only for a score not given.
+        """
+        sa = self.score(prompt, a).score if score_a is None else score_a
+        sb = self.score(prompt, b).score if score_b is None else score_b
+        return self._logit(a, b, sa, sb)
+
+    def _logit(self, a: str, b: str, score_a: float, score_b: float) -> float:
+        return self.beta * (score_a - score_b)
+
+    def verdict(self, prompt: str, a: str, b: str, score_a: float | None = None, score_b: float | None = None) -> float:
+        """The noiseless annotator's verdict: 1 if it prefers ``a`` (logit > 0), ½ on a tie, 0 otherwise.
+
+        Read from the sign of the logit, not from P(a ≻ b) > ½: σ of a tiny logit rounds to ½.
+        """
+        z = self.logit(prompt, a, b, score_a, score_b)
+        return 1.0 if z > 0 else 0.5 if z == 0 else 0.0

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from rlhfkit.models.reward_eval import sigmoid
+from rlhfkit.models.reward_eval import score_each_once, sigmoid
 
 
 class RewardModelPreference:
@@ -24,11 +24,5 @@ class RewardModelPreference:
         self.name = f"reward-model:{Path(model_dir).name}"
 
     def prob(self, items: Sequence[tuple[str, str, str]]) -> list[float]:
-        # Score each distinct (prompt, response) once: K responses compared pairwise repeat a lot.
-        uniq: dict[tuple[str, str], int] = {}
-        for p, a, b in items:
-            uniq.setdefault((p, a), len(uniq))
-            uniq.setdefault((p, b), len(uniq))
-        keys = list(uniq)
-        r = self.model.score([k[0] for k in keys], [k[1] for k in keys])
-        return [sigmoid(r[uniq[(p, a)]] - r[uniq[(p, b)]]) for p, a, b in items]
+        r = score_each_once(self.model.score, [t for p, a, b in items for t in ((p, a), (p, b))])
+        return [sigmoid(ra - rb) for ra, rb in zip(r[0::2], r[1::2])]

@@ -1,15 +1,19 @@
-"""The one judge factory: a judge named by a string, as a :class:`~rlhfkit.judges.base.PreferenceFunction`.
+"""The one judge factory: a judge named by a spec, as a :class:`~rlhfkit.judges.base.PreferenceFunction`.
 
-``rlhfkit label`` (``label.judge``) and ``rlhfkit eval`` (``eval.judge``) both build their judge
-here, so a judge that labels is a judge that evaluates, named the same way:
+Every stage and command that needs a judge builds it here (``label.judge``, ``eval.judge``,
+``dno.judge``, ``rlhfkit judge-eval --judge``), so a judge that labels is a judge that evaluates,
+named the same way:
 
-- ``oracle``: the embedded task's answer key (needs records carrying ``meta``);
+- ``oracle``: the embedded task's answer key, P(a ≻ b) = σ(beta · (score_a − score_b)) (needs
+  records carrying ``meta``);
 - ``intransitive``: the oracle plus the answer-style cycle of :mod:`rlhfkit.judges.intransitive`
   (needs ``meta`` too);
 - a reward-model directory (``scalar_head.json``; an ensemble directory with ``ensemble.json``):
   P(a ≻ b) = σ(r(a) − r(b)); a pairwise preference-model directory (``preference_model.json``);
-- a judge YAML file (``JudgeConfig``: ``kind: llm`` a local LLM judge, ``kind: http`` an
-  OpenAI-compatible endpoint, ``kind: oracle``), built by :func:`rlhfkit.judges.config.build_judge`.
+- ``bt:DIR`` or ``pm:DIR``: the same, saying which of the two DIR must be (DNO's spelling);
+- a judge YAML file (:class:`~rlhfkit.judges.config.JudgeConfig`: ``kind: llm`` a local LLM
+  judge, ``kind: http`` an OpenAI-compatible endpoint, ``kind: oracle``), read by
+  :func:`~rlhfkit.judges.config.load_judge_config`; or such a config already loaded.
 
 A relative path is looked up under ``base_dir`` first (a stage passes its run directory, so
 ``reward/rm`` names the run's reward model), then as given (against the working directory).
@@ -19,13 +23,21 @@ spec and the accepted forms, so the command line prints it as an error rather th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from rlhfkit.config import ConfigError
 from rlhfkit.judges.base import PreferenceFunction
+from rlhfkit.judges.config import JudgeConfig, JudgeKind, load_judge_config
+from rlhfkit.judges.intransitive import IntransitiveJudge
+from rlhfkit.judges.oracle import TaskOracle
+from rlhfkit.judges.prompt import prompt_from_files
 
 ACCEPTED = ("'oracle', 'intransitive', a reward-model directory (scalar_head.json or ensemble.json), "
-            "a preference-model directory (preference_model.json), or a judge YAML file (kind: llm, http or oracle)")
+            "a preference-model directory (preference_model.json), bt:DIR or pm:DIR, "
+            "or a judge YAML file (kind: llm, http or oracle)")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# ``bt:DIR`` / ``pm:DIR``: the model kind DIR must hold (auto-detected when DIR is given alone).
+MODEL_PREFIXES = ("bt", "pm")
 
 
 def resolve_spec_path(spec: str, base_dir: Path | None = None) -> Path:
@@ -36,53 +48,93 @@ def resolve_spec_path(spec: str, base_dir: Path | None = None) -> Path:
     return p
 
 
-def from_spec(spec: str, records: list[dict] | None = None, base_dir: Path | None = None, device=None, *,
-              beta: float = 10.0, gamma: float = 3.0) -> PreferenceFunction:
+def from_spec(spec: str | JudgeConfig, records: Sequence[dict] | None = None, base_dir: Path | None = None,
+              device=None, *, beta: float = 10.0, gamma: float = 3.0,
+              overrides: Sequence[str] = ()) -> PreferenceFunction:
     """Build the judge ``spec`` names (see the module docstring for the accepted forms).
 
-    ``records``: dicts with ``prompt`` and ``meta`` (the oracle's answer key; other judges ignore
-    them). ``device``: where a reward or preference model runs. ``beta`` and ``gamma``: the
-    oracle's and intransitive judge's sharpness and style weight.
+    ``records``: dicts with ``prompt`` and ``meta`` (the task judges' answer key; other judges
+    ignore them). ``device``: where a reward or preference model runs. ``beta`` and ``gamma``: the
+    ``oracle``'s and ``intransitive`` judge's sharpness and style weight (a judge YAML carries its
+    own). ``overrides``: ``key=value`` settings applied to a judge YAML file.
     """
+    if isinstance(spec, JudgeConfig):
+        return _from_config(spec, records)
     spec = str(spec).strip()
+    if overrides and not _is_config_file(resolve_spec_path(spec, base_dir)):
+        raise ConfigError(f"judge {spec!r}: key=value overrides apply to a judge YAML file only")
     if spec == "oracle":
-        from rlhfkit.judges.config import JudgeConfig, JudgeKind, build_judge
-
-        return build_judge(JudgeConfig(kind=JudgeKind.ORACLE, beta=beta), records)
+        return _task_judge(TaskOracle, records, beta=beta)
     if spec == "intransitive":
-        from rlhfkit.judges.intransitive import IntransitiveJudge
-
-        metas = [r for r in (records or []) if isinstance(r.get("meta"), dict)]
-        if not metas:
-            raise ValueError("the intransitive judge needs records of the embedded task (each with 'meta')")
-        return IntransitiveJudge.from_records(metas, beta=beta, gamma=gamma)
+        return _task_judge(IntransitiveJudge, records, beta=beta, gamma=gamma)
     if not spec:
         raise ConfigError(f"no judge given; a judge is {ACCEPTED}")
+    kind, colon, rest = spec.partition(":")
+    if colon and kind in MODEL_PREFIXES:
+        path = resolve_spec_path(rest, base_dir)
+        if not rest or not path.is_dir():
+            raise ConfigError(f"judge {spec!r}: {path} is not a directory{_looked_in(path, base_dir)}; "
+                              f"a judge is {ACCEPTED}")
+        return _model_judge(spec, path, device, kind)
     path = resolve_spec_path(spec, base_dir)
     if path.is_dir():
         return _model_judge(spec, path, device)
-    if path.is_file() and path.suffix.lower() in CONFIG_SUFFIXES:
-        from rlhfkit.config import load_config
-        from rlhfkit.judges.config import JudgeConfig, build_judge
-
-        return build_judge(load_config(JudgeConfig, path), records)
-    where = f" (looked in {base_dir} and the working directory)" if base_dir is not None and not path.is_absolute() else ""
+    if _is_config_file(path):
+        return _from_config(load_judge_config(path, overrides), records)
     what = "is not a judge config file" if path.is_file() else "is neither a known judge name nor an existing path"
-    raise ConfigError(f"judge {spec!r} {what}{where}; a judge is {ACCEPTED}")
+    raise ConfigError(f"judge {spec!r} {what}{_looked_in(path, base_dir)}; a judge is {ACCEPTED}")
 
 
-def _model_judge(spec: str, path: Path, device) -> PreferenceFunction:
-    from rlhfkit.judges.preference_model import MARKER
+def _is_config_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in CONFIG_SUFFIXES
+
+
+def _looked_in(path: Path, base_dir: Path | None) -> str:
+    return f" (looked in {base_dir} and the working directory)" if base_dir is not None and not path.is_absolute() else ""
+
+
+def _task_judge(cls: type[TaskOracle], records: Sequence[dict] | None, **kwargs) -> TaskOracle:
+    """The oracle or the intransitive judge from the records that carry the task ``meta``."""
+    metas = [r for r in (records or []) if isinstance(r.get("meta"), dict)]
+    if not metas:
+        raise ValueError(f"the {cls.name} judge needs records of the embedded task (each with 'meta')")
+    return cls.from_records(metas, **kwargs)
+
+
+def _from_config(cfg: JudgeConfig, records: Sequence[dict] | None) -> PreferenceFunction:
+    """The judge a :class:`JudgeConfig` describes. The oracle needs ``records`` carrying ``meta``."""
+    if cfg.kind in (JudgeKind.LLM, JudgeKind.HTTP) and not cfg.model:
+        raise ValueError(f"a {cfg.kind.value} judge needs 'model'")
+    if cfg.kind is JudgeKind.ORACLE:
+        return _task_judge(TaskOracle, records, beta=cfg.beta)
+    prompt = prompt_from_files(cfg.rubric_file, cfg.constitution_file, tuple(cfg.labels))
+    if cfg.kind is JudgeKind.LLM:
+        from rlhfkit.judges.llm import LLMJudge  # transformers and torch: only for the judge that needs them
+
+        return LLMJudge.from_pretrained(cfg.model, cfg.gguf_file, prompt=prompt, average_orders=cfg.average_orders,
+                                        cot=cfg.cot, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    from rlhfkit.judges.http import HTTPJudge
+
+    return HTTPJudge.from_config(cfg, prompt)
+
+
+def _model_judge(spec: str, path: Path, device, kind: str | None = None) -> PreferenceFunction:
+    """A trained model in ``path`` as a judge: ``kind`` "pm" (pairwise), "bt" (reward model) or None (detect)."""
+    # torch and transformers: only for the judges that are models
+    from rlhfkit.judges.preference_model import MARKER, load_preference_model
+    from rlhfkit.judges.reward_model import RewardModelPreference
     from rlhfkit.models.reward import HEAD_JSON
 
-    if (path / MARKER).exists():
-        from rlhfkit.judges.preference_model import load_preference_model
-
+    pairwise = (path / MARKER).exists()
+    scalar = (path / HEAD_JSON).exists() or (path / "ensemble.json").exists()
+    if kind == "pm" and not pairwise or kind == "bt" and not scalar:
+        what = (f"a pairwise preference model (no {MARKER})" if kind == "pm"
+                else f"a reward model (no {HEAD_JSON} or ensemble.json)")
+        raise ConfigError(f"judge {spec!r}: {path} is not {what}; a judge is {ACCEPTED}")
+    if kind == "pm" or (kind is None and pairwise):
         return load_preference_model(path, device=device)
-    if (path / HEAD_JSON).exists() or (path / "ensemble.json").exists():
-        from rlhfkit.judges.reward_model import RewardModelPreference
-
+    if scalar:
         return RewardModelPreference(path, device=device)
     raise ConfigError(f"judge {spec!r}: {path} is a directory but not a reward or preference model (no {HEAD_JSON}, "
-                     f"ensemble.json or {MARKER}; a policy model is no judge: wrap it in a judge YAML, kind: llm); "
-                     f"a judge is {ACCEPTED}")
+                      f"ensemble.json or {MARKER}; a policy model is no judge: wrap it in a judge YAML, kind: llm); "
+                      f"a judge is {ACCEPTED}")

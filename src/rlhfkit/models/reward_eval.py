@@ -5,11 +5,25 @@ Plain Python on lists of floats, so the stage, ``eval-rm`` and ``eval-prm`` comp
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def score_each_once(score: Callable[[list, list], list[float]], texts: Sequence[tuple]) -> list[float]:
+    """``score(prompts, responses)`` of each (prompt, response) in ``texts``, each distinct one scored once.
+
+    Pairs of K responses to a prompt repeat each response K − 1 times; the distinct ones are scored
+    in order of first appearance, so the batches are the same whatever repeats.
+    """
+    uniq: dict[tuple, int] = {}
+    for t in texts:
+        uniq.setdefault(t, len(uniq))
+    keys = list(uniq)
+    s = score([k[0] for k in keys], [k[1] for k in keys])
+    return [s[uniq[t]] for t in texts]
 
 
 def expected_calibration_error(probs: Sequence[float], outcomes: Sequence[int], n_bins: int = 10) -> float:
@@ -80,3 +94,17 @@ def step_metrics(probs: Sequence[float], labels: Sequence[float]) -> dict:
         "positive_rate": share_pos,
         "steps": n,
     }
+
+
+def rated_step_metrics(logits: Sequence[Sequence[float]], labels: Sequence[Sequence[float | None]]) -> dict:
+    """:func:`step_metrics` of σ(logit) against the label of every rated step (a label of None is left out).
+
+    ``logits``: per solution, one logit per step (``models.reward.step_logits``); ``labels``: the same shape.
+    """
+    probs, rated = [], []
+    for row, ys in zip(logits, labels):
+        for z, y in zip(row, ys):
+            if y is not None:
+                probs.append(sigmoid(z))
+                rated.append(y)
+    return step_metrics(probs, rated)

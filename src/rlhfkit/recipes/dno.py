@@ -34,6 +34,7 @@ import torch
 from rlhfkit.config import check_non_negative, check_positive
 from rlhfkit.data.pairs import tokenize_pairs
 from rlhfkit.generation import SamplingConfig
+from rlhfkit.judges.spec import from_spec
 from rlhfkit.models.sequence_logps import precompute_logps
 from rlhfkit.pair_training import add_sft_term, train_on_pairs
 from rlhfkit.training import TrainConfig
@@ -52,7 +53,8 @@ class DNOConfig(TrainConfig):
     prompts: str = ""
     """prompts (with task ``meta`` for the task judges), relative to the run or absolute; empty means data/prompts.jsonl"""
     judge: str = "oracle"
-    """preference function: oracle, intransitive, bt:DIR (σ of a reward model's difference) or pm:DIR (pairwise model); DIR relative to the run"""
+    """preference function, any judge spec of ``judges.spec.from_spec``: oracle, intransitive, bt:DIR (σ of a reward model's
+    difference), pm:DIR (pairwise model), a model directory or a judge YAML; a relative path is looked up in the run first"""
     judge_beta: float = 10.0
     """inverse temperature of the task judges (oracle, intransitive)"""
     judge_gamma: float = 3.0
@@ -124,28 +126,6 @@ class DNOPair:
 
 
 # ---------------------------------------------------------------- preference functions
-
-def load_preference_function(spec: str, out: Path, records: Sequence[dict], beta: float = 10.0, gamma: float = 3.0):
-    """``oracle`` | ``intransitive`` | ``bt:DIR`` | ``pm:DIR`` → a PreferenceFunction (DIR relative to ``out``)."""
-    from rlhfkit.io import run_path
-    kind, _, rel = spec.partition(":")
-    if kind == "oracle":
-        from rlhfkit.judges.oracle import TaskOracle
-
-        return TaskOracle.from_records(records, beta=beta)
-    if kind == "intransitive":
-        from rlhfkit.judges.intransitive import IntransitiveJudge
-
-        return IntransitiveJudge.from_records(records, beta=beta, gamma=gamma)
-    if kind in ("bt", "pm") and rel:
-        path = run_path(out, rel)
-        if not path.exists():
-            raise FileNotFoundError(f"judge {spec!r}: {path} does not exist")
-        from rlhfkit.judges.preference_model import load_bt_preference, load_preference_model
-
-        return load_bt_preference(path) if kind == "bt" else load_preference_model(path)
-    raise ValueError(f"judge must be oracle, intransitive, bt:DIR or pm:DIR, got {spec!r}")
-
 
 def win_rate_matrix(pf, prompt: str, responses: Sequence[str], finished: Sequence[bool]) -> list[list[float]]:
     """W[i][j] = P(response i ≻ response j); an unfinished response loses to a finished one.
@@ -291,7 +271,8 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
         for rec in iter_records(run_path(out, ref_path)):
             require(rec, {"prompt": str, "response": str}, nonempty=("prompt", "response"))
             teacher[rec.record["prompt"]] = rec.record["response"]
-    pf = pf or load_preference_function(cfg.judge, out, raw, cfg.judge_beta, cfg.judge_gamma)
+    # bt:DIR / pm:DIR relative to the run; no device: the judge's model stays where it loads, off the policy's
+    pf = pf or from_spec(cfg.judge, raw, base_dir=out, beta=cfg.judge_beta, gamma=cfg.judge_gamma)
     val_prompts = [r.prompt for r in records[:cfg.n_validation]]
     train_prompts = [r.prompt for r in records[cfg.n_validation:]]
     tok = load_tokenizer(model_path)

@@ -4,8 +4,9 @@ Two paths, chosen by ``eval.judge``:
 
 - the embedded task (``oracle`` or ``intransitive``; every prompt carries ``meta``): every figure
   comes with a 95% confidence interval over prompts. ``win_rate_vs_sft`` is the judge's pairwise
-  preference of a policy's response over the SFT policy's response to the same prompt (noiseless
-  gold judge: 1 if its score is higher, 0.5 on a tie, 0 otherwise). A response that never reached
+  preference of a policy's response over the SFT policy's response to the same prompt, the judge
+  built by ``judges.spec.from_spec`` and read noiselessly (``TaskOracle.verdict``: the oracle's is 1
+  if its gold score is higher, 0.5 on a tie, 0 otherwise). A response that never reached
   EOS is penalised (scored ``unfinished_score``, never counted correct) instead of being judged as
   if complete.
 - any other judge (``judges.spec.from_spec``: a reward-model directory, a judge YAML for a local
@@ -20,7 +21,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhfkit.generation import SamplingConfig
+from rlhfkit.config import ConfigError, check_positive
+from rlhfkit.data.chat import prompt_to_json
+from rlhfkit.data.loading import DataError, load_prompts
+from rlhfkit.generation import SamplingConfig, sample
+from rlhfkit.io import atomic_write_jsonl
+from rlhfkit.judges.oracle import TaskOracle
+from rlhfkit.judges.reward_model import RewardModelPreference
+from rlhfkit.judges.spec import from_spec
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.local import ModelNotFound, resolve_in_run
+from rlhfkit.stats import mean_ci
+from rlhfkit.tasks.arith import Problem
+from rlhfkit.tasks.arith_judge import judge as oracle_verdict
 
 
 def _greedy() -> SamplingConfig:
@@ -51,13 +64,15 @@ class EvalConfig:
     directory, a judge YAML file; a relative path is looked up in the run directory first) for
     prompts without ``meta``: ``win_rate`` against ``reference`` and the general metrics"""
     judge_beta: float = 10.0
-    """intransitive judge: weight of the gold-score difference"""
+    """task judges: weight of the gold-score difference in the judge's logit (the verdict is the logit's sign)"""
     judge_gamma: float = 3.0
     """intransitive judge: weight of the style cycle"""
 
     def __post_init__(self):
         if not self.judge.strip():
             raise ValueError("judge must be oracle, intransitive, a reward-model directory or a judge YAML file")
+        # beta <= 0 would silence or invert the gold score in every verdict
+        check_positive(judge_beta=self.judge_beta)
 
     @property
     def task_judge(self) -> bool:
@@ -70,12 +85,9 @@ TASK_JUDGES = ("oracle", "intransitive")
 
 def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
     """Oracle verdicts for samples aligned with problems, as plain records."""
-    from rlhfkit.data.chat import prompt_to_json
-    from rlhfkit.tasks.arith_judge import judge
-
     rows = []
     for prob, s in zip(problems, samples):
-        v = judge(prob, s.text)
+        v = oracle_verdict(prob, s.text)
         score = v.score if s.finished else unfinished_score
         rows.append({
             "prompt": prompt_to_json(s.prompt),
@@ -92,27 +104,14 @@ def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
     return rows
 
 
-def pairwise_win(a: dict, b: dict, judge: str = "oracle", beta: float = 10.0, gamma: float = 3.0) -> float:
-    """The noiseless judge's verdict on two judged rows: 1 if ``a`` is preferred, ½ on a tie, 0 otherwise.
+def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, judge: TaskOracle) -> dict:
+    """The report's metrics for one policy, each ``{"mean", "ci95", "n"}``.
 
-    The preferred side of P(a ≻ b): for the oracle, the higher gold score; for the intransitive
-    judge, the sign of beta·(score_a − score_b) + gamma·cycle(style_a, style_b).
+    With ``ref_rows`` (the reference policy's rows, prompt by prompt), ``win_rate_vs_sft``: the mean of
+    ``judge``'s noiseless verdicts (:meth:`~rlhfkit.judges.oracle.TaskOracle.verdict`: 1, ½ or 0) on this
+    policy's response against the reference's, with each row's ``score`` as judged (an unfinished
+    response at ``unfinished_score``).
     """
-    logit = a["score"] - b["score"]
-    if judge == "intransitive":
-        from rlhfkit.judges.intransitive import answer_style, cycle
-
-        logit = beta * logit + gamma * cycle(answer_style(a["response"]), answer_style(b["response"]))
-    elif judge != "oracle":
-        raise ValueError(f"eval.judge must be oracle or intransitive, got {judge!r}")
-    return 1.0 if logit > 0 else 0.5 if logit == 0 else 0.0
-
-
-def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, judge: str = "oracle",
-                   beta: float = 10.0, gamma: float = 3.0) -> dict:
-    """The report's metrics for one policy, each ``{"mean", "ci95", "n"}``."""
-    from rlhfkit.stats import mean_ci
-
     answerable = [r for r in rows if r["answerable"]]
     unanswerable = [r for r in rows if not r["answerable"]]
     m = {
@@ -126,15 +125,14 @@ def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, jud
         "response_length": mean_ci([r["length"] for r in rows], seed),
     }
     if ref_rows is not None:
-        wins = [pairwise_win(a, b, judge, beta, gamma) for a, b in zip(rows, ref_rows)]
+        wins = [judge.verdict(a["prompt"], a["response"], b["response"], a["score"], b["score"])
+                for a, b in zip(rows, ref_rows)]
         m["win_rate_vs_sft"] = mean_ci(wins, seed)
     return m
 
 
 def sample_rows(prompts, samples) -> list[dict]:
     """Plain records of samples aligned with their prompts (the general path: no task verdicts)."""
-    from rlhfkit.data.chat import prompt_to_json
-
     return [{"prompt": prompt_to_json(p), "response": s.text, "finished": s.finished, "length": len(s.response_ids)}
             for p, s in zip(prompts, samples)]
 
@@ -143,8 +141,6 @@ def judge_rows(judge, prompts, rows_by_policy: dict[str, list[dict]], reference:
     """The rows with the judge's verdicts added: ``win_prob`` = P(this response ≻ the reference
     policy's response to the same prompt) on every policy but the reference, and ``score`` when
     the judge also scores pointwise (a reward model: ``model.score(prompts, responses)``)."""
-    from rlhfkit.judges.reward_model import RewardModelPreference
-
     ref = rows_by_policy[reference]
     out = {}
     for name, rows in rows_by_policy.items():
@@ -163,8 +159,6 @@ def judge_rows(judge, prompts, rows_by_policy: dict[str, list[dict]], reference:
 
 def general_metrics(rows: list[dict], seed: int) -> dict:
     """One policy's metrics on the general path, each ``{"mean", "ci95", "n"}`` over prompts."""
-    from rlhfkit.stats import mean_ci
-
     m = {}
     if rows and all("win_prob" in r for r in rows):
         m["win_rate"] = mean_ci([r["win_prob"] for r in rows], seed)
@@ -177,8 +171,6 @@ def general_metrics(rows: list[dict], seed: int) -> dict:
 
 def policy_paths(cfg: EvalConfig, out: Path) -> dict[str, Path]:
     """Each policy's model directory: run-relative, absolute, .gguf, ``package:NAME`` or a hub name."""
-    from rlhfkit.models.local import ModelNotFound, resolve_in_run
-
     paths = {}
     for name, ref in cfg.policies.items():
         try:
@@ -189,12 +181,6 @@ def policy_paths(cfg: EvalConfig, out: Path) -> dict[str, Path]:
 
 
 def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Path, accelerator) -> dict:
-    from rlhfkit.config import ConfigError
-    from rlhfkit.data.loading import DataError, load_prompts
-    from rlhfkit.generation import sample
-    from rlhfkit.io import atomic_write_jsonl
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-
     records = load_prompts(data_path)
     prompts = [r.prompt for r in records]
     if cfg.task_judge:
@@ -205,13 +191,9 @@ def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Pa
     elif cfg.reference not in cfg.policies:
         raise ConfigError(f"eval.reference: {cfg.reference!r} is not one of eval.policies ({', '.join(cfg.policies)})")
     paths = policy_paths(cfg, out)
-    judge = None
-    if not cfg.task_judge:
-        from rlhfkit.judges.spec import from_spec
-
-        # Built before any sampling: a judge that cannot be built fails in seconds, not after the policies ran.
-        judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
-                          device=accelerator.device)
+    # Built before any sampling: a judge that cannot be built fails in seconds, not after the policies ran.
+    judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
+                      device=accelerator.device, beta=cfg.judge_beta, gamma=cfg.judge_gamma)
     samples_by_policy = {}
     for name, p in paths.items():
         tok = load_tokenizer(p)
@@ -219,13 +201,11 @@ def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Pa
         samples_by_policy[name] = sample(model, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
         del model
     if cfg.task_judge:
-        from rlhfkit.tasks.arith import Problem
-
         problems = [Problem.from_meta(r.meta) for r in records]
         rows_by_policy = {name: judge_samples(problems, samples, cfg.unfinished_score)
                           for name, samples in samples_by_policy.items()}
         ref = rows_by_policy.get(cfg.reference)
-        results = {name: policy_metrics(rows, ref, cfg.seed, cfg.judge, cfg.judge_beta, cfg.judge_gamma)
+        results = {name: policy_metrics(rows, ref, cfg.seed, judge)
                    for name, rows in rows_by_policy.items()}
         extra = {}
     else:

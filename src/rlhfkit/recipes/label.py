@@ -33,6 +33,7 @@ from pathlib import Path
 
 from rlhfkit.data.step_estimation import EstimateMode
 from rlhfkit.generation import SamplingConfig
+from rlhfkit.judges.spec import from_spec
 
 
 def _sampling() -> SamplingConfig:
@@ -95,6 +96,12 @@ class LabelConfig:
             raise ValueError(f"estimate_n must be at least 1, got {self.estimate_n}")
 
     @property
+    def oracle_ranks(self) -> bool:
+        """The task's annotators rank each prompt's K responses (a noisy Plackett-Luce draw) instead of a
+        judge comparing every pair: ``judge: oracle``, the simulated people of the embedded task."""
+        return self.judge == "oracle"
+
+    @property
     def step_labeller(self) -> str:
         """Who labelled the steps, for the steps records' ``provenance.judge``."""
         if self.step_labels == StepLabels.oracle:
@@ -104,21 +111,6 @@ class LabelConfig:
 
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") % (2**31 - 1)
-
-
-def _build_judge(spec: str, records: list[dict], beta: float, base_dir: Path | None = None, device=None):
-    """(preference function or None for the oracle ranking path, its provenance name).
-
-    ``oracle`` keeps its own path here (a noisy Plackett-Luce ranking draw, not pairwise
-    probabilities); every other judge comes from the one factory, ``judges.spec.from_spec``,
-    so label and eval accept exactly the same judges.
-    """
-    if spec == "oracle":
-        return None, f"oracle(beta={beta})"
-    from rlhfkit.judges.spec import from_spec
-
-    j = from_spec(spec, records, base_dir=base_dir, device=device, beta=beta)
-    return j, getattr(j, "name", spec)
 
 
 def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: LabelConfig, beta: float,
@@ -241,8 +233,12 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
             raise ConfigError(f"{work}: chunks from a labeling run with a different config; remove it to relabel")
     elif accelerator.is_main_process:
         atomic_write_json(work / "config.json", identity)
-    judge, judge_name = _build_judge(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], beta,
-                                     base_dir=out, device=accelerator.device)
+    if cfg.oracle_ranks:
+        judge, judge_name = None, f"oracle(beta={beta})"  # label_chunk draws the rankings from each record's meta
+    else:
+        judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
+                          device=accelerator.device, beta=beta)
+        judge_name = getattr(judge, "name", cfg.judge)
     tok = load_tokenizer(policy)
     lm = load_causal_lm(policy).to(accelerator.device)
     n_chunks = (len(records) + cfg.chunk_size - 1) // cfg.chunk_size

@@ -13,9 +13,9 @@ to ``OUT/reward/<name>/`` → measure it on the held-out share.
 - **cost** (Safe RLHF): per-response ``is_safe`` → (safer, unsafer) pairs + sign terms, so a
   negative cost means safe.
 
-Then, on the embedded task, best-of-N reranking on held-out prompts: N samples of the policy,
-picked by PRM (min or product of step probabilities), ORM, RM, or majority vote over final
-answers; gold accuracy of the pick with a 95% CI (``summary.json`` key ``reranking``).
+Then, on the embedded task (``rlhfkit.tasks.arith_eval``), best-of-N reranking on held-out prompts:
+N samples of the policy, picked by PRM (min or product of step probabilities), ORM, RM, or majority
+vote over final answers; gold accuracy of the pick with a 95% CI (``summary.json`` key ``reranking``).
 """
 from __future__ import annotations
 
@@ -27,29 +27,8 @@ from typing import Callable
 import torch
 
 from rlhfkit.config import check_non_negative, check_probability
+from rlhfkit.tasks.arith_eval import RerankConfig, judge_agreement, rerank, task_metas
 from rlhfkit.training import TrainConfig
-
-
-@dataclass(frozen=True)
-class RerankConfig:
-    """Best-of-N reranking evaluation on the embedded task's held-out prompts."""
-
-    enabled: bool = True
-    """run it (needs task prompts with ``meta`` and the trained PRM/ORM/RM)"""
-    policy: str = "sft/model"
-    """the policy whose samples are reranked (relative to ``out``, or absolute)"""
-    data: str = ""
-    """held-out prompts with task ``meta``; empty means the task's heldout.jsonl"""
-    n: int = 16
-    """samples per prompt (best-of-N)"""
-    n_prompts: int = 200
-    """held-out prompts used (the first ones of the file)"""
-    temperature: float = 0.7
-    """sampling temperature (as the label stage samples)"""
-    max_new_tokens: int = 64
-    """longest sampled response"""
-    seed: int = 1
-    """sampling seed"""
 
 
 @dataclass(frozen=True)
@@ -382,97 +361,6 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt:
     return net, tok, fit
 
 
-# ------------------------------------------------------------------------------ judge agreement, reranking
-
-def judge_agreement(pairs, chosen: list[float], rejected: list[float], metas: dict[str, dict]) -> dict:
-    """How often the model orders a pair as the noiseless judge does (pairs with equal gold scores skipped)."""
-    from rlhfkit.stats import mean_ci
-    from rlhfkit.tasks.arith import Problem
-    from rlhfkit.tasks.arith_judge import judge
-
-    agree, noisy_agree = [], []
-    for p, c, r in zip(pairs, chosen, rejected):
-        meta = metas.get(p.prompt)
-        if meta is None:
-            continue
-        prob = Problem.from_meta(meta)
-        gc, gr = judge(prob, p.chosen).score, judge(prob, p.rejected).score
-        if gc == gr:
-            continue
-        agree.append(float((c > r) == (gc > gr)))
-        noisy_agree.append(float(gc > gr))  # how often the noisy label itself matches the judge
-    return {"model_vs_judge": mean_ci(agree), "labels_vs_judge": mean_ci(noisy_agree)}
-
-
-def _final_answer(text: str) -> str | None:
-    lines = [x.strip() for x in text.strip().split("\n")]
-    if lines and lines[-1].startswith("Answer:"):
-        return lines[-1][len("Answer:"):].strip()
-    return None
-
-
-def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelerator) -> dict:
-    """Best-of-N on held-out prompts: gold accuracy of the response each method picks, with 95% CIs."""
-    from rlhfkit.data.loading import DataError, load_prompts
-    from rlhfkit.generation import SamplingConfig, sample
-    from rlhfkit.io import atomic_write_jsonl, run_path
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-    from rlhfkit.stats import mean_ci
-    from rlhfkit.tasks.arith import Problem
-    from rlhfkit.tasks.arith_judge import judge
-
-    rc = cfg.rerank
-    data = Path(rc.data) if rc.data else out / "data" / "heldout.jsonl"
-    records = load_prompts(data)[: rc.n_prompts]
-    for r in records:
-        if r.meta is None:
-            raise DataError(f"{r.where}: reranking with the task judge needs the field 'meta'")
-    policy = run_path(out, rc.policy)
-    tok = load_tokenizer(policy)
-    lm = load_causal_lm(policy).to(accelerator.device)
-    prompts = [r.prompt for r in records]
-    sc = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, batch_size=max(1, 256 // rc.n))
-    samples = sample(lm, tok, prompts, sc, seed=rc.seed, num_return_sequences=rc.n, device=accelerator.device)
-    del lm
-    flat_p, flat_r = [s.prompt for s in samples], [s.text for s in samples]
-    scores: dict[str, list[float]] = {}
-    if "prm" in models:
-        steps = models["prm"].step_scores(flat_p, flat_r)
-        scores["prm"] = [min(s) if s else 0.0 for s in steps]
-        scores["prm_product"] = [float(torch.tensor(s).prod()) if s else 0.0 for s in steps]
-    if "orm" in models:
-        scores["orm"] = models["orm"].score(flat_p, flat_r)
-    if "rm" in models:
-        scores["rm"] = models["rm"].score(flat_p, flat_r)
-    picks: dict[str, list[float]] = {m: [] for m in [*scores, "majority", "single"]}
-    rows = []
-    for i, rec in enumerate(records):
-        prob = Problem.from_meta(rec.meta)
-        group = samples[i * rc.n:(i + 1) * rc.n]
-        ok = [float(judge(prob, s.text).correct and s.finished) for s in group]
-        for m, vals in scores.items():
-            v = vals[i * rc.n:(i + 1) * rc.n]
-            picks[m].append(ok[max(range(rc.n), key=lambda j: (v[j], -j))])  # ties: the first sample
-        answers = [_final_answer(s.text) if s.finished else None for s in group]
-        counts: dict[str, int] = {}
-        for a in answers:
-            if a is not None:
-                counts[a] = counts.get(a, 0) + 1
-        if counts:
-            best = max(counts, key=lambda a: (counts[a], -answers.index(a)))
-            picks["majority"].append(ok[answers.index(best)])
-        else:
-            picks["majority"].append(0.0)
-        picks["single"].append(ok[0])
-        rows.append({"prompt": rec.prompt, "correct": ok, "any_correct": max(ok)})
-    if accelerator.is_main_process:
-        atomic_write_jsonl(stage_dir / "rerank_samples.jsonl", rows)
-    result = {m: {"accuracy": mean_ci(v)} for m, v in picks.items()}
-    result["oracle_best_of_n"] = {"accuracy": mean_ci([r["any_correct"] for r in rows])}
-    result["n"], result["n_prompts"] = rc.n, len(records)
-    return result
-
-
 # ------------------------------------------------------------------------------ the stage
 
 def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict:
@@ -530,7 +418,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
         tc, tr = pair_scores(net, tok, rm_train.pairs[: len(rm_eval) * 2], cfg.eval_batch_size, dev)
         m = {"heldout": pair_metrics(c, r), "train_subset": pair_metrics(tc, tr), **fit,
              "train_pairs": len(rm_train.pairs), "train_rankings": len(rm_train.groups)}
-        metas = _metas(cfg, out)
+        metas = task_metas([data, cfg.eval_data])
         if metas:
             m["judge_agreement"] = judge_agreement(rm_eval, c, r, metas)
         metrics["models"]["rm"] = m
@@ -580,24 +468,6 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
     metrics["summary_sections"] = ["reward_models"]
     metrics["skipped_nonfinite_steps"] = sum(m["skipped_nonfinite_steps"] for m in metrics["models"].values())
     if cfg.rerank.enabled:
-        metrics["reranking"] = rerank(cfg, out, trained, stage_dir, accelerator)
+        metrics["reranking"] = rerank(cfg.rerank, out, trained, stage_dir, accelerator)
         metrics["summary_sections"].append("reranking")
     return metrics
-
-
-def _metas(cfg: RewardConfig, out: Path) -> dict[str, dict]:
-    """Task meta by prompt text, from the labelled data itself (label records carry ``meta``)."""
-    from rlhfkit.data.loading import iter_records
-
-    data = Path(cfg.data) if cfg.data else out / "label" / "rankings.jsonl"
-    metas = {}
-    for rec in iter_records(data):
-        meta = rec.record.get("meta")
-        if isinstance(meta, dict) and "prompt" in rec.record:
-            metas[rec.record["prompt"]] = meta
-    if cfg.eval_data:
-        for rec in iter_records(cfg.eval_data):
-            meta = rec.record.get("meta")
-            if isinstance(meta, dict) and "prompt" in rec.record:
-                metas[rec.record["prompt"]] = meta
-    return metas
