@@ -284,7 +284,7 @@ def test_bt_cannot_express_a_cycle_and_the_pairwise_model_can(tiny_lm_dir, tmp_p
     0.693, for 1,000 steps at lr 1e-2; on the SFT backbone, configs/intransitive.yaml learns all three
     edges, docs/preference_optimization.md.)
     """
-    from rlhfkit.judges.intransitive import BEATS, answer_style, cycle, restyle
+    from rlhfkit.tasks.intransitive_judge import BEATS, answer_style, cycle, restyle
     from rlhfkit.judges.preference_model import PairwisePreferenceModel, load_bt_preference
     from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
@@ -324,8 +324,8 @@ def test_bt_cannot_express_a_cycle_and_the_pairwise_model_can(tiny_lm_dir, tmp_p
 # ---------------------------------------------------------------- the intransitive judge
 
 def test_intransitive_judge_by_hand():
-    from rlhfkit.judges.intransitive import IntransitiveJudge, answer_style, restyle
-    from rlhfkit.judges.oracle import TaskOracle
+    from rlhfkit.tasks.intransitive_judge import IntransitiveJudge, answer_style, restyle
+    from rlhfkit.tasks.oracle import TaskOracle
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
     from rlhfkit.tasks.arith_judge import judge
 
@@ -385,7 +385,7 @@ def test_contrast_labels_are_style_pairs_decided_by_the_cycle():
     import random
     from types import SimpleNamespace as S
 
-    from rlhfkit.judges.intransitive import BEATS, IntransitiveJudge, answer_style, restyle
+    from rlhfkit.tasks.intransitive_judge import BEATS, IntransitiveJudge, answer_style, restyle
     from rlhfkit.recipes.intransitive import label_pairs
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 

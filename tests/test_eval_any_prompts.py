@@ -168,28 +168,30 @@ def test_win_rate_is_the_mean_of_the_judges_probabilities_of_policy_over_referen
 
 def test_from_spec_names_an_unknown_spec_and_the_accepted_forms(tiny_lm_dir, tmp_path):
     from rlhfkit.judges.spec import from_spec
+    from rlhfkit.tasks import JUDGES
 
     with pytest.raises(ValueError, match=r"judge 'no-such-judge'.*reward-model directory.*judge YAML"):
         from_spec("no-such-judge")
     with pytest.raises(ValueError, match="not a reward or preference model"):
         from_spec(str(tiny_lm_dir))  # a policy directory is no judge
     with pytest.raises(ValueError, match="needs records of the embedded task"):
-        from_spec("oracle", [{"prompt": "hi"}])
+        from_spec("oracle", [{"prompt": "hi"}], task_judges=JUDGES)
 
 
 def test_from_spec_resolves_a_relative_judge_yaml_against_base_dir(tmp_path, monkeypatch):
-    from rlhfkit.judges.oracle import TaskOracle
     from rlhfkit.judges.spec import from_spec
+    from rlhfkit.tasks import JUDGES
     from rlhfkit.tasks.arith import format_prompt, make_problems
+    from rlhfkit.tasks.oracle import TaskOracle
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "judge.yaml").write_text("kind: oracle\nbeta: 2.0\n")
     monkeypatch.chdir(tmp_path)  # "judge.yaml" is not in the working directory: only base_dir has it
     records = [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in make_problems(3, seed=0, unanswerable_frac=0.0)]
-    j = from_spec("judge.yaml", records, base_dir=tmp_path / "run")
+    j = from_spec("judge.yaml", records, base_dir=tmp_path / "run", task_judges=JUDGES)
     assert isinstance(j, TaskOracle) and j.beta == 2.0
     with pytest.raises(ValueError, match="judge 'judge.yaml'"):
-        from_spec("judge.yaml", records)
+        from_spec("judge.yaml", records, task_judges=JUDGES)
 
 
 def test_eval_on_messages_records(plain_run, models, tiny_lm_dir):

@@ -11,6 +11,7 @@ from rlhfkit.config import load_config
 from rlhfkit.data.loading import DataError
 from rlhfkit.judges.config import JudgeConfig, JudgeKind
 from rlhfkit.judges.spec import from_spec
+from rlhfkit.tasks import JUDGES
 
 
 def last_json(capsys):
@@ -102,4 +103,4 @@ def test_bad_judge_configs_fail_clearly(tmp_path, capsys):
     c = load_config(JudgeConfig, None, ["kind=oracle"])
     assert c.kind is JudgeKind.ORACLE
     with pytest.raises(ValueError, match="meta"):
-        from_spec(c, [{"prompt": "x"}])
+        from_spec(c, [{"prompt": "x"}], task_judges=JUDGES)

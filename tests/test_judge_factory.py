@@ -9,9 +9,10 @@ import pytest
 from rlhfkit.config import ConfigError
 from rlhfkit.judges import from_spec
 from rlhfkit.judges.config import JudgeConfig, JudgeKind
-from rlhfkit.judges.intransitive import IntransitiveJudge, restyle
-from rlhfkit.judges.oracle import TaskOracle
+from rlhfkit.tasks.intransitive_judge import IntransitiveJudge, restyle
+from rlhfkit.tasks.oracle import TaskOracle
 from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+from rlhfkit.tasks import JUDGES
 from rlhfkit.tasks.arith_judge import judge
 
 
@@ -44,27 +45,29 @@ def model_dirs(tmp_path_factory, tiny_lm_dir):
 
 def test_task_judges_by_name_carry_beta_and_gamma(task):
     _, records, q, gold, wrong = task
-    o = from_spec("oracle", records, beta=4.0)
+    o = from_spec("oracle", records, beta=4.0, task_judges=JUDGES)
     assert type(o) is TaskOracle and o.beta == 4.0
-    i = from_spec(" intransitive ", records, beta=2.0, gamma=5.0)
+    i = from_spec(" intransitive ", records, beta=2.0, gamma=5.0, task_judges=JUDGES)
     assert type(i) is IntransitiveJudge and (i.beta, i.gamma) == (2.0, 5.0)
     # records without meta are left out, not fatal, as long as one has it
-    assert from_spec("oracle", [{"prompt": "no meta"}, *records]).problem(q) is not None
+    assert from_spec("oracle", [{"prompt": "no meta"}, *records], task_judges=JUDGES).problem(q) is not None
+    with pytest.raises(ConfigError, match="'oracle' is neither a known judge name"):
+        from_spec("oracle", records)  # the task's judges are the caller's to give: the factory imports no task
     with pytest.raises(ValueError, match="intransitive judge needs records of the embedded task"):
-        from_spec("intransitive", [{"prompt": "no meta"}])
+        from_spec("intransitive", [{"prompt": "no meta"}], task_judges=JUDGES)
 
 
 def test_a_judge_config_loaded_or_on_disk_with_overrides(task, tmp_path):
     _, records, *_ = task
-    j = from_spec(JudgeConfig(kind=JudgeKind.ORACLE, beta=3.0), records)
+    j = from_spec(JudgeConfig(kind=JudgeKind.ORACLE, beta=3.0), records, task_judges=JUDGES)
     assert type(j) is TaskOracle and j.beta == 3.0
     (tmp_path / "judge.yaml").write_text("kind: oracle\nbeta: 2.0\n")
-    assert from_spec("judge.yaml", records, base_dir=tmp_path).beta == 2.0
-    assert from_spec("judge.yaml", records, base_dir=tmp_path, overrides=["beta=6.5"]).beta == 6.5  # overrides win
+    assert from_spec("judge.yaml", records, base_dir=tmp_path, task_judges=JUDGES).beta == 2.0
+    assert from_spec("judge.yaml", records, base_dir=tmp_path, overrides=["beta=6.5"], task_judges=JUDGES).beta == 6.5  # overrides win
     with pytest.raises(ConfigError, match="overrides apply to a judge YAML file only"):
-        from_spec("oracle", records, overrides=["beta=6.5"])
+        from_spec("oracle", records, overrides=["beta=6.5"], task_judges=JUDGES)
     with pytest.raises(ConfigError, match="nope"):
-        from_spec("judge.yaml", records, base_dir=tmp_path, overrides=["nope=1"])
+        from_spec("judge.yaml", records, base_dir=tmp_path, overrides=["nope=1"], task_judges=JUDGES)
 
 
 def test_model_directories_detected_or_named_with_bt_and_pm(model_dirs):

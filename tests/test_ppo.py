@@ -111,7 +111,7 @@ def _scorer(cfg, out):
     from rlhfkit.data.loading import load_prompts
 
     recs = load_prompts(out / "data" / "prompts.jsonl")
-    return [r.prompt for r in recs], ppo.make_scorer(cfg, out, recs)
+    return [r.prompt for r in recs], ppo.make_scorer(cfg, out, recs, task_judges=ppo.TASK_JUDGES)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])

@@ -97,13 +97,14 @@ def test_several_reward_models_score_mean_minus_penalty_times_std(tmp_path, monk
 
 def test_the_judge_source_is_the_task_oracle_built_by_the_judge_factory(tmp_path):
     """reward_source judge: the oracle's gold score, 1.0 for the gold solution, 0.0 for a non-answer."""
+    from rlhfkit.tasks import JUDGES
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 
     problems = make_problems(3, seed=1, unanswerable_frac=0.0)
     records = [PromptRecord(format_prompt(p), p.to_meta(), "x") for p in problems]
-    scorer = make_scorer(PPOConfig(reward_source="judge"), tmp_path, records)
+    scorer = make_scorer(PPOConfig(reward_source="judge"), tmp_path, records, task_judges=JUDGES)
     prompts = [r.prompt for r in records]
     assert scorer.outcome(prompts, [gold_response(p) for p in problems]) == [1.0, 1.0, 1.0]
     assert scorer.outcome(prompts[:1], ["no idea"]) == [0.0]
     with pytest.raises(ValueError, match="meta"):
-        make_scorer(PPOConfig(reward_source="judge"), tmp_path, [PromptRecord("q", None, "x")])
+        make_scorer(PPOConfig(reward_source="judge"), tmp_path, [PromptRecord("q", None, "x")], task_judges=JUDGES)

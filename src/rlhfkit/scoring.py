@@ -27,7 +27,7 @@ import torch
 from rlhfkit.advantages import whiten
 from rlhfkit.data.steps import step_end_positions
 from rlhfkit.io import run_path
-from rlhfkit.judges.spec import from_spec
+from rlhfkit.judges.spec import TaskJudges, from_spec
 from rlhfkit.models.reward import RewardEnsemble
 from rlhfkit.models.reward_files import load_reward_model
 from rlhfkit.rewards import penalize_unfinished, place_token_rewards, prm_step_rewards
@@ -69,13 +69,15 @@ def _load(out: Path, rel: str, what: str):
     return load_reward_model(path)
 
 
-def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | None = None) -> Scorer:
+def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | None = None,
+                task_judges: TaskJudges | None = None) -> Scorer:
     """The reward (and cost) functions ``cfg`` names.
 
     ``cfg``: an RL stage's config (``recipes.ppo.PPOConfig``): ``reward_source``, ``reward_models``,
     ``ensemble_penalty``, ``prm``, ``prm_floor``, ``reward_fn``, ``cost_model``; model paths resolve
     with ``io.run_path`` against the run directory ``out``. ``records``: the prompts (each with
-    ``prompt`` and ``meta``), for the oracle's answer key. ``reward_fn`` overrides the reward source.
+    ``prompt`` and ``meta``), for the oracle's answer key, the judge ``oracle`` of ``task_judges`` (the
+    task's judges, ``rlhfkit.tasks.JUDGES``). ``reward_fn`` overrides the reward source.
     """
     outcome = steps = cost = None
     if reward_fn is not None:
@@ -89,7 +91,7 @@ def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | No
         with_meta = [{"prompt": r.prompt, "meta": r.meta} for r in records if r.meta is not None]
         if not with_meta:
             raise ValueError("reward_source judge needs prompts with task 'meta'")
-        oracle = from_spec("oracle", with_meta)
+        oracle = from_spec("oracle", with_meta, task_judges=task_judges)
         outcome = lambda p, r: [oracle.score(x, y).score for x, y in zip(p, r)]  # noqa: E731
     elif cfg.reward_source is RewardSource.model:
         members = [_load(out, rel, "reward_models") for rel in cfg.reward_models]

@@ -113,6 +113,7 @@ def run(args) -> int:
     from rlhfkit.io import atomic_write_jsonl
     from rlhfkit.judges.config import load_judge_config
     from rlhfkit.judges.spec import from_spec
+    from rlhfkit.tasks import JUDGES as TASK_JUDGES
 
     cfg = load_judge_config(args.judge, args.overrides)
     if args.limit is not None and args.limit < 1:
@@ -127,7 +128,7 @@ def run(args) -> int:
         pairs = pairs[: args.limit]
     t0 = time.time()
     try:
-        judge = from_spec(cfg, pairs)
+        judge = from_spec(cfg, pairs, task_judges=TASK_JUDGES)
     except ValueError as e:
         raise ConfigError(f"{args.judge}: {e}") from None
     t_load = time.time() - t0
@@ -137,7 +138,7 @@ def run(args) -> int:
 
         other_cfg = load_judge_config(args.against)
         try:
-            other = from_spec(other_cfg, pairs)
+            other = from_spec(other_cfg, pairs, task_judges=TASK_JUDGES)
         except ValueError as e:
             raise ConfigError(f"{args.against}: {e}") from None
         other_judgments, other_fig = evaluate(other, pairs)

@@ -4,10 +4,10 @@ Every stage and command that needs a judge builds it here (``label.judge``, ``ev
 ``dno.judge``, ``rlhfkit judge-eval --judge``), so a judge that labels is a judge that evaluates,
 named the same way:
 
-- ``oracle``: the embedded task's answer key, P(a ≻ b) = σ(beta · (score_a − score_b)) (needs
-  records carrying ``meta``);
-- ``intransitive``: the oracle plus the answer-style cycle of :mod:`rlhfkit.judges.intransitive`
-  (needs ``meta`` too);
+- a name of ``task_judges``, the judges a task brings (the embedded task's :data:`rlhfkit.tasks.JUDGES`:
+  ``oracle``, its answer key, P(a ≻ b) = σ(beta · (score_a − score_b)), and ``intransitive``, the
+  oracle plus an answer-style cycle); they need records carrying the task's ``meta``. The caller
+  passes them in (the recipes do), so this factory, like all of the foundation, never imports a task;
 - a reward-model directory (``scalar_head.json``; an ensemble directory with ``ensemble.json``):
   P(a ≻ b) = σ(r(a) − r(b)); a pairwise preference-model directory (``preference_model.json``);
 - ``bt:DIR`` or ``pm:DIR``: the same, saying which of the two DIR must be (DNO's spelling);
@@ -23,19 +23,19 @@ spec and the accepted forms, so the command line prints it as an error rather th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 from rlhfkit.config import ConfigError
 from rlhfkit.judges.base import PreferenceFunction
 from rlhfkit.judges.config import JudgeConfig, JudgeKind, load_judge_config
-from rlhfkit.judges.intransitive import IntransitiveJudge
-from rlhfkit.judges.oracle import TaskOracle
 from rlhfkit.judges.prompt import prompt_from_files
 
 ACCEPTED = ("'oracle', 'intransitive', a reward-model directory (scalar_head.json or ensemble.json), "
             "a preference-model directory (preference_model.json), bt:DIR or pm:DIR, "
             "or a judge YAML file (kind: llm, http or oracle)")
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# A task's named judges: name → build(records with ``meta``, beta, gamma) → PreferenceFunction.
+TaskJudges = Mapping[str, Callable[[Sequence[dict], float, float], PreferenceFunction]]
 # ``bt:DIR`` / ``pm:DIR``: the model kind DIR must hold (auto-detected when DIR is given alone).
 MODEL_PREFIXES = ("bt", "pm")
 
@@ -50,23 +50,23 @@ def resolve_spec_path(spec: str, base_dir: Path | None = None) -> Path:
 
 def from_spec(spec: str | JudgeConfig, records: Sequence[dict] | None = None, base_dir: Path | None = None,
               device=None, *, beta: float = 10.0, gamma: float = 3.0,
-              overrides: Sequence[str] = ()) -> PreferenceFunction:
+              overrides: Sequence[str] = (), task_judges: TaskJudges | None = None) -> PreferenceFunction:
     """Build the judge ``spec`` names (see the module docstring for the accepted forms).
 
     ``records``: dicts with ``prompt`` and ``meta`` (the task judges' answer key; other judges
     ignore them). ``device``: where a reward or preference model runs. ``beta`` and ``gamma``: the
     ``oracle``'s and ``intransitive`` judge's sharpness and style weight (a judge YAML carries its
-    own). ``overrides``: ``key=value`` settings applied to a judge YAML file.
+    own). ``overrides``: ``key=value`` settings applied to a judge YAML file. ``task_judges``: the
+    judges a task names (``rlhfkit.tasks.JUDGES``), for ``oracle``, ``intransitive`` and ``kind: oracle``.
     """
+    task_judges = task_judges or {}
     if isinstance(spec, JudgeConfig):
-        return _from_config(spec, records)
+        return _from_config(spec, records, task_judges)
     spec = str(spec).strip()
     if overrides and not _is_config_file(resolve_spec_path(spec, base_dir)):
         raise ConfigError(f"judge {spec!r}: key=value overrides apply to a judge YAML file only")
-    if spec == "oracle":
-        return _task_judge(TaskOracle, records, beta=beta)
-    if spec == "intransitive":
-        return _task_judge(IntransitiveJudge, records, beta=beta, gamma=gamma)
+    if spec in task_judges:
+        return _task_judge(spec, task_judges, records, beta, gamma)
     if not spec:
         raise ConfigError(f"no judge given; a judge is {ACCEPTED}")
     kind, colon, rest = spec.partition(":")
@@ -80,7 +80,7 @@ def from_spec(spec: str | JudgeConfig, records: Sequence[dict] | None = None, ba
     if path.is_dir():
         return _model_judge(spec, path, device)
     if _is_config_file(path):
-        return _from_config(load_judge_config(path, overrides), records)
+        return _from_config(load_judge_config(path, overrides), records, task_judges)
     what = "is not a judge config file" if path.is_file() else "is neither a known judge name nor an existing path"
     raise ConfigError(f"judge {spec!r} {what}{_looked_in(path, base_dir)}; a judge is {ACCEPTED}")
 
@@ -93,20 +93,23 @@ def _looked_in(path: Path, base_dir: Path | None) -> str:
     return f" (looked in {base_dir} and the working directory)" if base_dir is not None and not path.is_absolute() else ""
 
 
-def _task_judge(cls: type[TaskOracle], records: Sequence[dict] | None, **kwargs) -> TaskOracle:
-    """The oracle or the intransitive judge from the records that carry the task ``meta``."""
+def _task_judge(name: str, task_judges: TaskJudges, records: Sequence[dict] | None, beta: float,
+                gamma: float) -> PreferenceFunction:
+    """The task judge ``name`` (the oracle or the intransitive judge) from the records that carry the task ``meta``."""
+    if name not in task_judges:
+        raise ConfigError(f"judge {name!r} is a task's judge, and this command was given no task judges")
     metas = [r for r in (records or []) if isinstance(r.get("meta"), dict)]
     if not metas:
-        raise ValueError(f"the {cls.name} judge needs records of the embedded task (each with 'meta')")
-    return cls.from_records(metas, **kwargs)
+        raise ValueError(f"the {name} judge needs records of the embedded task (each with 'meta')")
+    return task_judges[name](metas, beta, gamma)
 
 
-def _from_config(cfg: JudgeConfig, records: Sequence[dict] | None) -> PreferenceFunction:
+def _from_config(cfg: JudgeConfig, records: Sequence[dict] | None, task_judges: TaskJudges) -> PreferenceFunction:
     """The judge a :class:`JudgeConfig` describes. The oracle needs ``records`` carrying ``meta``."""
     if cfg.kind in (JudgeKind.LLM, JudgeKind.HTTP) and not cfg.model:
         raise ValueError(f"a {cfg.kind.value} judge needs 'model'")
     if cfg.kind is JudgeKind.ORACLE:
-        return _task_judge(TaskOracle, records, beta=cfg.beta)
+        return _task_judge("oracle", task_judges, records, cfg.beta, 0.0)
     prompt = prompt_from_files(cfg.rubric_file, cfg.constitution_file, tuple(cfg.labels))
     if cfg.kind is JudgeKind.LLM:
         from rlhfkit.judges.llm import LLMJudge  # transformers and torch: only for the judge that needs them

@@ -37,6 +37,7 @@ from rlhfkit.generation import SamplingConfig
 from rlhfkit.judges.spec import from_spec
 from rlhfkit.models.sequence_logps import precompute_logps
 from rlhfkit.pair_training import add_sft_term, train_on_pairs
+from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.training import TrainConfig
 
 
@@ -272,7 +273,8 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
             require(rec, {"prompt": str, "response": str}, nonempty=("prompt", "response"))
             teacher[rec.record["prompt"]] = rec.record["response"]
     # bt:DIR / pm:DIR relative to the run; no device: the judge's model stays where it loads, off the policy's
-    pf = pf or from_spec(cfg.judge, raw, base_dir=out, beta=cfg.judge_beta, gamma=cfg.judge_gamma)
+    pf = pf or from_spec(cfg.judge, raw, base_dir=out, beta=cfg.judge_beta, gamma=cfg.judge_gamma,
+                         task_judges=TASK_JUDGES)
     val_prompts = [r.prompt for r in records[:cfg.n_validation]]
     train_prompts = [r.prompt for r in records[cfg.n_validation:]]
     tok = load_tokenizer(model_path)

@@ -26,14 +26,15 @@ from rlhfkit.data.chat import prompt_to_json
 from rlhfkit.data.loading import DataError, load_prompts
 from rlhfkit.generation import SamplingConfig, sample
 from rlhfkit.io import atomic_write_jsonl
-from rlhfkit.judges.oracle import TaskOracle
 from rlhfkit.judges.reward_model import RewardModelPreference
 from rlhfkit.judges.spec import from_spec
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.local import ModelNotFound, resolve_in_run
 from rlhfkit.stats import mean_ci
+from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import Problem
 from rlhfkit.tasks.arith_judge import judge as oracle_verdict
+from rlhfkit.tasks.oracle import TaskOracle
 
 
 def _greedy() -> SamplingConfig:
@@ -59,7 +60,7 @@ class EvalConfig:
     """sampling and bootstrap seed"""
     judge: str = "oracle"
     """the embedded task's ``oracle`` (higher gold score wins) or ``intransitive`` (the oracle plus the
-    answer-style cycle of ``rlhfkit.judges.intransitive``): judge of ``win_rate_vs_sft``, the other
+    answer-style cycle of ``rlhfkit.tasks.intransitive_judge``): judge of ``win_rate_vs_sft``, the other
     metrics always the oracle's; or any judge spec of ``judges.spec.from_spec`` (a reward-model
     directory, a judge YAML file; a relative path is looked up in the run directory first) for
     prompts without ``meta``: ``win_rate`` against ``reference`` and the general metrics"""
@@ -108,7 +109,7 @@ def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, jud
     """The report's metrics for one policy, each ``{"mean", "ci95", "n"}``.
 
     With ``ref_rows`` (the reference policy's rows, prompt by prompt), ``win_rate_vs_sft``: the mean of
-    ``judge``'s noiseless verdicts (:meth:`~rlhfkit.judges.oracle.TaskOracle.verdict`: 1, ½ or 0) on this
+    ``judge``'s noiseless verdicts (:meth:`~rlhfkit.tasks.oracle.TaskOracle.verdict`: 1, ½ or 0) on this
     policy's response against the reference's, with each row's ``score`` as judged (an unfinished
     response at ``unfinished_score``).
     """
@@ -193,7 +194,7 @@ def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Pa
     paths = policy_paths(cfg, out)
     # Built before any sampling: a judge that cannot be built fails in seconds, not after the policies ran.
     judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
-                      device=accelerator.device, beta=cfg.judge_beta, gamma=cfg.judge_gamma)
+                      device=accelerator.device, beta=cfg.judge_beta, gamma=cfg.judge_gamma, task_judges=TASK_JUDGES)
     samples_by_policy = {}
     for name, p in paths.items():
         tok = load_tokenizer(p)

@@ -6,7 +6,7 @@ Read top to bottom, from the pretrained model, on the same data and budget for b
    drawn with ``style_weights`` (spaced, tight, wide), so the SFT policy samples all three;
 2. label comparisons like annotators would: for each labeling prompt, two samples of the SFT
    policy, the intransitive judge's choice drawn from its P(a ≻ b)
-   (``rlhfkit.judges.intransitive``: spaced ≻ tight ≻ wide ≻ spaced among equally good answers),
+   (``rlhfkit.tasks.intransitive_judge``: spaced ≻ tight ≻ wide ≻ spaced among equally good answers),
    as sampled or in the factorial design of ``label_styles: contrast`` (content and style compared
    apart, each edge of the cycle labelled equally often);
 3. train, on those comparisons, a Bradley-Terry reward model (``bt``) and a pairwise preference
@@ -106,7 +106,7 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     from rlhfkit.data.loading import load_demonstrations, load_prompts
     from rlhfkit.generation import SamplingConfig, sample
     from rlhfkit.io import JsonlLog, atomic_write_jsonl, run_path
-    from rlhfkit.judges.intransitive import STYLES, IntransitiveJudge, restyle
+    from rlhfkit.tasks.intransitive_judge import STYLES, IntransitiveJudge, restyle
     from rlhfkit.judges.preference_model import PairwisePreferenceModel, load_bt_preference, load_preference_model
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.recipes import dno, sft
@@ -193,7 +193,7 @@ def label_pairs(judge, prompts: list[str], samples, label_styles: str, rng: rand
     A pair of identical or unfinished samples is not compared; a contrast pair needs only the first sample
     finished and with an answer line.
     """
-    from rlhfkit.judges.intransitive import BEATS, STYLES, answer_style, restyle
+    from rlhfkit.tasks.intransitive_judge import BEATS, STYLES, answer_style, restyle
 
     pairs, styles = [], []
     for i, prompt in enumerate(prompts):
@@ -285,7 +285,7 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
 
 def _cycle_probe(judge, prompts, pfs) -> dict:
     """Mean P(style x ≻ style y) of each preference function on gold responses restyled, over 32 prompts."""
-    from rlhfkit.judges.intransitive import BEATS, restyle
+    from rlhfkit.tasks.intransitive_judge import BEATS, restyle
     from rlhfkit.tasks.arith import gold_response
 
     out = {}

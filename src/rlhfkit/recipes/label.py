@@ -34,6 +34,7 @@ from pathlib import Path
 from rlhfkit.data.step_estimation import EstimateMode
 from rlhfkit.generation import SamplingConfig
 from rlhfkit.judges.spec import from_spec
+from rlhfkit.tasks import JUDGES as TASK_JUDGES
 
 
 def _sampling() -> SamplingConfig:
@@ -237,7 +238,7 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
         judge, judge_name = None, f"oracle(beta={beta})"  # label_chunk draws the rankings from each record's meta
     else:
         judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
-                          device=accelerator.device, beta=beta)
+                          device=accelerator.device, beta=beta, task_judges=TASK_JUDGES)
         judge_name = getattr(judge, "name", cfg.judge)
     tok = load_tokenizer(policy)
     lm = load_causal_lm(policy).to(accelerator.device)

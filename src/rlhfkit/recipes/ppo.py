@@ -54,6 +54,7 @@ from rlhfkit.policy_losses import (
 )
 from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics
+from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
 from rlhfkit.tracking import check_report_to
 from rlhfkit.training import Collective, optimizer_step
@@ -459,7 +460,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     problems = {r.prompt: Problem.from_meta(r.meta) for r in records if r.meta is not None}
     if len(prompts) < cfg.prompts_per_step:
         raise ValueError(f"{records[0].where.rsplit(':', 1)[0]}: {len(prompts)} prompts, fewer than prompts_per_step {cfg.prompts_per_step}")
-    scorer = make_scorer(cfg, out, records, reward_fn)
+    scorer = make_scorer(cfg, out, records, reward_fn, TASK_JUDGES)
 
     # --- models: policy (trainable), reference (frozen, eval), critic (PPO only)
     torch.manual_seed(cfg.seed)

@@ -10,5 +10,22 @@ from rlhfkit.tasks.arith_judge import (
 __all__ = [
     "Problem", "TaskConfig", "Verdict", "demonstration", "format_prompt", "gold_response",
     "judge", "make_problems", "missing_line", "preference_prob", "pretrain_corpus",
-    "sample_preference", "sample_ranking", "write_task_data",
+    "JUDGES", "sample_preference", "sample_ranking", "write_task_data",
 ]
+
+
+def _oracle(records, beta: float, gamma: float):
+    from rlhfkit.tasks.oracle import TaskOracle
+
+    return TaskOracle.from_records(records, beta=beta)
+
+
+def _intransitive(records, beta: float, gamma: float):
+    from rlhfkit.tasks.intransitive_judge import IntransitiveJudge
+
+    return IntransitiveJudge.from_records(records, beta=beta, gamma=gamma)
+
+
+# The task's named judges, for ``judges.from_spec(spec, ..., task_judges=JUDGES)``: ``oracle`` (the answer
+# key as simulated annotators) and ``intransitive`` (the oracle plus an answer-style cycle).
+JUDGES = {"oracle": _oracle, "intransitive": _intransitive}

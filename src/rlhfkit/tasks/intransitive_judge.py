@@ -24,7 +24,7 @@ import math
 import re
 from typing import Iterable, Sequence
 
-from rlhfkit.judges.oracle import TaskOracle
+from rlhfkit.tasks.oracle import TaskOracle
 from rlhfkit.tasks.arith import Problem
 
 STYLES = ("spaced", "tight", "wide")
