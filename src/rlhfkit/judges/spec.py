@@ -11,8 +11,9 @@ here, so a judge that labels is a judge that evaluates, named the same way:
 - a judge YAML file (``JudgeConfig``: ``kind: llm`` a local LLM judge, ``kind: http`` an
   OpenAI-compatible endpoint, ``kind: oracle``), built by :func:`rlhfkit.judges.config.build_judge`.
 
-A relative path is looked up under ``base_dir`` first (a stage passes its run directory, so
-``reward/rm`` names the run's reward model), then as given (against the working directory).
+Paths follow the one path rule (:mod:`rlhfkit.paths`): ``stage:reward/rm`` names the run's reward
+model (under ``base_dir``, the run directory a stage passes); any other path is used as given (a
+config file's relative paths were anchored to its directory by the loader).
 A spec that names no judge raises :class:`~rlhfkit.config.ConfigError` (a ValueError), naming the
 spec and the accepted forms, so the command line prints it as an error rather than a traceback.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from rlhfkit.config import ConfigError
 from rlhfkit.judges.base import PreferenceFunction
+from rlhfkit.paths import STAGE_PREFIX, run_path, stage_hint
 
 ACCEPTED = ("'oracle', 'intransitive', a reward-model directory (scalar_head.json or ensemble.json), "
             "a preference-model directory (preference_model.json), or a judge YAML file (kind: llm, http or oracle)")
@@ -29,11 +31,10 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def resolve_spec_path(spec: str, base_dir: Path | None = None) -> Path:
-    """The path a spec names: under ``base_dir`` when relative and present there, else as given."""
-    p = Path(spec).expanduser()
-    if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
-        return Path(base_dir) / p
-    return p
+    """The path a spec names: ``stage:NAME/sub`` is ``base_dir``/NAME/sub (the run directory), else as given."""
+    if spec.startswith(STAGE_PREFIX) and base_dir is None:
+        raise ConfigError(f"judge {spec!r}: a {STAGE_PREFIX} path names a stage's output, and there is no run here")
+    return run_path(base_dir, spec)
 
 
 def from_spec(spec: str, records: list[dict] | None = None, base_dir: Path | None = None, device=None, *,
@@ -66,7 +67,7 @@ def from_spec(spec: str, records: list[dict] | None = None, base_dir: Path | Non
         from rlhfkit.judges.config import JudgeConfig, build_judge
 
         return build_judge(load_config(JudgeConfig, path), records)
-    where = f" (looked in {base_dir} and the working directory)" if base_dir is not None and not path.is_absolute() else ""
+    where = stage_hint(spec, base_dir) if base_dir is not None else ""
     what = "is not a judge config file" if path.is_file() else "is neither a known judge name nor an existing path"
     raise ConfigError(f"judge {spec!r} {what}{where}; a judge is {ACCEPTED}")
 

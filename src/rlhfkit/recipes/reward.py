@@ -23,12 +23,15 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from rlhfkit.config import check_non_negative, check_probability
+from rlhfkit.config import check_non_negative, check_probability, coerce_enums
+from rlhfkit.paths import ConfigPath, ModelRef, run_path
+from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig
 
 
@@ -38,10 +41,10 @@ class RerankConfig:
 
     enabled: bool = True
     """run it (needs task prompts with ``meta`` and the trained PRM/ORM/RM)"""
-    policy: str = "sft/model"
-    """the policy whose samples are reranked (relative to ``out``, or absolute)"""
-    data: str = ""
-    """held-out prompts with task ``meta``; empty means the task's heldout.jsonl"""
+    policy: ModelRef = "stage:sft/model"
+    """the policy whose samples are reranked"""
+    data: ConfigPath = "stage:data/heldout.jsonl"
+    """held-out prompts with task ``meta`` (default: the task's)"""
     n: int = 16
     """samples per prompt (best-of-N)"""
     n_prompts: int = 200
@@ -54,20 +57,51 @@ class RerankConfig:
     """sampling seed"""
 
 
+class Pooling(StrEnum):
+    """Where a reward model reads its scalar."""
+
+    last = "last"
+    """at the last real token"""
+    mean = "mean"
+    """the mean over real tokens"""
+    response = "response"
+    """the mean over the response (an encoder's segment B; a PRM's steps so far)"""
+
+
+class Ambiguous(StrEnum):
+    """How a PRM800K rating 0 (ambiguous) counts."""
+
+    drop = "drop"
+    """left out of training and scoring"""
+    positive = "positive"
+    """as a right step"""
+    negative = "negative"
+    """as a wrong step"""
+
+
+class PRMTarget(StrEnum):
+    """What the PRM learns at step k."""
+
+    step = "step"
+    """the label of line k as given"""
+    prefix = "prefix"
+    """steps 1..k all right: the running minimum of the rated labels"""
+
+
 @dataclass(frozen=True)
 class RewardConfig(TrainConfig):
     """Reward-model stage: which models to train, on what data, and how."""
 
-    model: str = ""
-    """backbone: a model directory, or ``pkg:NAME`` for a model shipped in the Python package NAME
-    (its ``model/`` folder, found at run time); empty means the SFT stage's model"""
-    data: str = ""
-    """pairs / HH transcripts / rankings for the BT reward model; empty means OUT/label/rankings.jsonl"""
-    eval_data: str = ""
+    model: ModelRef = "stage:sft/model"
+    """backbone: a model directory, a stage's output, or ``pkg:NAME`` for a model shipped in the Python
+    package NAME (its ``model/`` folder, found at run time)"""
+    data: ConfigPath = "stage:label/rankings.jsonl"
+    """pairs / HH transcripts / rankings for the BT reward model"""
+    eval_data: ConfigPath = ""
     """held-out pairs; empty means hold out ``heldout_frac`` of ``data`` (whole rankings)"""
-    steps_data: str = ""
-    """step-labelled solutions (PRM, ORM and cost labels); empty means OUT/label/steps.jsonl"""
-    steps_eval_data: str = ""
+    steps_data: ConfigPath = "stage:label/steps.jsonl"
+    """step-labelled solutions (PRM, ORM and cost labels)"""
+    steps_eval_data: ConfigPath = ""
     """held-out step-labelled solutions; empty means hold out ``heldout_frac`` of ``steps_data``"""
     max_unusable_share: float = 0.5
     """refuse a pair file where more than this share of the records is unusable (chosen equals rejected,
@@ -84,7 +118,7 @@ class RewardConfig(TrainConfig):
     """train the cost model from ``is_safe`` labels (OUT/reward/cost)"""
     max_len: int = 256
     """longest input in tokens (prompt start is cut first)"""
-    pooling: str = "last"
+    pooling: Pooling = Pooling.last
     """scalar read at the ``last`` real token, the ``mean`` over real tokens, or the mean over the ``response`` (an encoder's segment B; a PRM's steps so far)"""
     freeze_layers: int = 0
     """freeze the embeddings and this many lowest layers (saves backward compute on CPU)"""
@@ -92,9 +126,9 @@ class RewardConfig(TrainConfig):
     """backbone dropout override; negative keeps the backbone's own"""
     center_coef: float = 0.0
     """reward-centering coefficient of the BT loss (Eisenstein et al. 2023)"""
-    ambiguous: str = "drop"
+    ambiguous: Ambiguous = Ambiguous.drop
     """PRM800K rating 0 (ambiguous): drop, positive or negative"""
-    prm_target: str = "step"
+    prm_target: PRMTarget = PRMTarget.step
     """what the PRM learns at step k: ``step`` (the label of line k as given) or ``prefix`` (steps 1..k all right:
     the running minimum of the rated labels, so P(the solution so far is right), as Lightman et al. read a PRM)"""
     prm_lr: float = 0.0
@@ -122,12 +156,7 @@ class RewardConfig(TrainConfig):
         super().__post_init__()
         check_probability(heldout_frac=self.heldout_frac, max_unusable_share=self.max_unusable_share)
         check_non_negative(center_coef=self.center_coef, prm_lr=self.prm_lr, freeze_layers=self.freeze_layers)
-        if self.pooling not in ("last", "mean", "response"):
-            raise ValueError(f"pooling must be last, mean or response, got {self.pooling!r}")
-        if self.prm_target not in ("step", "prefix"):
-            raise ValueError(f"prm_target must be step or prefix, got {self.prm_target!r}")
-        if self.ambiguous not in ("drop", "positive", "negative"):
-            raise ValueError(f"ambiguous must be drop, positive or negative, got {self.ambiguous!r}")
+        coerce_enums(self)
 
 
 # ------------------------------------------------------------------------------ the training loop
@@ -454,15 +483,14 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
     """Best-of-N on held-out prompts: gold accuracy of the response each method picks, with 95% CIs."""
     from rlhfkit.data.loading import DataError, load_prompts
     from rlhfkit.generation import SamplingConfig, sample
-    from rlhfkit.io import atomic_write_jsonl, run_path
+    from rlhfkit.io import atomic_write_jsonl
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.stats import mean_ci
     from rlhfkit.tasks.arith import Problem
     from rlhfkit.tasks.arith_judge import judge
 
     rc = cfg.rerank
-    data = Path(rc.data) if rc.data else out / "data" / "heldout.jsonl"
-    records = load_prompts(data)[: rc.n_prompts]
+    records = load_prompts(run_path(out, rc.data))[: rc.n_prompts]
     for r in records:
         if r.meta is None:
             raise DataError(f"{r.where}: reranking with the task judge needs the field 'meta'")
@@ -514,16 +542,15 @@ def rerank(cfg: RewardConfig, out: Path, models: dict, stage_dir: Path, accelera
 
 # ------------------------------------------------------------------------------ the stage
 
-def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict:
+def run(cfg: RewardConfig, ctx: StageContext) -> dict:
     from rlhfkit.checkpoints import checkpoint_dir
     from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.models.reward_files import save_scalar_model
     from rlhfkit.models.reward_eval import pair_metrics
 
-    from rlhfkit.models.local import resolve_in_run
-
-    backbone = resolve_in_run(cfg.model, out) if cfg.model else out / "sft" / "model"
+    out, stage_dir, accelerator, log = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.log
+    backbone = ctx.model(cfg.model, "model")
     dev = accelerator.device
     metrics: dict = {"models": {}, "backbone": str(backbone)}
     trained: dict = {}
@@ -533,13 +560,12 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
     # Load and validate every file first: a bad record fails before any model is built.
     rm_train = rm_eval = None
     if cfg.train_rm:
-        data = Path(cfg.data) if cfg.data else out / "label" / "rankings.jsonl"
-        loaded = load_pairs(data, cfg.max_unusable_share)
+        loaded = load_pairs(ctx.resolve(cfg.data, key="data"), cfg.max_unusable_share)
         if loaded.skipped:
             print(f"[rlhfkit] reward: {len(loaded.skipped)} pair(s) left out, e.g. {loaded.skipped[0]}")
         metrics["rm_skipped"] = loaded.skipped
         if cfg.eval_data:
-            rm_train, ev = loaded, load_pairs(cfg.eval_data, cfg.max_unusable_share)
+            rm_train, ev = loaded, load_pairs(ctx.resolve(cfg.eval_data, key="eval_data"), cfg.max_unusable_share)
             metrics["rm_eval_skipped"] = ev.skipped
             rm_eval = ev.pairs
         else:
@@ -551,10 +577,10 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
         rm_eval = _cap(rm_eval, cfg.max_eval_examples, cfg.seed)
     steps_train = steps_eval = None
     if cfg.train_prm or cfg.train_orm or cfg.train_cost:
-        sdata = Path(cfg.steps_data) if cfg.steps_data else out / "label" / "steps.jsonl"
-        recs = load_steps(sdata, cfg.ambiguous)
+        recs = load_steps(ctx.resolve(cfg.steps_data, key="steps_data"), cfg.ambiguous)
         if cfg.steps_eval_data:
-            steps_train, steps_eval = recs, load_steps(cfg.steps_eval_data, cfg.ambiguous)
+            steps_train, steps_eval = recs, load_steps(ctx.resolve(cfg.steps_eval_data, key="steps_eval_data"),
+                                                       cfg.ambiguous)
         else:
             steps_train, steps_eval = _split(recs, cfg.heldout_frac, cfg.seed)
         steps_train = _cap(steps_train, cfg.max_train_examples, cfg.seed)
@@ -597,8 +623,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
                 save_scalar_model(net, tok, stage_dir / "orm")
             trained["orm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
     if cfg.train_cost:
-        sdata = Path(cfg.steps_data) if cfg.steps_data else out / "label" / "steps.jsonl"
-        safety = load_safety(sdata)
+        safety = load_safety(ctx.resolve(cfg.steps_data, key="steps_data"))
         held = {(s.prompt, s.completion) for s in steps_eval}
         tr = [x for x in safety if (x.prompt, x.response) not in held]
         ev = [x for x in safety if (x.prompt, x.response) in held]
@@ -628,14 +653,13 @@ def _metas(cfg: RewardConfig, out: Path) -> dict[str, dict]:
     """Task meta by prompt text, from the labelled data itself (label records carry ``meta``)."""
     from rlhfkit.data.loading import iter_records
 
-    data = Path(cfg.data) if cfg.data else out / "label" / "rankings.jsonl"
     metas = {}
-    for rec in iter_records(data):
+    for rec in iter_records(run_path(out, cfg.data)):
         meta = rec.record.get("meta")
         if isinstance(meta, dict) and "prompt" in rec.record:
             metas[rec.record["prompt"]] = meta
     if cfg.eval_data:
-        for rec in iter_records(cfg.eval_data):
+        for rec in iter_records(run_path(out, cfg.eval_data)):
             meta = rec.record.get("meta")
             if isinstance(meta, dict) and "prompt" in rec.record:
                 metas[rec.record["prompt"]] = meta
