@@ -63,8 +63,8 @@ def test_overrides_win_and_types_are_coerced(tmp_path):
     assert cfg.sft.batch_size == 16 and cfg.out == "x" and cfg.eval.policies == {"a": "b"}
     # A mapping-valued field is replaced whole by an override, not merged key by key.
     g = tmp_path / "d.yaml"
-    g.write_text("eval:\n  policies: {base: pretrain/model, sft: sft/model, ppo: ppo/model}\n")
-    assert load_config(PipelineConfig, g, ["eval.policies={sft: sft/model}"]).eval.policies == {"sft": "sft/model"}
+    g.write_text("eval:\n  policies: {base: stage:pretrain/model, sft: stage:sft/model, ppo: stage:ppo/model}\n")
+    assert load_config(PipelineConfig, g, ["eval.policies={sft: stage:sft/model}"]).eval.policies == {"sft": "stage:sft/model"}
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
 
 

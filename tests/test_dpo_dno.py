@@ -14,6 +14,7 @@ import torch
 
 from rlhfkit.recipes.dno import (DNOPair, average_win_rates, mix_pairs, select_pairs, soft_pairs,
                                  win_rate_matrix)
+from rlhfkit.stage import StageContext
 
 
 def _sig(x):
@@ -233,7 +234,8 @@ def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tm
                         epochs=1.0, lr=5e-3, eta=1.0, judge="unused", mix_fractions=(1.0,),
                         sampling=generation.SamplingConfig(max_new_tokens=6, temperature=1.0), lora=LoRAConfig(r=lora))
     log = JsonlLog(tmp_path / "log.jsonl")
-    result = dno.run(cfg, tiny_lm_dir, prompts, tmp_path, tmp_path / "dno", Accelerator(cpu=True), log, pf=ShorterWins())
+    cfg = dataclasses.replace(cfg, model=str(tiny_lm_dir), prompts=str(prompts))
+    result = dno.run(cfg, StageContext(tmp_path, tmp_path / "dno", "dno", Accelerator(cpu=True), log), pf=ShorterWins())
     log.close()
     assert len(seen) == 2 and set(result["iterations"]) == {"dno_1", "dno_2"}
     tok = load_tokenizer(tiny_lm_dir)
@@ -285,14 +287,15 @@ def test_bt_cannot_express_a_cycle_and_the_pairwise_model_can(tiny_lm_dir, tmp_p
     edges, docs/preference_optimization.md.)
     """
     from rlhfkit.tasks.intransitive_judge import BEATS, answer_style, cycle, restyle
-    from rlhfkit.judges.preference_model import PairwisePreferenceModel, load_bt_preference
+    from rlhfkit.judges.preference_model import PairwisePreferenceModel
+    from rlhfkit.judges.spec import from_spec
     from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
     from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
 
     net, tok = build_scalar_model(tiny_lm_dir, kind="reward", seed=1)
     torch.nn.init.normal_(net.head.weight, std=1.0)
     save_scalar_model(net, tok, tmp_path / "bt")
-    bt = load_bt_preference(tmp_path / "bt")
+    bt = from_spec(f"bt:{tmp_path / 'bt'}")
     probe = [(format_prompt(p), restyle(gold_response(p), a), restyle(gold_response(p), b))
              for p in make_problems(4, 9, 0.0) for a, b in BEATS.items()]
     p_bt = bt.prob(probe)
@@ -363,7 +366,7 @@ def test_dpo_and_dno_stages_in_a_tiny_pipeline(tmp_path):
         "dpo.batch_size=4", "dpo.max_steps=2", "dpo.from_rankings=best_worst",
         "dno.iterations=2", "dno.prompts_per_iteration=12", "dno.n_validation=8", "dno.batch_size=2",
         "dno.sampling.max_new_tokens=16",
-        "eval.policies={sft: sft/model, dpo: dpo/model, dno_1: dno/dno_1/model, dno_2: dno/dno_2/model}",
+        "eval.policies={sft: stage:sft/model, dpo: stage:dpo/model, dno_1: stage:dno/dno_1/model, dno_2: stage:dno/dno_2/model}",
     ]
     out = run_pipeline(load_pipeline_config(None, over))
     summary = json.loads((out / "summary.json").read_text())

@@ -68,8 +68,8 @@ def _eval(run: Path, models: Path, tiny_lm_dir: Path, data: Path) -> int:
     from rlhfkit.cli import main
 
     shutil.copytree(models, run)  # the run directory: policies/noisy and judges/rm inside it
-    policies = json.dumps({"base": str(tiny_lm_dir), "noisy": "policies/noisy"})
-    return main(["eval", f"out={run}", f"data={data}", f"policies={policies}", "reference=base", "judge=judges/rm",
+    policies = json.dumps({"base": str(tiny_lm_dir), "noisy": str(run / "policies" / "noisy")})
+    return main(["eval", f"out={run}", f"data={data}", f"policies={policies}", "reference=base", f"judge={run / 'judges' / 'rm'}",
                  f"sampling.max_new_tokens={MAX_NEW}", "sampling.batch_size=4"])
 
 
@@ -178,20 +178,24 @@ def test_from_spec_names_an_unknown_spec_and_the_accepted_forms(tiny_lm_dir, tmp
         from_spec("oracle", [{"prompt": "hi"}], task_judges=JUDGES)
 
 
-def test_from_spec_resolves_a_relative_judge_yaml_against_base_dir(tmp_path, monkeypatch):
+def test_from_spec_finds_stage_paths_under_base_dir_and_other_paths_as_given(tmp_path, monkeypatch):
     from rlhfkit.judges.spec import from_spec
     from rlhfkit.tasks import JUDGES
     from rlhfkit.tasks.arith import format_prompt, make_problems
     from rlhfkit.tasks.oracle import TaskOracle
 
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "judge.yaml").write_text("kind: oracle\nbeta: 2.0\n")
-    monkeypatch.chdir(tmp_path)  # "judge.yaml" is not in the working directory: only base_dir has it
+    (tmp_path / "run" / "reward").mkdir(parents=True)
+    (tmp_path / "run" / "reward" / "judge.yaml").write_text("kind: oracle\nbeta: 2.0\n")
+    monkeypatch.chdir(tmp_path)  # "reward/judge.yaml" is not in the working directory: only base_dir has it
     records = [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in make_problems(3, seed=0, unanswerable_frac=0.0)]
-    j = from_spec("judge.yaml", records, base_dir=tmp_path / "run", task_judges=JUDGES)
+    j = from_spec("stage:reward/judge.yaml", records, base_dir=tmp_path / "run", task_judges=JUDGES)
     assert isinstance(j, TaskOracle) and j.beta == 2.0
-    with pytest.raises(ValueError, match="judge 'judge.yaml'"):
-        from_spec("judge.yaml", records, task_judges=JUDGES)
+    assert from_spec("run/reward/judge.yaml", records, base_dir=tmp_path / "run", task_judges=JUDGES).beta == 2.0  # as given
+    # the path rule: a relative path is not looked up in the run; the error says how to name it there
+    with pytest.raises(ValueError, match="judge 'reward/judge.yaml'.*stage:reward/judge.yaml"):
+        from_spec("reward/judge.yaml", records, base_dir=tmp_path / "run", task_judges=JUDGES)
+    with pytest.raises(ValueError, match="stage:"):
+        from_spec("stage:reward/judge.yaml", records, task_judges=JUDGES)
 
 
 def test_eval_on_messages_records(plain_run, models, tiny_lm_dir):

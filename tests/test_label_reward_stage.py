@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_pipeline_overrides
+from rlhfkit.stage import StageContext
 
 LABEL = ["label.k=4", "label.chunk_size=8", "label.sampling.max_new_tokens=16"]
 REWARD = ["reward.max_steps=3", "reward.batch_size=4", "reward.max_len=96", "reward.eval_batch_size=32",
@@ -62,14 +63,14 @@ def test_killed_labeling_run_resumes_to_the_same_dataset(tiny_lm_dir, prompts_fi
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     for d in (whole, killed):
         (d / "stage").mkdir(parents=True)
-    m_whole = label.run(cfg.label, whole, cfg.task.judge_beta, whole / "stage", acc)
+    m_whole = label.run(cfg.label, StageContext(whole, whole / "stage", "label", acc))
     assert m_whole["chunks"] == 4 and m_whole["chunks_labeled"] == 4
     # "Kill" after two chunks: they are on disk, nothing else is.
-    stopped = label.run(cfg.label, killed, cfg.task.judge_beta, killed / "stage", acc, stop_after_chunks=2)
+    stopped = label.run(cfg.label, StageContext(killed, killed / "stage", "label", acc), stop_after_chunks=2)
     assert stopped == {"stopped": True, "chunks_done": 2}
     assert sorted(p.name for p in (killed / "label.chunks").glob("chunk-*.json")) == ["chunk-00000.json", "chunk-00001.json"]
     assert not (killed / "stage" / "rankings.jsonl").exists()
-    m_resumed = label.run(cfg.label, killed, cfg.task.judge_beta, killed / "stage", acc)
+    m_resumed = label.run(cfg.label, StageContext(killed, killed / "stage", "label", acc))
     assert m_resumed["chunks_resumed"] == 2 and m_resumed["chunks_labeled"] == 2  # nothing relabeled
     a, b = _records(whole / "stage"), _records(killed / "stage")
     assert a == b
@@ -81,7 +82,7 @@ def test_killed_labeling_run_resumes_to_the_same_dataset(tiny_lm_dir, prompts_fi
     other = _label_cfg(tiny_lm_dir, prompts_file, ["label.n_prompts=16", "label.chunk_size=4", "label.k=4",
                                                    "label.sampling.max_new_tokens=12"])
     with pytest.raises(ConfigError, match="different config"):
-        label.run(other.label, killed, cfg.task.judge_beta, killed / "stage", acc)
+        label.run(other.label, StageContext(killed, killed / "stage", "label", acc))
 
 
 def test_label_with_a_reward_model_judge_records_both_order_agreement(tiny_lm_dir, prompts_file, tmp_path):
@@ -95,7 +96,7 @@ def test_label_with_a_reward_model_judge_records_both_order_agreement(tiny_lm_di
     cfg = _label_cfg(tiny_lm_dir, prompts_file, [f"label.judge={tmp_path / 'rm'}", "label.n_prompts=8", "label.k=3",
                                                      "label.sampling.max_new_tokens=12"])
     (tmp_path / "stage").mkdir()
-    m = label.run(cfg.label, tmp_path, cfg.task.judge_beta, tmp_path / "stage", Accelerator())
+    m = label.run(cfg.label, StageContext(tmp_path, tmp_path / "stage", "label", Accelerator()))
     pairs = [json.loads(x) for x in (tmp_path / "stage" / "pairs.jsonl").read_text().splitlines()]
     assert m["pairs"] == len(pairs) > 0
     p = pairs[0]["provenance"]
@@ -113,7 +114,7 @@ def test_label_and_reward_stages_train_all_models_and_report_reranking(sft_run, 
     run_pipeline(cfg)
     for name in ("rm", "prm", "orm", "cost"):
         assert (sft_run / "reward" / name / "scalar_head.json").exists()
-    assert not (sft_run / "label.chunks").exists()
+    assert not (sft_run / "label.ckpt").exists() and not (sft_run / "label.chunks").exists()  # the chunk store
     metrics = json.loads((sft_run / "reward" / "metrics.json").read_text())
     assert set(metrics["models"]) == {"rm", "prm", "orm", "cost"}
     assert metrics["models"]["rm"]["heldout"]["pairs"] > 0

@@ -22,6 +22,7 @@ from rlhfkit.models.critic import build_critic
 from rlhfkit.policy_losses import LossAggregation, aggregate_loss, ppo_policy_loss, truncated_importance_weights
 from rlhfkit.recipes import ppo
 from rlhfkit.recipes.ppo import PPOConfig, Rollout
+from rlhfkit.stage import StageContext
 
 CPU = torch.device("cpu")
 
@@ -637,7 +638,7 @@ def test_every_rl_step_logs_the_rollout_training_logprob_gap(tmp_path, tiny_lm_d
     cfg = PPOConfig(policy=str(tiny_lm_dir), reward_source="judge", algorithm="ppo", prompts_per_step=4, minibatch_size=4,
                     ppo_epochs=1, total_steps=2, save_every=0, rollout_is_cap=2.0, lr=1e-2, mixed_precision="no",
                     sampling=SamplingConfig(max_new_tokens=8, temperature=0.8, batch_size=16))
-    ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl", name="rl")
+    ppo.run(cfg, StageContext(tmp_path, stage, "rl", Accelerator(cpu=True)))
     rows = read_jsonl_plain(stage / "log.jsonl")
     assert abs(rows[1]["kl"]) > 1e-3  # the second rollout's policy is not the reference (k1 can be < 0)
     for row in rows:
@@ -774,7 +775,7 @@ def test_resumed_rl_run_takes_the_bit_identical_next_step(tmp_path, tiny_lm_dir)
     def score(prompts, responses):
         return [len(r) / 10 for r in responses]
 
-    base = dict(policy=str(tiny_lm_dir), reward_source="callable", cost_model="reward/cost", adaptive_kl=True,
+    base = dict(policy=str(tiny_lm_dir), reward_source="callable", cost_model="stage:reward/cost", adaptive_kl=True,
                 kl_horizon=16, kl_target=0.01, lambda_lr=0.5, scheduler="linear", warmup_steps=2, prompts_per_step=4,
                 minibatch_size=2, ppo_epochs=2, total_steps=3, save_every=1, lr=1e-3, critic_lr=1e-3, mixed_precision="no",
                 sampling=SamplingConfig(max_new_tokens=8, temperature=1.0, batch_size=16))
@@ -788,11 +789,11 @@ def test_resumed_rl_run_takes_the_bit_identical_next_step(tmp_path, tiny_lm_dir)
             stage = out / "first.partial"
             stage.mkdir()
             with pytest.raises(ppo.StoppedEarly):
-                ppo.run(PPOConfig(**base, stop_after_steps=1), out, stage, Accelerator(cpu=True), stage / "log.jsonl",
+                ppo.run(PPOConfig(**base, stop_after_steps=1), StageContext(out, stage, "ppo", Accelerator(cpu=True)),
                         reward_fn=score)
         stage = out / "ppo.partial"
         stage.mkdir()
-        metrics = ppo.run(PPOConfig(**base), out, stage, Accelerator(cpu=True), stage / "log.jsonl", reward_fn=score)
+        metrics = ppo.run(PPOConfig(**base), StageContext(out, stage, "ppo", Accelerator(cpu=True)), reward_fn=score)
         runs[name] = (metrics, read_jsonl_plain(stage / "log.jsonl"), load_file(stage / "model" / "model.safetensors"))
     (m_whole, log_whole, w_whole), (m_resumed, log_resumed, w_resumed) = runs["whole"], runs["resumed"]
     assert m_whole["resumed_from_step"] == 0 and m_resumed["resumed_from_step"] == 1

@@ -24,6 +24,7 @@ from rlhfkit.generation import SamplingConfig
 from rlhfkit.models.trainable import LoRAConfig, add_lora
 from rlhfkit.recipes import ppo
 from rlhfkit.recipes.ppo import Algorithm, PPOConfig, Rollout
+from rlhfkit.stage import StageContext
 
 
 def _write_prompts(out: Path, n: int = 16) -> None:
@@ -154,7 +155,7 @@ def test_ppo_logs_the_diagnostics_and_writes_a_loadable_model(tmp_path, tiny_lm_
     stage = tmp_path / "ppo.partial"
     stage.mkdir()
     cfg = _tiny_cfg(tiny_lm_dir, total_steps=2, save_every=0)
-    metrics = ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl")
+    metrics = ppo.run(cfg, StageContext(tmp_path, stage, "ppo", Accelerator(cpu=True)))
     rows = read_jsonl_plain(stage / "log.jsonl")
     assert [r["step"] for r in rows] == [1, 2]
     for key in ("reward", "reward_with_kl", "kl", "entropy", "approx_kl", "clipfrac", "value_loss",
@@ -221,8 +222,8 @@ def tiny_scalar_models(tmp_path_factory, tiny_lm_dir):
 
 @pytest.mark.parametrize("variant", [
     dict(algorithm="grpo", group_size=2, prompts_per_step=2),
-    dict(algorithm="rloo", group_size=2, prompts_per_step=2, reward_source="model", cost_model="reward/cost"),
-    dict(algorithm="ppo", reward_source="prm", lora=LoRAConfig(r=4), cost_model="reward/cost", adaptive_kl=True, grad_accum_steps=2),
+    dict(algorithm="rloo", group_size=2, prompts_per_step=2, reward_source="model", cost_model="stage:reward/cost"),
+    dict(algorithm="ppo", reward_source="prm", lora=LoRAConfig(r=4), cost_model="stage:reward/cost", adaptive_kl=True, grad_accum_steps=2),
     dict(algorithm="ppo", reward_source="model"),
 ], ids=["grpo-judge", "rloo-rm-cost", "ppo-prm-lora-cost-adaptive-accum", "ppo-rm"])
 def test_every_variant_runs_a_step(tmp_path, tiny_lm_dir, tiny_scalar_models, variant):
@@ -237,7 +238,7 @@ def test_every_variant_runs_a_step(tmp_path, tiny_lm_dir, tiny_scalar_models, va
     stage = tmp_path / "rl.partial"
     stage.mkdir()
     cfg = _tiny_cfg(tiny_lm_dir, total_steps=1, save_every=0, ppo_epochs=1, **{"reward_source": "judge", **variant})
-    metrics = ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl", name="rl")
+    metrics = ppo.run(cfg, StageContext(tmp_path, stage, "rl", Accelerator(cpu=True)))
     row = read_jsonl_plain(stage / "log.jsonl")[0]
     assert math.isfinite(row["loss"]) and math.isfinite(row["reward"])
     if variant.get("cost_model"):
@@ -312,7 +313,7 @@ def test_rl_raises_a_learnable_reward(tmp_path, tiny_lm_dir, algorithm):
     cfg = _tiny_cfg(tiny_lm_dir, algorithm=algorithm, reward_source="callable", total_steps=16, save_every=0,
                     kl_coef=0.0, prompts_per_step=8, minibatch_size=8, group_size=4 if algorithm == "grpo" else 1, lr=3e-3,
                     sampling=SamplingConfig(max_new_tokens=16, temperature=1.0, batch_size=32))
-    ppo.run(cfg, tmp_path, stage, Accelerator(cpu=True), stage / "log.jsonl", reward_fn=_one)
+    ppo.run(cfg, StageContext(tmp_path, stage, "ppo", Accelerator(cpu=True)), reward_fn=_one)
     rewards = [r["reward"] for r in read_jsonl_plain(stage / "log.jsonl")]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     # A sign error makes the reward fall. Measured rises over seeds 0-6 (GRPO, its advantages scaled but no

@@ -66,6 +66,7 @@ def test_prm_best_of_16_beats_majority_vote_on_500_fresh_prompts(summary, tmp_pa
 
     from rlhfkit.models.reward_files import load_reward_model
     from rlhfkit.pipeline import load_pipeline_config
+    from rlhfkit.stage import StageContext
     from rlhfkit.tasks.arith_eval import rerank
     from rlhfkit.training import make_accelerator
 
@@ -76,7 +77,8 @@ def test_prm_best_of_16_beats_majority_vote_on_500_fresh_prompts(summary, tmp_pa
     cfg = load_pipeline_config(Path(__file__).parents[1] / "src/rlhfkit/configs/quickstart.yaml").reward
     cfg = dataclasses.replace(cfg, rerank=dataclasses.replace(cfg.rerank, data=str(fresh), n_prompts=500))
     models = {name: load_reward_model(out / "reward" / name) for name in ("prm", "orm", "rm")}
-    result = rerank(cfg.rerank, out, models, tmp_path, make_accelerator())
+    ctx = StageContext(out=out, stage_dir=tmp_path, name="reward", accelerator=make_accelerator())
+    result = rerank(cfg.rerank, ctx, models)
     acc = {k: result[k]["accuracy"]["mean"] for k in ("prm", "orm", "majority")}
     assert result["n_prompts"] == 500
     assert acc["prm"] > acc["majority"] and acc["prm"] > acc["orm"], acc

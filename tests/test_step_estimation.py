@@ -121,6 +121,7 @@ def test_label_stage_estimates_step_labels_from_policy_completions(tiny_lm_dir, 
     from rlhfkit.data.preferences import load_steps
     from rlhfkit.pipeline import load_pipeline_config
     from rlhfkit.recipes import label
+    from rlhfkit.stage import StageContext
     from rlhfkit.tasks.arith import Problem, format_prompt, make_problems
     from rlhfkit.data.steps import split_steps
     from rlhfkit.tasks.arith_judge import judge
@@ -151,7 +152,7 @@ def test_label_stage_estimates_step_labels_from_policy_completions(tiny_lm_dir, 
                                       "label.step_labels=estimate", "label.estimate_n=2",
                                       "label.sampling.max_new_tokens=12"]).label
     (tmp_path / "stage").mkdir()
-    m = label.run(cfg, tmp_path, 10.0, tmp_path / "stage", Accelerator())
+    m = label.run(cfg, StageContext(tmp_path, tmp_path / "stage", "label", Accelerator()))
     steps = [json.loads(x) for x in (tmp_path / "stage" / "steps.jsonl").read_text().splitlines()]
     assert m["steps"] == len(steps) > 0 and m["step_labels"] == "math-shepherd(n=2, soft)"
     for r in steps:

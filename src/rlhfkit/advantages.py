@@ -6,7 +6,7 @@ through them by accident.
 """
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -123,7 +123,7 @@ def scale_by_std(x: Tensor, mask: Tensor, all_sum=None) -> Tensor:
     return torch.where(mask.bool(), scaled, torch.zeros_like(scaled))
 
 
-class Algorithm(str, Enum):
+class Algorithm(StrEnum):
     """Which advantage estimator an RL stage uses (``recipes.ppo``): ppo (a critic and :func:`gae`), grpo
     (:func:`group_normalized_advantages`) or rloo (:func:`rloo_advantages`). The algorithms differ only in
     these members' answers to the questions the recipe asks, never in a branch buried in it."""

@@ -1,8 +1,9 @@
 """The ``rlhfkit`` command line.
 
 Each subcommand lives in its own module, which defines ``add_arguments(parser)`` and
-``run(args) -> int``; this file only lists them (imported lazily, so ``rlhfkit --help`` is fast
-and a command's heavy imports load only when it runs).
+``run(args) -> int``; this file only lists them. Only the module of the command given is
+imported (for its arguments, then to run it), so ``rlhfkit --help`` imports no recipe and no
+torch, and a command's heavy imports load only when it runs.
 """
 from __future__ import annotations
 
@@ -33,22 +34,31 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_arguments(name: str, module: str, p: argparse.ArgumentParser) -> None:
+    mod = importlib.import_module(module)
+    if hasattr(mod, "add_arguments_for"):
+        mod.add_arguments_for(name, p)
+    else:
+        mod.add_arguments(p)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser: every command listed, the arguments of ``command`` only (None: of every command)."""
     parser = argparse.ArgumentParser(prog="rlhfkit", description="Reinforcement learning from human feedback, end to end.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
-        mod = importlib.import_module(module)
-        if hasattr(mod, "add_arguments_for"):
-            mod.add_arguments_for(name, p)
-        else:
-            mod.add_arguments(p)
+        if command is None or name == command:
+            _add_arguments(name, module, p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first argument that is not an option (the top level has only -h).
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

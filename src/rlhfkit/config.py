@@ -5,6 +5,10 @@ config is loaded by walking the dataclass's fields: an unknown key or a value of
 type fails at start with a message naming the key and where it came from (the YAML file, or
 the command-line override), before any expensive work. The resolved config is saved beside
 every output, so a run can always be reproduced from its directory.
+
+Paths follow the one path rule of :mod:`rlhfkit.paths`: the loader rewrites a file's relative
+paths relative to the working directory, and a saved config writes them relative to its own
+directory again, so a saved ``config.yaml`` loads with the same meaning from anywhere.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any, TypeVar
 import yaml
 
 from rlhfkit.io import atomic_write_text
+from rlhfkit.paths import anchor_path, map_config_paths, relocate_path
 
 T = TypeVar("T")
 
@@ -47,6 +52,18 @@ def check_probability(**values: float) -> None:
     for key, v in values.items():
         if not (math.isfinite(v) and 0.0 <= v <= 1.0):
             raise ValueError(f"{key} must be in [0, 1], got {v!r}")
+
+
+def coerce_enums(cfg: Any) -> None:
+    """Turn each plain string given for an enum-typed field of the frozen dataclass ``cfg`` into its member
+    (the YAML loader converts already; this serves Python callers); a ValueError names the key and the choices."""
+    for name, tp in typing.get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name, None)
+        if isinstance(tp, type) and issubclass(tp, enum.Enum) and not isinstance(value, tp):
+            try:
+                object.__setattr__(cfg, name, tp(value))
+            except ValueError:
+                raise ValueError(f"{name} must be one of {', '.join(str(m.value) for m in tp)}, got {value!r}") from None
 
 
 def _type_name(tp: Any) -> str:
@@ -87,11 +104,15 @@ def _coerce(value: Any, tp: Any, key: str, where: str, construct: bool = True) -
             raise ConfigError(f"{where}: key '{key}' must be a mapping, got {value!r}")
         return dict(value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        if isinstance(value, bool):
+            value = "true" if value else "false"  # YAML reads an unquoted true/false as a bool (kl_in_loss)
         try:
             return tp(value)
         except ValueError:
             choices = ", ".join(str(m.value) for m in tp)
-            raise ConfigError(f"{where}: key '{key}': {value!r} is not one of {choices}") from None
+            name = key.rsplit(".", 1)[-1]
+            raise ConfigError(f"{where}: key '{key}': {value!r} is not one of {choices} "
+                              f"({name} must be one of these)") from None
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML 1.1 reads "3e-4" as a string; accept what float() accepts.
@@ -192,7 +213,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: typing.
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
         _build(cls, loaded, str(path), construct=False)  # name the file in key/type errors
-        data = loaded
+        # The path rule: a file's relative paths resolve against its directory (the overrides': the working directory).
+        data = map_config_paths(cls, loaded, lambda v, kind: anchor_path(v, kind, path.parent))
     for text in overrides:
         one = parse_override(text)
         _build(cls, one, f"command line override '{text}'", construct=False)  # name the override
@@ -213,8 +235,16 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def saved_form(cfg: Any, base: str | Path) -> dict:
+    """``to_dict(cfg)`` with its relative paths written relative to ``base``, the directory of the file that
+    holds it, so that :func:`load_config` reads the file back to ``cfg`` from any working directory."""
+    return map_config_paths(type(cfg), to_dict(cfg), lambda v, kind: relocate_path(v, kind, Path(base)))
+
+
+def save_config(cfg: Any, path: str | Path, base: str | Path | None = None) -> None:
+    """Write ``cfg`` as YAML to ``path``; its relative paths relative to ``base`` (default: the file's directory)."""
+    path = Path(path)
+    atomic_write_text(path, yaml.safe_dump(saved_form(cfg, path.parent if base is None else base), sort_keys=False))
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -15,16 +15,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-def run_path(out: Path, rel: str | Path) -> Path:
-    """A path from a config: absolute as given; a relative one inside the run's directory ``out`` when it
-    exists there, else relative to the working directory when it exists there, else inside ``out``."""
-    p = Path(rel)
-    if p.is_absolute():
-        return p
-    in_run = Path(out) / p
-    return p if not in_run.exists() and p.exists() else in_run
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +115,8 @@ class RunLock:
 class JsonlLog:
     """Append-only ``log.jsonl``: one JSON object per training step, flushed as written.
 
+    The file is opened at the first record, so a stage that logs nothing leaves no file.
+
     Given an ``accelerator`` with started trackers (``report_to``), every record written also
     goes to ``accelerator.log``: its numbers, at its ``step``. A record's text values label it
     and prefix its metric names (the reward stage's ``"model": "rm"`` logs ``rm/loss``), so the
@@ -135,20 +127,22 @@ class JsonlLog:
         self.path = Path(path)
         self.enabled = enabled
         self.accelerator = accelerator
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._f = open(self.path, "a")
+        self._f = None
 
     def write(self, record: dict) -> None:
         if self.enabled:
+            if self._f is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._f = open(self.path, "a")
             self._f.write(json.dumps(record) + "\n")
             self._f.flush()
             if self.accelerator is not None and self.accelerator.trackers:
                 self.accelerator.log(*tracker_values(record))
 
     def close(self) -> None:
-        if self.enabled:
+        if self._f is not None:
             self._f.close()
+            self._f = None
 
 
 def tracker_values(record: dict) -> tuple[dict[str, float], int | None]:

@@ -97,6 +97,26 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator | str) ->
     return kl_k3(logp, ref_logp)
 
 
+class KLInLoss(StrEnum):
+    """Where the KL penalty goes."""
+
+    auto = "auto"
+    """the algorithm's default (``Algorithm.default_kl_in_loss``)"""
+    true = "true"
+    """β·KL added to the loss"""
+    false = "false"
+    """−β·KL in the per-token reward"""
+
+
+class KLChoice(StrEnum):
+    """Which KL estimator (``KLEstimator``), or ``auto``: k1 in the reward, k3 in the loss."""
+
+    auto = "auto"
+    k1 = "k1"
+    k2 = "k2"
+    k3 = "k3"
+
+
 class FixedKLController:
     """A constant KL coefficient β, with the same interface as the adaptive one."""
 

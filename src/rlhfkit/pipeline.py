@@ -1,5 +1,9 @@
 """The pipeline: run the stages a config names, in order, each reading what the one before wrote.
 
+Every stage is ``run(cfg, ctx)``: its config section and a :class:`~rlhfkit.stage.StageContext`
+(the run directory, the stage's directory, accelerator and log). ``STAGES`` says which section
+and which recipe each stage is; the pipeline treats them all alike.
+
 Each stage writes ``OUT/<stage>.partial/`` and renames it to ``OUT/<stage>/`` when complete, so
 a directory ``OUT/<stage>/`` is always a finished stage: a killed run resumes by skipping them.
 A finished stage whose saved config differs from the current one is an error (silently reusing
@@ -13,31 +17,52 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, NamedTuple
 
 import yaml
 
 from rlhfkit import lineage
-from rlhfkit.config import ConfigError, load_config, save_config, to_dict
-from rlhfkit.io import RunLock
-from rlhfkit.models.local import resolve_in_run
+from rlhfkit.config import ConfigError, load_config, save_config, saved_form, to_dict
+from rlhfkit.io import JsonlLog, RunLock, atomic_write_json, commit_dir
+from rlhfkit.paths import STAGE_PREFIX, ConfigPath, map_config_paths
+from rlhfkit.recipes import data, dno, dpo, evaluate, intransitive, label, ppo, pretrain, reward, sft
 from rlhfkit.recipes.dno import DNOConfig
 from rlhfkit.recipes.dpo import DPOConfig
 from rlhfkit.recipes.evaluate import EvalConfig
 from rlhfkit.recipes.intransitive import IntransitiveConfig
 from rlhfkit.recipes.label import LabelConfig
-from rlhfkit.recipes.ppo import PPOConfig
+from rlhfkit.recipes.ppo import Algorithm, PPOConfig
 from rlhfkit.recipes.pretrain import PretrainConfig
 from rlhfkit.recipes.reward import RewardConfig
 from rlhfkit.recipes.sft import SFTConfig
+from rlhfkit.report import write_report
+from rlhfkit.stage import StageContext
 from rlhfkit.tasks.arith_data import TaskConfig
+from rlhfkit.tracking import end_tracking, start_tracking
+from rlhfkit.training import make_accelerator, process_state
+
+
+@dataclass(frozen=True)
+class GRPOConfig(PPOConfig):
+    """The RL stage ``grpo``: an RL config whose algorithm is GRPO unless set."""
+
+    algorithm: Algorithm = Algorithm.grpo
+    """ppo, grpo (this section's default: group_size then defaults to 4) or rloo"""
+
+
+@dataclass(frozen=True)
+class RLOOConfig(PPOConfig):
+    """The RL stage ``rloo``: an RL config whose algorithm is RLOO unless set."""
+
+    algorithm: Algorithm = Algorithm.rloo
+    """ppo, grpo or rloo (this section's default: group_size then defaults to 4)"""
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """A whole run: which stages, where, and each stage's settings."""
 
-    out: str = "runs/quickstart"
+    out: ConfigPath = "runs/quickstart"
     """output directory; each stage writes OUT/<stage>/"""
     stages: tuple[str, ...] = ("data", "pretrain", "sft", "eval")
     """stages to run, in order"""
@@ -65,181 +90,78 @@ class PipelineConfig:
     """RL stage ``ppo_prm``, for PRM step rewards (set ``reward_source: prm`` in the config)"""
     ppo_safe: PPOConfig = field(default_factory=PPOConfig)
     """RL stage ``ppo_safe``, for the Safe RLHF constraint (set ``cost_model``)"""
-    grpo: PPOConfig = field(default_factory=PPOConfig)
-    """RL stage ``grpo`` (set ``algorithm: grpo`` and ``group_size``)"""
-    rloo: PPOConfig = field(default_factory=PPOConfig)
-    """RL stage ``rloo`` (set ``algorithm: rloo`` and ``group_size``)"""
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    """RL stage ``grpo``: GRPO, 4 samples per prompt unless set"""
+    rloo: RLOOConfig = field(default_factory=RLOOConfig)
+    """RL stage ``rloo``: RLOO, 4 samples per prompt unless set"""
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
+        map_config_paths(PipelineConfig, to_dict(self), _check_stage_name)
+        if self.label.judge_beta < 0:  # the label section's oracle noise defaults to the task's
+            object.__setattr__(self, "label", dataclasses.replace(self.label, judge_beta=self.task.judge_beta))
 
 
-# --- stage runners: (cfg, out, stage_dir) -> metrics -------------------------------------------
-
-def _data_path(cfg_value: str, out: Path, default: str) -> Path:
-    return Path(cfg_value) if cfg_value else out / "data" / default
-
-
-def _stage_data(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.training import process_state
-
-    from rlhfkit.tasks.arith_data import write_task_data
-
-    if process_state().is_main_process:
-        paths = write_task_data(stage_dir, cfg.task)
-        return {"files": {k: Path(v).name for k, v in paths.items()}}
-    return {}
+def _check_stage_name(value: str, kind) -> str:
+    if value.startswith(STAGE_PREFIX) and value[len(STAGE_PREFIX):].split("/")[0] not in STAGES:
+        raise ValueError(f"{value!r} names no stage; known: {', '.join(STAGES)}")
+    return value
 
 
-@contextlib.contextmanager
-def _tracked(section, stage_dir: Path):
-    """The accelerator of a stage, with the trackers ``section.report_to`` names started for its run.
+class Stage(NamedTuple):
+    """A stage: the config section it reads and the recipe that runs it."""
 
-    Tracker files go to ``stage_dir/tracking`` (OUT/<stage>.partial/tracking, which becomes
-    OUT/<stage>/tracking when the stage completes); they are closed however the stage ends.
-    """
-    from rlhfkit.tracking import end_tracking, start_tracking
-    from rlhfkit.training import make_accelerator
-
-    acc = make_accelerator(section, project_dir=stage_dir / "tracking")
-    start_tracking(acc, stage_dir.name.removesuffix(".partial"), section)
-    try:
-        yield acc
-    finally:
-        end_tracking(acc)
-
-
-@contextlib.contextmanager
-def _accelerated(section, stage_dir: Path):
-    """The accelerator and log.jsonl of a training stage (the log written by the main process only,
-    and forwarded to the stage's trackers)."""
-    from rlhfkit.io import JsonlLog
-
-    with _tracked(section, stage_dir) as acc:
-        log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process, accelerator=acc)
-        try:
-            yield acc, log
-        finally:
-            log.close()
-
-
-def _stage_pretrain(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.recipes import pretrain
-
-    with _accelerated(cfg.pretrain, stage_dir) as (acc, log):
-        return pretrain.run(cfg.pretrain, _data_path(cfg.pretrain.data, out, "pretrain.jsonl"), stage_dir, acc, log)
-
-
-def _stage_sft(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.recipes import sft
-
-    model = resolve_in_run(cfg.sft.model, out) if cfg.sft.model else out / "pretrain" / "model"
-    with _accelerated(cfg.sft, stage_dir) as (acc, log):
-        return sft.run(cfg.sft, model, _data_path(cfg.sft.data, out, "sft.jsonl"), stage_dir, acc, log)
-
-
-def _stage_dpo(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.recipes import dpo
-
-    model = resolve_in_run(cfg.dpo.model, out) if cfg.dpo.model else out / "sft" / "model"
-    data = Path(cfg.dpo.data) if cfg.dpo.data else out / "label" / "pairs.jsonl"
-    if not cfg.dpo.data and not data.exists():
-        data = out / "label" / "rankings.jsonl"  # the oracle judge writes rankings only
-    with _accelerated(cfg.dpo, stage_dir) as (acc, log):
-        return dpo.run(cfg.dpo, model, data, stage_dir, acc, log)
-
-
-def _stage_dno(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.recipes import dno
-
-    model = resolve_in_run(cfg.dno.model, out) if cfg.dno.model else out / "sft" / "model"
-    prompts = Path(cfg.dno.prompts) if Path(cfg.dno.prompts).is_absolute() else out / (cfg.dno.prompts or "data/prompts.jsonl")
-    with _accelerated(cfg.dno, stage_dir) as (acc, log):
-        return dno.run(cfg.dno, model, prompts, out, stage_dir, acc, log)
-
-
-def _stage_intransitive(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.recipes import intransitive
-
-    return intransitive.run(cfg.intransitive, out, stage_dir)
-
-
-def _stage_eval(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.training import make_accelerator
-
-    from rlhfkit.recipes.evaluate import evaluate_policies
-
-    acc = make_accelerator()
-    return evaluate_policies(cfg.eval, out, _data_path(cfg.eval.data, out, "heldout.jsonl"), stage_dir, acc)
-
-
-def _stage_label(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.training import make_accelerator
-
-    from rlhfkit.recipes import label
-
-    metrics = label.run(cfg.label, out, cfg.task.judge_beta, stage_dir, make_accelerator())
-    label.cleanup(out)  # the merged files are in stage_dir; the chunk store is no longer needed
-    return metrics
-
-
-def _stage_reward(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-    from rlhfkit.recipes import reward
-
-    with _accelerated(cfg.reward, stage_dir) as (acc, log):
-        return reward.run(cfg.reward, out, stage_dir, acc, log)
-
-
-def _stage_rl(name: str) -> Callable[[PipelineConfig, Path, Path], dict]:
-    """One runner for every RL stage: the stage name picks its config section and its output names."""
-
-    def runner(cfg: PipelineConfig, out: Path, stage_dir: Path) -> dict:
-        from rlhfkit.recipes import ppo
-
-        section = getattr(cfg, name)
-        with _tracked(section, stage_dir) as acc:
-            return ppo.run(section, out, stage_dir, acc, stage_dir / "log.jsonl", name=name)
-
-    return runner
+    section: str
+    run: Callable[..., dict]
 
 
 # RL stages: several can run in one config (e.g. configs/rl_comparison.yaml), each its own section.
 RL_STAGES = ("ppo", "ppo_prm", "ppo_safe", "grpo", "rloo")
 
-STAGES: dict[str, Callable[[PipelineConfig, Path, Path], dict]] = {
-    "data": _stage_data,
-    "pretrain": _stage_pretrain,
-    "sft": _stage_sft,
-    "eval": _stage_eval,
-    "dpo": _stage_dpo,
-    "dno": _stage_dno,
-    "intransitive": _stage_intransitive,
-    "label": _stage_label,
-    "reward": _stage_reward,
-    **{name: _stage_rl(name) for name in RL_STAGES},
+STAGES: dict[str, Stage] = {
+    "data": Stage("task", data.run),
+    "pretrain": Stage("pretrain", pretrain.run),
+    "sft": Stage("sft", sft.run),
+    "eval": Stage("eval", evaluate.run),
+    "dpo": Stage("dpo", dpo.run),
+    "dno": Stage("dno", dno.run),
+    "intransitive": Stage("intransitive", intransitive.run),
+    "label": Stage("label", label.run),
+    "reward": Stage("reward", reward.run),
+    **{name: Stage(name, ppo.run) for name in RL_STAGES},
 }
 
-# Which config section belongs to each stage (saved beside its output and compared on resume).
-SECTION = {"data": "task", "pretrain": "pretrain", "sft": "sft", "eval": "eval", "dpo": "dpo", "dno": "dno", "intransitive": "intransitive", "label": "label", "reward": "reward", **{n: n for n in RL_STAGES}}
 
+@contextlib.contextmanager
+def stage_context(section, name: str, out: Path, stage_dir: Path) -> Iterator[StageContext]:
+    """The context of a stage: its accelerator (with the trackers ``section.report_to`` names started for
+    its run) and its log.jsonl (written by the main process only, and forwarded to the trackers).
 
-def _stage_config(cfg: PipelineConfig, stage: str) -> dict:
-    return to_dict(getattr(cfg, SECTION[stage]))
+    Tracker files go to ``stage_dir/tracking`` (OUT/<stage>.partial/tracking, which becomes
+    OUT/<stage>/tracking when the stage completes); they are closed however the stage ends.
+    """
+    acc = make_accelerator(section, project_dir=stage_dir / "tracking")
+    start_tracking(acc, name, section)
+    log = JsonlLog(stage_dir / "log.jsonl", enabled=acc.is_main_process, accelerator=acc)
+    try:
+        yield StageContext(out=out, stage_dir=stage_dir, name=name, accelerator=acc, log=log)
+    finally:
+        log.close()
+        end_tracking(acc)
 
 
 def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
     """Run one stage unless its output is complete; returns ``"ran"`` or ``"skipped"``."""
-    from rlhfkit.training import process_state
-
     state = process_state()
     final = out / stage
-    cfg_now = _stage_config(cfg, stage)
+    section = getattr(cfg, STAGES[stage].section)
+    cfg_now = to_dict(section)
     if final.exists():
         saved_path = final / "config.yaml"
         saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
-        if saved != cfg_now:
+        if saved != saved_form(section, final):  # both with their paths relative to the stage directory
             raise ConfigError(
                 f"{saved_path}: stage '{stage}' already completed with a different config; "
                 f"remove {final} to rerun it, or use another out="
@@ -257,14 +179,13 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
     state.wait_for_everyone()
     state.print(f"[rlhfkit] {stage}: running")
     t0 = time.time()
-    metrics = STAGES[stage](cfg, out, partial)
+    with stage_context(section, stage, out, partial) as ctx:
+        metrics = STAGES[stage].run(section, ctx)
     state.wait_for_everyone()
     if state.is_main_process:
-        from rlhfkit.io import atomic_write_json, commit_dir
-
         metrics["stage_runtime_s"] = time.time() - t0
         atomic_write_json(partial / "metrics.json", metrics)
-        save_config(getattr(cfg, SECTION[stage]), partial / "config.yaml")
+        save_config(section, partial / "config.yaml", base=final)  # its paths relative to where it will be
         lineage.record_complete(partial, cfg_now, inputs)
         commit_dir(partial, final)
         # Resume state a stage kept outside its directory (checkpoints) is spent once it is complete.
@@ -278,8 +199,6 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
 def run_pipeline(cfg: PipelineConfig, force_rerun: str | None = None) -> Path:
     """Run every stage in ``cfg.stages`` (skipping complete ones), then write the report; the output
     directory is locked for the whole run. ``force_rerun``: redo that stage and every stage after it."""
-    from rlhfkit.training import process_state
-
     out = Path(cfg.out)
     state = process_state()
     with RunLock(out):
@@ -289,12 +208,10 @@ def run_pipeline(cfg: PipelineConfig, force_rerun: str | None = None) -> Path:
         state.wait_for_everyone()
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
+            save_config(cfg, out / "config.yaml")  # paths relative to OUT: `rlhfkit run OUT/config.yaml` reruns it
         for stage in cfg.stages:
             run_stage(cfg, stage, out)
         if state.is_main_process:
-            from rlhfkit.report import write_report
-
             write_report(out)
     return out
 
@@ -318,6 +235,3 @@ def run(args) -> int:
     print(f"[rlhfkit] report: {out / 'report.md'}")
     return 0
 
-
-def replace_stages(cfg: PipelineConfig, stages: tuple[str, ...]) -> PipelineConfig:
-    return dataclasses.replace(cfg, stages=stages)

@@ -26,10 +26,11 @@ import torch
 
 from rlhfkit.advantages import whiten
 from rlhfkit.data.steps import step_end_positions
-from rlhfkit.io import run_path
+from rlhfkit.config import ConfigError
 from rlhfkit.judges.spec import TaskJudges, from_spec
 from rlhfkit.models.reward import RewardEnsemble
 from rlhfkit.models.reward_files import load_reward_model
+from rlhfkit.paths import run_path, stage_hint
 from rlhfkit.rewards import penalize_unfinished, place_token_rewards, prm_step_rewards
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -65,7 +66,7 @@ def import_callable(spec: str) -> RewardFn:
 def _load(out: Path, rel: str, what: str):
     path = run_path(out, rel)
     if not path.exists():
-        raise FileNotFoundError(f"{what}: {path} does not exist (run the reward stage first)")
+        raise ConfigError(f"{what}: {path} does not exist (run the reward stage first){stage_hint(rel, out)}")
     return load_reward_model(path)
 
 
@@ -75,7 +76,7 @@ def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | No
 
     ``cfg``: an RL stage's config (``recipes.ppo.PPOConfig``): ``reward_source``, ``reward_models``,
     ``ensemble_penalty``, ``prm``, ``prm_floor``, ``reward_fn``, ``cost_model``; model paths resolve
-    with ``io.run_path`` against the run directory ``out``. ``records``: the prompts (each with
+    with ``paths.run_path`` (``stage:`` in the run directory ``out``). ``records``: the prompts (each with
     ``prompt`` and ``meta``), for the oracle's answer key, the judge ``oracle`` of ``task_judges`` (the
     task's judges, ``rlhfkit.tasks.JUDGES``). ``reward_fn`` overrides the reward source.
     """

@@ -15,16 +15,35 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from rlhfkit.config import check_non_negative, check_positive
+from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.nonfinite import NonFiniteGuard
 from rlhfkit.io import JsonlLog
 from rlhfkit.tracking import check_report_to, check_trackers_available, trackers_of
 from rlhfkit.models.trainable import LoRAConfig
+
+
+class Scheduler(StrEnum):
+    """The learning-rate schedule after warm-up (``transformers.get_scheduler`` names)."""
+
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class MixedPrecision(StrEnum):
+    """Mixed precision for ``accelerate``."""
+
+    auto = "auto"
+    """bf16 on a GPU that supports it, full precision otherwise"""
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 @dataclass(frozen=True)
@@ -37,7 +56,7 @@ class TrainConfig:
     """AdamW weight decay"""
     warmup_steps: int = 10
     """linear warm-up steps before the schedule"""
-    scheduler: str = "cosine"
+    scheduler: Scheduler = Scheduler.cosine
     """learning-rate schedule after warm-up: cosine, linear or constant (transformers.get_scheduler names)"""
     max_steps: int = 0
     """optimizer steps; 0 means derive from ``epochs``"""
@@ -53,7 +72,7 @@ class TrainConfig:
     """write a log.jsonl line every this many steps"""
     seed: int = 0
     """seed for initialisation, data order and dropout"""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     """``auto`` (bf16 on a GPU, full precision on CPU), ``no``, ``bf16`` or ``fp16``"""
     report_to: tuple[str, ...] = ()
     """trackers every logged metric also goes to: tensorboard, wandb, trackio; empty (or [none]) logs only to log.jsonl"""
@@ -83,8 +102,7 @@ class TrainConfig:
             raise ValueError("batch_size and grad_accum_steps must be positive")
         if self.batch_size % self.grad_accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}")
-        if self.scheduler not in ("cosine", "linear", "constant"):
-            raise ValueError(f"scheduler must be cosine, linear or constant, got {self.scheduler!r}")
+        coerce_enums(self)
 
     def total_steps(self, n_examples: int) -> int:
         if self.max_steps > 0:

@@ -1,11 +1,13 @@
 """``rlhfkit data|pretrain|sft|eval [CONFIG] [key=value ...]``: run one pipeline stage.
 
 Overrides may drop the stage's section: ``rlhfkit sft model=DIR data=FILE out=DIR lr=1e-4``
-means ``sft.model=DIR sft.data=FILE out=DIR sft.lr=1e-4``.
+means ``sft.model=DIR sft.data=FILE out=DIR sft.lr=1e-4``. Paths given here resolve against the
+working directory; ``stage:NAME/...`` names a stage's output in ``out``.
 """
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 
 def add_arguments(p) -> None:
@@ -14,7 +16,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rlhfkit.pipeline import SECTION, PipelineConfig, load_pipeline_config, run_stage
+    from rlhfkit.io import RunLock
+    from rlhfkit.pipeline import STAGES, PipelineConfig, load_pipeline_config, run_stage
 
     stage = args.command
     config, overrides = args.config, list(args.overrides)
@@ -25,12 +28,8 @@ def run(args) -> int:
     qualified = []
     for o in overrides:
         key = o.split("=", 1)[0]
-        qualified.append(o if key.split(".")[0] in top else f"{SECTION[stage]}.{o}")
+        qualified.append(o if key.split(".")[0] in top else f"{STAGES[stage].section}.{o}")
     cfg = load_pipeline_config(config, qualified)
-    from pathlib import Path
-
-    from rlhfkit.io import RunLock
-
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     with RunLock(Path(cfg.out)):
         run_stage(cfg, stage, Path(cfg.out))

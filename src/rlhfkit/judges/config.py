@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rlhfkit.config import load_config
+from rlhfkit.paths import ConfigPath
 
 
 class JudgeKind(enum.StrEnum):
@@ -30,12 +31,13 @@ class JudgeConfig:
     kind: JudgeKind = JudgeKind.LLM
     """llm, http or oracle"""
     model: str = ""
-    """llm: a model directory, a .gguf file, or package:NAME[/FILE.gguf]; http: the model name sent to the endpoint"""
+    """llm: a model directory, a .gguf file, or package:NAME[/FILE.gguf]; http: the model name sent to the endpoint
+    (a name, so not a path of the path rule: a relative llm directory is taken from the working directory)"""
     gguf_file: str | None = None
     """llm: the .gguf file inside ``model``'s directory, when it holds several"""
-    rubric_file: str | None = None
+    rubric_file: ConfigPath | None = None
     """a text file with the judging criteria (default: a built-in instruction-following rubric)"""
-    constitution_file: str | None = None
+    constitution_file: ConfigPath | None = None
     """a text file of principles, one per line (instead of rubric_file)"""
     labels: tuple[str, str] = ("A", "B")
     """the two answer labels the judge answers with: [A, B] or ["1", "2"]"""
@@ -61,7 +63,7 @@ class JudgeConfig:
     """http: the first retry's delay; each later retry waits twice as long"""
     concurrency: int = 4
     """http: requests in flight at once"""
-    cache: str | None = None
+    cache: ConfigPath | None = None
     """http: an SQLite file caching responses by hash of model + messages + parameters"""
     use_logprobs: bool = True
     """http: ask for logprobs and read the probability from them (else, or if absent, from the answer letter)"""

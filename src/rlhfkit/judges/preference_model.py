@@ -84,10 +84,3 @@ def load_preference_model(path: str | Path, device=None, batch_size: int = 32) -
         raise FileNotFoundError(f"{path}: not a pairwise preference model directory (no {MARKER})")
     rm = load_reward_model(path, device=device, batch_size=batch_size)
     return PairwisePreferenceModel(rm.net, rm.tokenizer, rm.device, batch_size)
-
-
-def load_bt_preference(path: str | Path, device=None):
-    """σ(r(a) − r(b)) of a saved Bradley-Terry reward model (``rlhfkit.judges.reward_model``)."""
-    from rlhfkit.judges.reward_model import RewardModelPreference
-
-    return RewardModelPreference(path, device=device)

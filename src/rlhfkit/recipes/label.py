@@ -17,23 +17,26 @@ completes each step prefix ``estimate_n`` times and only the final answers are c
 record has ``provenance`` (judge, model, time, chunk, seed).
 
 Resumable: chunk c uses seeds derived only from (seed, c), and is written atomically as its own
-file under ``OUT/label.chunks/`` once judged. A killed run skips the chunks on disk and ends with
-the same records as an uninterrupted one (``provenance.time`` aside).
+file under the stage's checkpoint directory ``OUT/label.ckpt/`` once judged (removed, like every
+stage's checkpoints, when the stage completes). A killed run skips the chunks on disk and ends
+with the same records as an uninterrupted one (``provenance.time`` aside).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from rlhfkit.config import coerce_enums
 from rlhfkit.data.step_estimation import EstimateMode
 from rlhfkit.generation import SamplingConfig
 from rlhfkit.judges.spec import from_spec
+from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
+from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 
 
@@ -56,19 +59,20 @@ class StepLabels(StrEnum):
 class LabelConfig:
     """Labeling stage."""
 
-    policy: str = "sft/model"
-    """the policy that writes the responses (relative to ``out``, or absolute)"""
-    data: str = ""
-    """prompts (``prompt``, optional task ``meta``); empty means the task's prompts.jsonl"""
+    policy: ModelRef = "stage:sft/model"
+    """the policy that writes the responses"""
+    data: ConfigPath = "stage:data/prompts.jsonl"
+    """prompts (``prompt``, optional task ``meta``; default: the task's)"""
     n_prompts: int = 0
     """label only the first this many prompts; 0 = all"""
     k: int = 4
     """responses per prompt"""
-    judge: str = "oracle"
+    judge: JudgeSpec = "oracle"
     """``oracle`` (the task's noisy annotators) or any judge spec of ``judges.spec.from_spec`` (a reward-model
-    directory, a judge YAML file, ``intransitive``); a relative path is looked up in the run directory first"""
+    directory such as ``stage:reward/rm``, a judge YAML file, ``intransitive``)"""
     judge_beta: float = -1.0
-    """oracle noise (Bradley-Terry inverse temperature); negative means the task's judge_beta"""
+    """oracle noise (Bradley-Terry inverse temperature); negative means the task's judge_beta (the pipeline
+    config fills it in when it loads)"""
     sampling: SamplingConfig = field(default_factory=_sampling)
     """how responses are sampled"""
     chunk_size: int = 64
@@ -89,10 +93,7 @@ class LabelConfig:
             raise ValueError(f"k must be at least 2 to compare responses, got {self.k}")
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
-        for name, kind in (("step_labels", StepLabels), ("estimate_mode", EstimateMode)):
-            if getattr(self, name) not in set(kind):
-                raise ValueError(f"{name} must be one of {', '.join(kind)}, got {getattr(self, name)!r}")
-            object.__setattr__(self, name, kind(getattr(self, name)))  # a plain string from Python code
+        coerce_enums(self)  # a plain string from Python code
         if self.estimate_n < 1:
             raise ValueError(f"estimate_n must be at least 1, got {self.estimate_n}")
 
@@ -208,26 +209,30 @@ def _estimated_step_labels(graded: list, lm, tok, cfg: LabelConfig, c: int, devi
     return labels
 
 
-def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelerator,
-        stop_after_chunks: int | None = None) -> dict:
-    """Label every chunk not already on disk, then write the datasets into ``stage_dir``.
+def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = None) -> dict:
+    """Label every chunk not already on disk, then write the datasets into ``ctx.stage_dir``.
 
     ``stop_after_chunks`` stops (as a kill would) after labeling that many new chunks; for tests.
     """
+    from rlhfkit.checkpoints import checkpoint_dir
     from rlhfkit.config import ConfigError, to_dict
     from rlhfkit.data.loading import load_prompts
-    from rlhfkit.io import atomic_write_json, atomic_write_text, run_path
+    from rlhfkit.io import atomic_write_json, atomic_write_text
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 
-    beta = cfg.judge_beta if cfg.judge_beta >= 0 else task_beta
-    data = Path(cfg.data) if cfg.data else out / "data" / "prompts.jsonl"
+    out, stage_dir, accelerator = ctx.out, ctx.stage_dir, ctx.accelerator
+    if cfg.judge_beta < 0:
+        raise ConfigError(f"{ctx.name}.judge_beta is negative (the task's judge_beta, filled in by the pipeline "
+                          f"config): give the oracle's beta")
+    beta = cfg.judge_beta
+    data = ctx.resolve(cfg.data, key="data")
     records = load_prompts(data)
     if cfg.n_prompts:
         records = records[: cfg.n_prompts]
-    policy = run_path(out, cfg.policy)
-    if not policy.exists():
-        raise FileNotFoundError(f"label.policy: model directory {policy} does not exist")
-    work = out / "label.chunks"
+    policy = ctx.model(cfg.policy, "policy")
+    # The chunk store is the stage's checkpoint (removed with it once the stage completes); a library
+    # call, outside a pipeline's OUT/<stage>.partial, keeps its chunks beside the run instead.
+    work = checkpoint_dir(stage_dir) or out / "label.chunks"
     identity = {"label": to_dict(cfg), "beta": beta, "data": str(data), "n_records": len(records)}
     if (work / "config.json").exists():
         if json.loads((work / "config.json").read_text()) != identity:
@@ -281,8 +286,3 @@ def run(cfg: LabelConfig, out: Path, task_beta: float, stage_dir: Path, accelera
     if merged["pairs"]:
         metrics["both_order_agreement"] = sum(p["provenance"]["both_order_agreement"] for p in merged["pairs"]) / len(merged["pairs"])
     return metrics
-
-
-def cleanup(out: Path) -> None:
-    """Remove the chunk store once the stage directory holds the merged files."""
-    shutil.rmtree(out / "label.chunks", ignore_errors=True)

@@ -38,26 +38,27 @@ from tqdm.auto import tqdm
 
 from rlhfkit.advantages import Algorithm, gae, scale_by_std, whiten
 from rlhfkit.checkpoints import LoopCheckpoint, StoppedEarly  # noqa: F401  (StoppedEarly: what a stopped run raises)
-from rlhfkit.config import check_non_negative, check_positive, check_probability
+from rlhfkit.config import check_non_negative, check_positive, check_probability, coerce_enums
 from rlhfkit.generation import (
     SamplingConfig, reference_token_logprobs, sample, sampler_logprobs, sequences_from_samples, token_logprobs,
     token_logprobs_and_entropy, unwrap,
 )
-from rlhfkit.io import run_path
-from rlhfkit.kl import kl_estimate
+from rlhfkit.kl import KLChoice, KLInLoss, kl_estimate
 from rlhfkit.losses import masked_mean
 from rlhfkit.models.critic import build_critic
 from rlhfkit.models.trainable import LoRAConfig, disable_dropout, make_trainable, save_trained
 from rlhfkit.nonfinite import NonFiniteGuard
+from rlhfkit.paths import ConfigPath, ModelRef, run_path
 from rlhfkit.policy_losses import (
     LossAggregation, aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights,
 )
 from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics
-from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
+from rlhfkit.stage import StageContext
+from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tracking import check_report_to
-from rlhfkit.training import Collective, optimizer_step
+from rlhfkit.training import Collective, MixedPrecision, Scheduler, optimizer_step
 
 
 @dataclass(frozen=True)
@@ -66,19 +67,19 @@ class PPOConfig:
 
     algorithm: Algorithm = Algorithm.ppo
     """ppo (critic + GAE), grpo (group-normalised advantages, k3 KL loss) or rloo (leave-one-out baseline)"""
-    policy: str = ""
-    """model to fine-tune, also the frozen reference; empty means the sft stage's output"""
-    data: str = ""
-    """prompts (with task ``meta`` for the gold-score diagnostic); empty means the task's prompts.jsonl"""
-    heldout: str = ""
-    """held-out prompts for the final KL / cost figures; empty means the task's heldout.jsonl"""
+    policy: ModelRef = "stage:sft/model"
+    """model to fine-tune, also the frozen reference"""
+    data: ConfigPath = "stage:data/prompts.jsonl"
+    """prompts (with task ``meta`` for the gold-score diagnostic)"""
+    heldout: ConfigPath = "stage:data/heldout.jsonl"
+    """held-out prompts for the final KL / cost figures (none when empty or when the file does not exist)"""
     reward_source: RewardSource = RewardSource.model
     """model (reward_models), prm, judge (the task oracle: a control, never the quickstart's reward) or callable (reward_fn)"""
-    reward_models: tuple[str, ...] = ("reward/rm",)
-    """reward-model directories (relative to the run's out, or absolute); several form an ensemble"""
+    reward_models: tuple[ConfigPath, ...] = ("stage:reward/rm",)
+    """reward-model directories (a stage's output, or a path); several form an ensemble"""
     ensemble_penalty: float = 0.0
     """ensemble score = mean − ensemble_penalty · std over members (uncertainty penalty)"""
-    prm: str = "reward/prm"
+    prm: ConfigPath = "stage:reward/prm"
     """process-reward-model directory, used when reward_source is prm"""
     prm_step_rewards: bool = True
     """prm: reward log q_k − log q_{k−1} (q_k = P(steps 1..k right)) at the newline closing step k; false: their sum log q_K at the last token"""
@@ -93,7 +94,7 @@ class PPOConfig:
     """whiten the sequence scores of each rollout batch (mean 0, std 1) before use"""
     score_clip: float = 0.0
     """clip sequence scores to [−score_clip, score_clip] (0 disables)"""
-    cost_model: str = ""
+    cost_model: ConfigPath = ""
     """cost-model directory (negative cost = safe); set to constrain E[cost] ≤ cost_threshold (Safe RLHF)"""
     cost_threshold: float = 0.0
     """the constraint's bound on the mean cost"""
@@ -125,7 +126,7 @@ class PPOConfig:
     """AdamW weight decay, policy and critic"""
     warmup_steps: int = 0
     """linear warm-up, in optimizer steps"""
-    scheduler: str = "constant"
+    scheduler: Scheduler = Scheduler.constant
     """constant, linear or cosine, over all optimizer steps"""
     grad_clip: float = 1.0
     """clip each model's global gradient norm to this (0 disables)"""
@@ -160,9 +161,9 @@ class PPOConfig:
     when it generates with vLLM). Every step logs the mean and max |log π_rollout − log π_train| either way"""
     kl_coef: float = 0.05
     """β: initial (adaptive) or fixed KL coefficient"""
-    kl_in_loss: str = "auto"
+    kl_in_loss: KLInLoss = KLInLoss.auto
     """auto (grpo: loss, ppo/rloo: reward), true (β·KL added to the loss) or false (−β·KL in the per-token reward)"""
-    kl_estimator: str = "auto"
+    kl_estimator: KLChoice = KLChoice.auto
     """k1, k2 or k3; auto means k1 in the reward and k3 in the loss"""
     adaptive_kl: bool = False
     """adaptive β (Ziegler et al. 2019) steering the per-sequence KL to kl_target"""
@@ -170,7 +171,7 @@ class PPOConfig:
     """target per-sequence KL (nats) of the adaptive controller"""
     kl_horizon: int = 10000
     """adaptive controller horizon, in samples"""
-    critic_init: str = ""
+    critic_init: ModelRef = ""
     """critic backbone: empty means the (first) reward model when the reward is a model, else the policy"""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """low-rank adapters for the policy and the critic's backbone (``lora.r: 0`` trains every weight); the
@@ -188,7 +189,7 @@ class PPOConfig:
     """write a log.jsonl line every this many steps"""
     seed: int = 0
     """seed for sampling, minibatch order and initialisation"""
-    mixed_precision: str = "auto"
+    mixed_precision: MixedPrecision = MixedPrecision.auto
     """``auto`` (bf16 on a GPU, full precision on CPU), ``no``, ``bf16`` or ``fp16``"""
     report_to: tuple[str, ...] = ()
     """trackers every logged metric also goes to: tensorboard, wandb, trackio; empty (or [none]) logs only to log.jsonl"""
@@ -202,9 +203,7 @@ class PPOConfig:
                            save_every=self.save_every, lambda_lr=self.lambda_lr,
                            max_nonfinite_steps=self.max_nonfinite_steps)
         check_probability(gamma=self.gamma, lam=self.lam)
-        # Accept enum values given as strings from Python callers (the YAML loader converts already).
-        object.__setattr__(self, "algorithm", Algorithm(self.algorithm))
-        object.__setattr__(self, "reward_source", RewardSource(self.reward_source))
+        coerce_enums(self)  # enum values given as strings by Python callers (the YAML loader converts already)
         alg = self.algorithm
         if self.group_size == 0:
             object.__setattr__(self, "group_size", 1 if alg is Algorithm.ppo else 4)
@@ -219,10 +218,6 @@ class PPOConfig:
             raise ValueError(f"minibatch_size {mb} must be divisible by grad_accum_steps {self.grad_accum_steps}")
         if self.sampling.temperature <= 0:
             raise ValueError("sampling.temperature must be > 0: RL needs a stochastic policy")
-        if self.kl_in_loss not in ("auto", "true", "false"):
-            raise ValueError(f"kl_in_loss must be auto, true or false, got {self.kl_in_loss!r}")
-        if self.kl_estimator not in ("auto", "k1", "k2", "k3"):
-            raise ValueError(f"kl_estimator must be auto, k1, k2 or k3, got {self.kl_estimator!r}")
         if self.kl_uses_loss and self.estimator == "k1":
             # E_π[∇ log π] = 0: a k1 loss term has zero expected gradient (see rlhfkit.kl).
             raise ValueError("kl_estimator k1 as a loss term has zero expected gradient; use k2 or k3 in the loss")
@@ -231,9 +226,6 @@ class PPOConfig:
         if self.reward_source is RewardSource.prm and self.prm_step_rewards and (self.score_whiten or self.score_clip > 0):
             raise ValueError("prm_step_rewards places each step's reward on its token; score_whiten and score_clip "
                              "act on whole-sequence scores, so set prm_step_rewards=false to use them")
-        if self.scheduler not in ("constant", "linear", "cosine"):
-            raise ValueError(f"scheduler must be constant, linear or cosine, got {self.scheduler!r}")
-        object.__setattr__(self, "loss_aggregation", LossAggregation(self.loss_aggregation))
         if self.rollout_is_cap < 0:
             raise ValueError(f"rollout_is_cap must be >= 0 (0 disables it), got {self.rollout_is_cap}")
 
@@ -430,23 +422,24 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
 
 # ============================================================================ the recipe
 
-def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path, name: str = "ppo",
-        reward_fn: RewardFn | None = None, ckpt_dir: Path | None = None) -> dict:
-    """Train a policy with ``cfg.algorithm``; writes ``stage_dir/model`` and returns metrics.
+def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ckpt_dir: Path | None = None) -> dict:
+    """Train a policy with ``cfg.algorithm``; writes ``ctx.stage_dir/model`` and returns metrics.
 
-    ``reward_fn`` (prompts, responses) → scores overrides the config's reward source (library use).
-    Checkpoints go to ``ckpt_dir`` (default ``OUT/<name>.ckpt``), outside the stage directory,
-    so a killed stage that is started over still finds them.
+    Every RL stage runs this recipe; ``ctx.name`` (``ppo``, ``grpo``, ``ppo_safe``, ...) names its
+    outputs and checkpoints. ``reward_fn`` (prompts, responses) → scores overrides the config's
+    reward source (library use). Checkpoints go to ``ckpt_dir`` (default ``OUT/<name>.ckpt``),
+    outside the stage directory, so a killed stage that is started over still finds them.
     """
     from rlhfkit.data.loading import load_prompts
     from rlhfkit.io import JsonlLog
     from rlhfkit.kl import AdaptiveKLController, FixedKLController, LagrangeMultiplier
     from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-    from rlhfkit.models.local import resolve_in_run
     from rlhfkit.tasks.arith import Problem
     from rlhfkit.nonfinite import NonFiniteGuard
     from rlhfkit.training import Collective, TrainConfig, global_batches, make_optimizer_and_scheduler
 
+    out, stage_dir, accelerator, name = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.name
+    log_path = stage_dir / "log.jsonl"  # this loop's own JsonlLog
     coll = Collective(accelerator)
     if cfg.prompts_per_step % coll.world:
         raise ValueError(f"prompts_per_step {cfg.prompts_per_step} must be divisible by the {coll.world} processes "
@@ -454,8 +447,8 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     device = accelerator.device
     t0 = time.time()
     # --- inputs, checked before any model is loaded
-    policy_path = resolve_in_run(cfg.policy or "sft/model", out)
-    records = load_prompts(run_path(out, cfg.data) if cfg.data else out / "data" / "prompts.jsonl")
+    policy_path = ctx.model(cfg.policy, "policy")
+    records = load_prompts(ctx.resolve(cfg.data, key="data"))
     prompts = [r.prompt for r in records]
     problems = {r.prompt: Problem.from_meta(r.meta) for r in records if r.meta is not None}
     if len(prompts) < cfg.prompts_per_step:
@@ -476,7 +469,7 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
     critic = None
     if Algorithm(cfg.algorithm).uses_critic:
         if cfg.critic_init:
-            critic_path = run_path(out, cfg.critic_init)
+            critic_path = ctx.model(cfg.critic_init, "critic_init")
         elif cfg.reward_source is RewardSource.model and reward_fn is None:
             critic_path = run_path(out, cfg.reward_models[0])
         else:
@@ -573,8 +566,8 @@ def run(cfg: PPOConfig, out: Path, stage_dir: Path, accelerator, log_path: Path,
 
     # --- final figures on held-out prompts: KL from the reference, and cost when constrained
     final = {}
-    held_path = run_path(out, cfg.heldout) if cfg.heldout else out / "data" / "heldout.jsonl"
-    if held_path.exists() and accelerator.is_main_process:
+    held_path = ctx.resolve(cfg.heldout) if cfg.heldout else None
+    if held_path is not None and held_path.exists() and accelerator.is_main_process:
         final = heldout_figures(accelerator.unwrap_model(policy), reference, tokenizer,
                                 [r.prompt for r in load_prompts(held_path)], scorer, cfg, device)
     if accelerator.is_main_process:

@@ -7,9 +7,10 @@ from a ``transformers`` config) or, with ``init`` set, continued pretraining of 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rlhfkit.models.loading import TinyModelConfig
+from rlhfkit.paths import ConfigPath, ModelRef
+from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig
 
 
@@ -17,9 +18,9 @@ from rlhfkit.training import TrainConfig
 class PretrainConfig(TrainConfig):
     """Pretraining stage."""
 
-    data: str = ""
-    """corpus: .txt (blank-line separated documents) or records with a ``text`` field; empty means the task's pretrain.jsonl"""
-    init: str = ""
+    data: ConfigPath = "stage:data/pretrain.jsonl"
+    """corpus: .txt (blank-line separated documents) or records with a ``text`` field (default: the task's)"""
+    init: ModelRef = ""
     """empty: train from scratch; else a model directory or hub name to continue pretraining"""
     arch: TinyModelConfig = field(default_factory=TinyModelConfig)
     """architecture of a from-scratch model"""
@@ -31,7 +32,7 @@ class PretrainConfig(TrainConfig):
     """allow a hub model's own Python code to run when loading ``init`` (off unless you trust the source)"""
 
 
-def run(cfg: PretrainConfig, data_path: Path, out_dir: Path, accelerator, log) -> dict:
+def run(cfg: PretrainConfig, ctx: StageContext) -> dict:
     from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
     from rlhfkit.data.collate import collate_packed, pack_documents
     from rlhfkit.data.loading import load_texts
@@ -39,10 +40,12 @@ def run(cfg: PretrainConfig, data_path: Path, out_dir: Path, accelerator, log) -
     from rlhfkit.models.tokenizer import train_bpe_tokenizer
     from rlhfkit.training import train_lm
 
+    data_path, out_dir, accelerator, log = ctx.resolve(cfg.data, key="data"), ctx.stage_dir, ctx.accelerator, ctx.log
     texts = load_texts(data_path)
     if cfg.init:
-        tokenizer = load_tokenizer(cfg.init, trust_remote_code=cfg.trust_remote_code)
-        model = load_causal_lm(cfg.init, trust_remote_code=cfg.trust_remote_code)
+        init = ctx.model(cfg.init, "init")
+        tokenizer = load_tokenizer(init, trust_remote_code=cfg.trust_remote_code)
+        model = load_causal_lm(init, trust_remote_code=cfg.trust_remote_code)
     else:
         tokenizer = train_bpe_tokenizer(texts, vocab_size=cfg.arch.vocab_size)
         model = build_tiny_causal_lm(cfg.arch, tokenizer, seed=cfg.seed)

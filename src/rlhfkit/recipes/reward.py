@@ -21,30 +21,64 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from rlhfkit.config import check_non_negative, check_probability
+from rlhfkit.config import check_non_negative, check_probability, coerce_enums
+from rlhfkit.paths import ConfigPath, ModelRef
+from rlhfkit.stage import StageContext
 from rlhfkit.tasks.arith_eval import RerankConfig, judge_agreement, rerank, task_metas
 from rlhfkit.training import TrainConfig
+
+
+class Pooling(StrEnum):
+    """Where a reward model reads its scalar."""
+
+    last = "last"
+    """at the last real token"""
+    mean = "mean"
+    """the mean over real tokens"""
+    response = "response"
+    """the mean over the response (an encoder's segment B; a PRM's steps so far)"""
+
+
+class Ambiguous(StrEnum):
+    """How a PRM800K rating 0 (ambiguous) counts."""
+
+    drop = "drop"
+    """left out of training and scoring"""
+    positive = "positive"
+    """as a right step"""
+    negative = "negative"
+    """as a wrong step"""
+
+
+class PRMTarget(StrEnum):
+    """What the PRM learns at step k."""
+
+    step = "step"
+    """the label of line k as given"""
+    prefix = "prefix"
+    """steps 1..k all right: the running minimum of the rated labels"""
 
 
 @dataclass(frozen=True)
 class RewardConfig(TrainConfig):
     """Reward-model stage: which models to train, on what data, and how."""
 
-    model: str = ""
-    """backbone: a model directory, or ``pkg:NAME`` for a model shipped in the Python package NAME
-    (its ``model/`` folder, found at run time); empty means the SFT stage's model"""
-    data: str = ""
-    """pairs / HH transcripts / rankings for the BT reward model; empty means OUT/label/rankings.jsonl"""
-    eval_data: str = ""
+    model: ModelRef = "stage:sft/model"
+    """backbone: a model directory, a stage's output, or ``pkg:NAME`` for a model shipped in the Python
+    package NAME (its ``model/`` folder, found at run time)"""
+    data: ConfigPath = "stage:label/rankings.jsonl"
+    """pairs / HH transcripts / rankings for the BT reward model"""
+    eval_data: ConfigPath = ""
     """held-out pairs; empty means hold out ``heldout_frac`` of ``data`` (whole rankings)"""
-    steps_data: str = ""
-    """step-labelled solutions (PRM, ORM and cost labels); empty means OUT/label/steps.jsonl"""
-    steps_eval_data: str = ""
+    steps_data: ConfigPath = "stage:label/steps.jsonl"
+    """step-labelled solutions (PRM, ORM and cost labels)"""
+    steps_eval_data: ConfigPath = ""
     """held-out step-labelled solutions; empty means hold out ``heldout_frac`` of ``steps_data``"""
     max_unusable_share: float = 0.5
     """refuse a pair file where more than this share of the records is unusable (chosen equals rejected,
@@ -61,7 +95,7 @@ class RewardConfig(TrainConfig):
     """train the cost model from ``is_safe`` labels (OUT/reward/cost)"""
     max_len: int = 256
     """longest input in tokens (prompt start is cut first)"""
-    pooling: str = "last"
+    pooling: Pooling = Pooling.last
     """scalar read at the ``last`` real token, the ``mean`` over real tokens, or the mean over the ``response`` (an encoder's segment B; a PRM's steps so far)"""
     freeze_layers: int = 0
     """freeze the embeddings and this many lowest layers (saves backward compute on CPU)"""
@@ -69,9 +103,9 @@ class RewardConfig(TrainConfig):
     """backbone dropout override; negative keeps the backbone's own"""
     center_coef: float = 0.0
     """reward-centering coefficient of the BT loss (Eisenstein et al. 2023)"""
-    ambiguous: str = "drop"
+    ambiguous: Ambiguous = Ambiguous.drop
     """PRM800K rating 0 (ambiguous): drop, positive or negative"""
-    prm_target: str = "step"
+    prm_target: PRMTarget = PRMTarget.step
     """what the PRM learns at step k: ``step`` (the label of line k as given) or ``prefix`` (steps 1..k all right:
     the running minimum of the rated labels, so P(the solution so far is right), as Lightman et al. read a PRM)"""
     prm_lr: float = 0.0
@@ -99,12 +133,7 @@ class RewardConfig(TrainConfig):
         super().__post_init__()
         check_probability(heldout_frac=self.heldout_frac, max_unusable_share=self.max_unusable_share)
         check_non_negative(center_coef=self.center_coef, prm_lr=self.prm_lr, freeze_layers=self.freeze_layers)
-        if self.pooling not in ("last", "mean", "response"):
-            raise ValueError(f"pooling must be last, mean or response, got {self.pooling!r}")
-        if self.prm_target not in ("step", "prefix"):
-            raise ValueError(f"prm_target must be step or prefix, got {self.prm_target!r}")
-        if self.ambiguous not in ("drop", "positive", "negative"):
-            raise ValueError(f"ambiguous must be drop, positive or negative, got {self.ambiguous!r}")
+        coerce_enums(self)
 
 
 # ------------------------------------------------------------------------------ the training loop
@@ -363,16 +392,15 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt:
 
 # ------------------------------------------------------------------------------ the stage
 
-def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict:
+def run(cfg: RewardConfig, ctx: StageContext) -> dict:
     from rlhfkit.checkpoints import checkpoint_dir
     from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
     from rlhfkit.models.reward import RewardModel
     from rlhfkit.models.reward_files import save_scalar_model
     from rlhfkit.models.reward_eval import pair_metrics
 
-    from rlhfkit.models.local import resolve_in_run
-
-    backbone = resolve_in_run(cfg.model, out) if cfg.model else out / "sft" / "model"
+    out, stage_dir, accelerator, log = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.log
+    backbone = ctx.model(cfg.model, "model")
     dev = accelerator.device
     metrics: dict = {"models": {}, "backbone": str(backbone)}
     trained: dict = {}
@@ -382,13 +410,12 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
     # Load and validate every file first: a bad record fails before any model is built.
     rm_train = rm_eval = None
     if cfg.train_rm:
-        data = Path(cfg.data) if cfg.data else out / "label" / "rankings.jsonl"
-        loaded = load_pairs(data, cfg.max_unusable_share)
+        loaded = load_pairs(ctx.resolve(cfg.data, key="data"), cfg.max_unusable_share)
         if loaded.skipped:
             print(f"[rlhfkit] reward: {len(loaded.skipped)} pair(s) left out, e.g. {loaded.skipped[0]}")
         metrics["rm_skipped"] = loaded.skipped
         if cfg.eval_data:
-            rm_train, ev = loaded, load_pairs(cfg.eval_data, cfg.max_unusable_share)
+            rm_train, ev = loaded, load_pairs(ctx.resolve(cfg.eval_data, key="eval_data"), cfg.max_unusable_share)
             metrics["rm_eval_skipped"] = ev.skipped
             rm_eval = ev.pairs
         else:
@@ -400,10 +427,10 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
         rm_eval = _cap(rm_eval, cfg.max_eval_examples, cfg.seed)
     steps_train = steps_eval = None
     if cfg.train_prm or cfg.train_orm or cfg.train_cost:
-        sdata = Path(cfg.steps_data) if cfg.steps_data else out / "label" / "steps.jsonl"
-        recs = load_steps(sdata, cfg.ambiguous)
+        recs = load_steps(ctx.resolve(cfg.steps_data, key="steps_data"), cfg.ambiguous)
         if cfg.steps_eval_data:
-            steps_train, steps_eval = recs, load_steps(cfg.steps_eval_data, cfg.ambiguous)
+            steps_train, steps_eval = recs, load_steps(ctx.resolve(cfg.steps_eval_data, key="steps_eval_data"),
+                                                       cfg.ambiguous)
         else:
             steps_train, steps_eval = _split(recs, cfg.heldout_frac, cfg.seed)
         steps_train = _cap(steps_train, cfg.max_train_examples, cfg.seed)
@@ -418,7 +445,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
         tc, tr = pair_scores(net, tok, rm_train.pairs[: len(rm_eval) * 2], cfg.eval_batch_size, dev)
         m = {"heldout": pair_metrics(c, r), "train_subset": pair_metrics(tc, tr), **fit,
              "train_pairs": len(rm_train.pairs), "train_rankings": len(rm_train.groups)}
-        metas = task_metas([data, cfg.eval_data])
+        metas = task_metas([ctx.resolve(cfg.data, key="data"), ctx.resolve(cfg.eval_data) if cfg.eval_data else ""])
         if metas:
             m["judge_agreement"] = judge_agreement(rm_eval, c, r, metas)
         metrics["models"]["rm"] = m
@@ -446,8 +473,7 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
                 save_scalar_model(net, tok, stage_dir / "orm")
             trained["orm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
     if cfg.train_cost:
-        sdata = Path(cfg.steps_data) if cfg.steps_data else out / "label" / "steps.jsonl"
-        safety = load_safety(sdata)
+        safety = load_safety(ctx.resolve(cfg.steps_data, key="steps_data"))
         held = {(s.prompt, s.completion) for s in steps_eval}
         tr = [x for x in safety if (x.prompt, x.response) not in held]
         ev = [x for x in safety if (x.prompt, x.response) in held]
@@ -468,6 +494,6 @@ def run(cfg: RewardConfig, out: Path, stage_dir: Path, accelerator, log) -> dict
     metrics["summary_sections"] = ["reward_models"]
     metrics["skipped_nonfinite_steps"] = sum(m["skipped_nonfinite_steps"] for m in metrics["models"].values())
     if cfg.rerank.enabled:
-        metrics["reranking"] = rerank(cfg.rerank, out, trained, stage_dir, accelerator)
+        metrics["reranking"] = rerank(cfg.rerank, ctx, trained)
         metrics["summary_sections"].append("reranking")
     return metrics

@@ -6,9 +6,10 @@ the model learns to answer, not to write questions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlhfkit.data.collate import Truncation
+from rlhfkit.paths import ConfigPath, ModelRef
+from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig
 
 
@@ -16,11 +17,10 @@ from rlhfkit.training import TrainConfig
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning stage."""
 
-    model: str = ""
-    """model to fine-tune: a directory, a hub name, a .gguf file or package:NAME[/FILE]; empty means the
-    pretrain stage's output"""
-    data: str = ""
-    """demonstrations: ``prompt`` + ``response``/``completion``, or ``messages``; empty means the task's sft.jsonl"""
+    model: ModelRef = "stage:pretrain/model"
+    """model to fine-tune: a directory, a hub name, a .gguf file, package:NAME[/FILE] or a stage's output"""
+    data: ConfigPath = "stage:data/sft.jsonl"
+    """demonstrations: ``prompt`` + ``response``/``completion``, or ``messages`` (default: the task's)"""
     max_len: int = 192
     """longest prompt + response in tokens (see ``truncation``)"""
     truncation: Truncation = Truncation.error
@@ -32,7 +32,7 @@ class SFTConfig(TrainConfig):
     """allow a hub model's own Python code to run when loading it (off unless you trust the source)"""
 
 
-def run(cfg: SFTConfig, model_path: str, data_path: Path, out_dir: Path, accelerator, log) -> dict:
+def run(cfg: SFTConfig, ctx: StageContext) -> dict:
     import torch
 
     from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
@@ -42,6 +42,8 @@ def run(cfg: SFTConfig, model_path: str, data_path: Path, out_dir: Path, acceler
     from rlhfkit.models.trainable import make_trainable, save_trained
     from rlhfkit.training import train_lm
 
+    model_path, data_path = ctx.model(cfg.model, "model"), ctx.resolve(cfg.data, key="data")
+    out_dir, accelerator, log = ctx.stage_dir, ctx.accelerator, ctx.log
     demos = load_demonstrations(data_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     context = getattr(model_config(model_path), "max_position_embeddings", cfg.max_len)

@@ -21,8 +21,10 @@ import torch
 
 from rlhfkit.data.loading import DataError, iter_records, load_prompts
 from rlhfkit.generation import SamplingConfig, sample
-from rlhfkit.io import atomic_write_jsonl, run_path
+from rlhfkit.io import atomic_write_jsonl
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.paths import ConfigPath, ModelRef
+from rlhfkit.stage import StageContext
 from rlhfkit.stats import mean_ci
 from rlhfkit.tasks.arith import Problem
 from rlhfkit.tasks.arith_judge import judge
@@ -34,10 +36,10 @@ class RerankConfig:
 
     enabled: bool = True
     """run it (needs task prompts with ``meta`` and the trained PRM/ORM/RM)"""
-    policy: str = "sft/model"
-    """the policy whose samples are reranked (relative to ``out``, or absolute)"""
-    data: str = ""
-    """held-out prompts with task ``meta``; empty means the task's heldout.jsonl"""
+    policy: ModelRef = "stage:sft/model"
+    """the policy whose samples are reranked"""
+    data: ConfigPath = "stage:data/heldout.jsonl"
+    """held-out prompts with task ``meta``"""
     n: int = 16
     """samples per prompt (best-of-N)"""
     n_prompts: int = 200
@@ -86,18 +88,18 @@ def judge_agreement(pairs, chosen: list[float], rejected: list[float], metas: di
     return {"model_vs_judge": mean_ci(agree), "labels_vs_judge": mean_ci(noisy_agree)}
 
 
-def rerank(rc: RerankConfig, out: Path, models: dict, stage_dir: Path, accelerator) -> dict:
+def rerank(rc: RerankConfig, ctx: StageContext, models: dict) -> dict:
     """Best-of-N on held-out prompts: gold accuracy of the response each method picks, with 95% CIs.
 
     ``models``: the trained ``prm``, ``orm`` and ``rm`` that are present (``RewardModel``s); the
-    per-prompt correctness of every sample goes to ``stage_dir/rerank_samples.jsonl``.
+    per-prompt correctness of every sample goes to ``ctx.stage_dir/rerank_samples.jsonl``.
     """
-    data = Path(rc.data) if rc.data else out / "data" / "heldout.jsonl"
-    records = load_prompts(data)[: rc.n_prompts]
+    stage_dir, accelerator = ctx.stage_dir, ctx.accelerator
+    records = load_prompts(ctx.resolve(rc.data, key="rerank.data"))[: rc.n_prompts]
     for r in records:
         if r.meta is None:
             raise DataError(f"{r.where}: reranking with the task judge needs the field 'meta'")
-    policy = run_path(out, rc.policy)
+    policy = ctx.model(rc.policy, "rerank.policy")
     tok = load_tokenizer(policy)
     lm = load_causal_lm(policy).to(accelerator.device)
     prompts = [r.prompt for r in records]

@@ -1,0 +1,6 @@
+"""``python -m rlhfkit``: the ``rlhfkit`` command line."""
+import sys
+
+from rlhfkit.cli import main
+
+sys.exit(main())
