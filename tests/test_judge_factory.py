@@ -62,27 +62,27 @@ def test_a_judge_config_loaded_or_on_disk_with_overrides(task, tmp_path):
     j = from_spec(JudgeConfig(kind=JudgeKind.ORACLE, beta=3.0), records, task_judges=JUDGES)
     assert type(j) is TaskOracle and j.beta == 3.0
     (tmp_path / "judge.yaml").write_text("kind: oracle\nbeta: 2.0\n")
-    assert from_spec("judge.yaml", records, base_dir=tmp_path, task_judges=JUDGES).beta == 2.0
-    assert from_spec("judge.yaml", records, base_dir=tmp_path, overrides=["beta=6.5"], task_judges=JUDGES).beta == 6.5  # overrides win
+    assert from_spec("stage:judge.yaml", records, base_dir=tmp_path, task_judges=JUDGES).beta == 2.0
+    assert from_spec("stage:judge.yaml", records, base_dir=tmp_path, overrides=["beta=6.5"], task_judges=JUDGES).beta == 6.5  # overrides win
     with pytest.raises(ConfigError, match="overrides apply to a judge YAML file only"):
         from_spec("oracle", records, overrides=["beta=6.5"], task_judges=JUDGES)
     with pytest.raises(ConfigError, match="nope"):
-        from_spec("judge.yaml", records, base_dir=tmp_path, overrides=["nope=1"], task_judges=JUDGES)
+        from_spec("stage:judge.yaml", records, base_dir=tmp_path, overrides=["nope=1"], task_judges=JUDGES)
 
 
 def test_model_directories_detected_or_named_with_bt_and_pm(model_dirs):
     from rlhfkit.judges.preference_model import PairwisePreferenceModel
     from rlhfkit.judges.reward_model import RewardModelPreference
 
-    assert isinstance(from_spec("rm", base_dir=model_dirs), RewardModelPreference)
-    assert isinstance(from_spec("pm", base_dir=model_dirs), PairwisePreferenceModel)
-    assert isinstance(from_spec("bt:rm", base_dir=model_dirs), RewardModelPreference)
-    assert isinstance(from_spec("pm:pm", base_dir=model_dirs), PairwisePreferenceModel)
+    assert isinstance(from_spec("stage:rm", base_dir=model_dirs), RewardModelPreference)
+    assert isinstance(from_spec("stage:pm", base_dir=model_dirs), PairwisePreferenceModel)
+    assert isinstance(from_spec("bt:stage:rm", base_dir=model_dirs), RewardModelPreference)
+    assert isinstance(from_spec("pm:stage:pm", base_dir=model_dirs), PairwisePreferenceModel)
     assert isinstance(from_spec(f"bt:{model_dirs / 'rm'}"), RewardModelPreference)  # absolute: no base_dir needed
     with pytest.raises(ConfigError, match="is not a pairwise preference model"):
-        from_spec("pm:rm", base_dir=model_dirs)
-    with pytest.raises(ConfigError, match=r"judge 'bt:missing'.*not a directory"):
-        from_spec("bt:missing", base_dir=model_dirs)
+        from_spec("pm:stage:rm", base_dir=model_dirs)
+    with pytest.raises(ConfigError, match=r"judge 'bt:stage:missing'.*not a directory"):
+        from_spec("bt:stage:missing", base_dir=model_dirs)
     with pytest.raises(ConfigError, match="not a directory"):
         from_spec("pm:", base_dir=model_dirs)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhfkit import scoring
+from rlhfkit.config import ConfigError
 from rlhfkit.data.loading import PromptRecord
 from rlhfkit.generation import Sample, sequences_from_samples
 from rlhfkit.models.reward import HeadInfo
@@ -88,11 +89,11 @@ def test_several_reward_models_score_mean_minus_penalty_times_std(tmp_path, monk
     monkeypatch.setattr(scoring, "load_reward_model", lambda path: _Fixed(fixed[Path(path).name]))
     for name in fixed:
         (tmp_path / name).mkdir()
-    cfg = PPOConfig(reward_source="model", reward_models=("a", "b"), ensemble_penalty=2.0)
+    cfg = PPOConfig(reward_source="model", reward_models=("stage:a", "stage:b"), ensemble_penalty=2.0)
     assert make_scorer(cfg, tmp_path).outcome(["p"] * 2, ["x", "y"]) == pytest.approx([2 - 2 * math.sqrt(2), 4.0], abs=1e-12)
-    assert make_scorer(PPOConfig(reward_source="model", reward_models=("b",)), tmp_path).outcome(["p"], ["x"]) == [3.0, 4.0]
-    with pytest.raises(FileNotFoundError, match="run the reward stage first"):
-        make_scorer(PPOConfig(reward_source="model", reward_models=("missing",)), tmp_path)
+    assert make_scorer(PPOConfig(reward_source="model", reward_models=("stage:b",)), tmp_path).outcome(["p"], ["x"]) == [3.0, 4.0]
+    with pytest.raises(ConfigError, match="run the reward stage first"):
+        make_scorer(PPOConfig(reward_source="model", reward_models=("stage:missing",)), tmp_path)
 
 
 def test_the_judge_source_is_the_task_oracle_built_by_the_judge_factory(tmp_path):

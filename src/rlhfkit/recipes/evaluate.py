@@ -82,9 +82,6 @@ class EvalConfig:
         return self.judge in TASK_JUDGES
 
 
-TASK_JUDGES = ("oracle", "intransitive")
-
-
 def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
     """Oracle verdicts for samples aligned with problems, as plain records."""
     rows = []
