@@ -361,6 +361,13 @@ def test_ppo_value_loss_unclipped_at_old_values_is_half_mse():
     assert metrics["value_clipfrac"] == 0.0
 
 
+def test_explained_variance_is_nan_when_every_return_is_equal():
+    """R = (3, 3), V_old = (1, 2): Var(R) = 0 and Var(R − V_old) = 1/2, so 1 − Var(R − V_old) / Var(R) would be
+    −inf; it is undefined, NaN. Checked to fail: with the division unguarded (−inf)."""
+    _, metrics = ppo_value_loss(t(1, 2).view(1, 2), t(1, 2).view(1, 2), t(3, 3).view(1, 2), torch.ones(1, 2), 0.2)
+    assert math.isnan(metrics["explained_variance"])
+
+
 def test_ppo_losses_are_padding_invariant():
     logp, old, adv, values, old_values, returns = torch.randn(6, 2, 3, dtype=torch.float64)
     padded = [torch.cat([x, torch.full((2, 2), 1e6, dtype=torch.float64)], dim=1) for x in (logp, old, adv)]
@@ -411,3 +418,32 @@ def test_logprobs_from_logits_matches_log_softmax_and_upcasts_bf16():
     assert logprobs_from_logits(logits.bfloat16(), labels).dtype == torch.float32
     with pytest.raises(ValueError):
         logprobs_from_logits(logits, labels.unsqueeze(-1))
+
+
+# ---------------------------------------------------------------- diagnostics
+
+def _live(*values):
+    return t(*values).requires_grad_()
+
+
+@pytest.mark.parametrize("call", [
+    lambda: bradley_terry_loss(_live(1, 2), t(0, 3)),
+    lambda: step_bce_loss(_live(0.5, -1, 2).unsqueeze(0), t(1, -100, 0).unsqueeze(0)),
+    lambda: cost_model_loss(_live(-1, 1), t(1, 2), t(-1, 1), t(1, 1)),
+    lambda: dpo_loss(_live(-1, -2), t(-3, -2), t(-2, -2), t(-3, -3), beta=0.1),
+    lambda: dpo_loss(_live(-1, -2), t(-3, -2), t(-2, -2), t(-3, -3), beta=0.1, loss_type="ipo"),
+    lambda: dno_loss(_live(-1, -2), t(-3, -2), t(-2, -2), t(-3, -3), eta=0.5),
+    lambda: dno_soft_loss(_live(-1), t(-3), t(-2), t(-3), target=t(0.25), eta=0.5),
+    lambda: ppo_policy_loss(_live(-1, -2, -3, -4).view(2, 2), t(-1, -1, -1, -1).view(2, 2),
+                            t(1, -1, 2, 0).view(2, 2), torch.ones(2, 2), clip_eps=0.2),
+    lambda: ppo_value_loss(_live(1, 2, 3, 4).view(2, 2), t(1, 1, 1, 1).view(2, 2), t(0, 2, 5, 1).view(2, 2),
+                           torch.ones(2, 2), clip_eps=0.2),
+])
+def test_loss_diagnostics_are_detached_0d_tensors(call):
+    """A diagnostic as a Python number would cost a device sync per loss call (``.item()``); the caller
+    turns them into numbers on the steps it logs. Checked to fail: with any ``.item()`` or ``float(·)``
+    back in a loss's metrics."""
+    loss, metrics = call()
+    assert loss.requires_grad and metrics
+    for name, value in metrics.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, name

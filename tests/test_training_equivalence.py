@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import tiny_pipeline_overrides
 from rlhfkit.training import global_batches, shard
@@ -33,6 +34,44 @@ def test_shard_covers_the_global_batch_once():
     assert parts[0] == [[0, 1], [4, 5], [8, 9]] and parts[1] == [[2, 3], [6, 7], [10, 11]]
     with pytest.raises(ValueError, match="not divisible"):
         shard(list(range(10)), 3, 0, 2)
+
+
+def test_fit_makes_tensor_diagnostics_numbers_when_it_logs_averaged_in_python_floats():
+    """Losses return diagnostics as 0-d tensors (``.item()`` would be a device sync per call); ``fit`` turns
+    them into numbers on the steps it logs and averages them over micro-batches in Python floats, as it did
+    when losses returned floats, so logged figures keep their last digit. Micro-batches with 0.1, 0.2, 0.7
+    (float32): ((0 + a/3) + b/3) + c/3 in doubles is 0.33333333084980643; in float32, 0.3333333432674408.
+    Checked to fail: with the mean accumulated on the float32 tensors (v / n, as the loop did with floats).
+    """
+    from accelerate import Accelerator
+
+    from rlhfkit.training import TrainConfig, fit
+
+    values = torch.tensor([0.1, 0.2, 0.7])
+    calls = []
+
+    def batch_loss(model, mine, idx):
+        v = values[len(calls) % 3]
+        calls.append(mine)
+        loss = model(torch.ones(1, 1)).sum()
+        return loss, loss.detach(), {"x": v, "n": torch.tensor(len(mine))}
+
+    class Log:
+        def __init__(self):
+            self.rows = []
+
+        def write(self, row):
+            self.rows.append(row)
+
+    cfg, log = TrainConfig(batch_size=3, grad_accum_steps=3, max_steps=2, log_every=1, warmup_steps=0), Log()
+    fit(torch.nn.Linear(1, 1), 3, batch_loss, cfg, Accelerator(cpu=True), log, name="diagnostics")
+    expected = 0.0
+    for v in values.tolist():
+        expected = expected + v / 3
+    assert expected == 0.33333333084980643 and len(calls) == 6 and len(log.rows) == 2
+    for row in log.rows:
+        assert type(row["x"]) is float and row["x"] == expected, row
+        assert type(row["n"]) is float and row["n"] == 1.0, row
 
 
 def _losses(stage_dir: Path) -> list[float]:

@@ -5,7 +5,9 @@ Pure tensor math: imports only torch.
 Conventions. B = batch, T = tokens, V = vocabulary. A ``mask`` is 0/1 (bool or float) with
 the same shape as the tensor it masks; 1 marks a real (response) token. Sequence log-probs
 are *sums* over response tokens unless a docstring says otherwise. Every loss returns
-``(loss, metrics)``: a scalar tensor with grad, and a dict of detached Python floats.
+``(loss, metrics)``: a scalar tensor with grad, and a dict of detached 0-d tensors. Diagnostics stay
+tensors because ``.item()`` would wait for the device on every call; the caller makes them numbers
+(``float``) only on the steps it logs.
 """
 from __future__ import annotations
 
@@ -127,10 +129,10 @@ def bradley_terry_loss(
         loss = loss + center_coef * reward_centering(chosen, rejected)
     with torch.no_grad():
         metrics = {
-            "accuracy": (chosen > rejected).float().mean().item(),
-            "margin": (chosen - rejected).mean().item(),
-            "chosen_reward": chosen.mean().item(),
-            "rejected_reward": rejected.mean().item(),
+            "accuracy": (chosen > rejected).float().mean(),
+            "margin": (chosen - rejected).mean(),
+            "chosen_reward": chosen.mean(),
+            "rejected_reward": rejected.mean(),
         }
     return loss, metrics
 
@@ -177,7 +179,7 @@ def step_bce_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> t
     loss = masked_mean(per_position, mask)
     with torch.no_grad():
         correct = ((logits > 0) == (targets > 0.5)).to(logits.dtype)
-        metrics = {"step_accuracy": masked_mean(correct, mask).item(), "n_steps": int(mask.sum())}
+        metrics = {"step_accuracy": masked_mean(correct, mask), "n_steps": mask.sum()}
     return loss, metrics
 
 
@@ -208,9 +210,9 @@ def cost_model_loss(
     with torch.no_grad():
         signs_right = torch.cat([sign_safer * cost_safer > 0, sign_unsafer * cost_unsafer > 0])
         metrics = {
-            "ranking_accuracy": (cost_unsafer > cost_safer).float().mean().item(),
-            "sign_accuracy": signs_right.float().mean().item(),
-            "cost_safer": cost_safer.mean().item(),
-            "cost_unsafer": cost_unsafer.mean().item(),
+            "ranking_accuracy": (cost_unsafer > cost_safer).float().mean(),
+            "sign_accuracy": signs_right.float().mean(),
+            "cost_safer": cost_safer.mean(),
+            "cost_unsafer": cost_unsafer.mean(),
         }
     return loss, metrics

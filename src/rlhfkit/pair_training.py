@@ -29,7 +29,7 @@ def add_sft_term(loss: torch.Tensor, metrics: dict, chosen_logps: torch.Tensor, 
     if not coef:
         return loss
     nll = sft_nll(chosen_logps, chosen_len, weights)
-    metrics["sft_nll"] = nll.item()
+    metrics["sft_nll"] = nll.detach()
     return loss + coef * nll
 
 
@@ -67,7 +67,10 @@ def train_on_pairs(
         k, t = len(mine), torch.tensor(mine)
         loss, w_local, metrics = loss_fn(logps[:k], logps[k:], ref["chosen"][t].to(logps.device),
                                          ref["rejected"][t].to(logps.device), (n[:k], n[k:]), t)
-        logged = torch.tensor(loss.item() * w_local / w_global, dtype=torch.float64)
+        # float(loss) * w_local / w_global in float64 on the device, with no sync; divided by a tensor, since CUDA
+        # divides by a Python number as a multiply by its reciprocal (not the same last digit).
+        w_global_t = torch.full((), w_global, dtype=torch.float64, device=loss.device)
+        logged = loss.detach().double() * w_local / w_global_t
         return loss * (w_local / w_global) * world, logged, metrics
 
     if cfg.gradient_checkpointing:

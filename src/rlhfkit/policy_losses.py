@@ -3,7 +3,7 @@ are aggregated, truncated importance weights, and the log-probs and entropy they
 Pure tensor math: imports only torch (and the masked statistics of ``rlhfkit.losses``).
 
 Conventions as in ``rlhfkit.losses``: B = batch, T = tokens, V = vocabulary; a ``mask`` is 0/1 with the
-shape of what it masks; every loss returns ``(loss, metrics)``.
+shape of what it masks; every loss returns ``(loss, metrics)``, the metrics detached 0-d tensors.
 """
 from __future__ import annotations
 
@@ -122,8 +122,8 @@ def ppo_policy_loss(
     loss = aggregate_loss(per_token, mask, aggregation, max_len)
     with torch.no_grad():
         metrics = {
-            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask).item(),
-            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask).item(),
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean((ratio - 1) - log_ratio, mask),
         }
     return loss, metrics
 
@@ -150,10 +150,12 @@ def ppo_value_loss(
     loss = 0.5 * aggregate_loss(torch.maximum(unclipped_error, clipped_error), mask, aggregation, max_len)
     with torch.no_grad():
         var_returns = masked_var(returns, mask)
-        explained = 1 - masked_var(returns - old_values, mask) / var_returns if var_returns > 0 else float("nan")
+        # where, not ``if var_returns > 0``: a Python branch on a tensor waits for the device.
+        explained = torch.where(var_returns > 0, 1 - masked_var(returns - old_values, mask) / var_returns,
+                                torch.full_like(var_returns, float("nan")))
         metrics = {
-            "value_clipfrac": masked_mean((clipped_error > unclipped_error).to(values.dtype), mask).item(),
-            "explained_variance": float(explained),
+            "value_clipfrac": masked_mean((clipped_error > unclipped_error).to(values.dtype), mask),
+            "explained_variance": explained,
         }
     return loss, metrics
 

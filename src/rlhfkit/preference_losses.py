@@ -2,7 +2,7 @@
 
 Pure tensor math, imports only torch (and the shape helpers of ``rlhfkit.losses``), with the
 conventions of ``rlhfkit.losses``: sequence log-probs are sums over response tokens, and every
-loss returns ``(loss, metrics)``.
+loss returns ``(loss, metrics)``, the metrics detached 0-d tensors.
 """
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ class DPOLossType(StrEnum):
 def _preference_metrics(chosen_rewards: Tensor, rejected_rewards: Tensor) -> dict:
     """Implicit-reward diagnostics shared by DPO and DNO; inputs (B,), already detached."""
     return {
-        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "chosen_reward": chosen_rewards.mean().item(),
-        "rejected_reward": rejected_rewards.mean().item(),
-        "reward_margin": (chosen_rewards - rejected_rewards).mean().item(),
+        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "chosen_reward": chosen_rewards.mean(),
+        "rejected_reward": rejected_rewards.mean(),
+        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
     }
 
 
@@ -136,7 +136,7 @@ def dno_soft_loss(
     target = target.to(h.dtype)
     loss = -(target * F.logsigmoid(eta * h) + (1 - target) * F.logsigmoid(-eta * h)).mean()
     with torch.no_grad():
-        metrics = {"predicted_preference": torch.sigmoid(eta * h).mean().item(), "target": target.mean().item()}
+        metrics = {"predicted_preference": torch.sigmoid(eta * h).mean(), "target": target.mean()}
     return loss, metrics
 
 

@@ -260,7 +260,7 @@ def fit(model, n_examples: int, batch_loss: BatchLoss, cfg: TrainConfig, acceler
     one ``optimizer_step``. The logged loss is Σ ``logged`` over micro-batches and processes /
     ``loss_denominator(global_idx)`` (default: the process count, so ``logged = loss.detach()`` logs the
     global mean): each stage keeps its own arithmetic for it, so its figures stay the same to the last digit.
-    ``metrics`` (floats or 0-d tensors) are averaged over micro-batches, then processes.
+    ``metrics`` (floats or detached 0-d tensors) are averaged over micro-batches, then processes, when logged.
 
     ``train_mode`` False: dropout off throughout (DPO's step-0 policy equals its reference); the model
     ends in eval mode. ``checkpoint`` (``checkpoints.LoopCheckpoint``): resumed from, saved every
@@ -292,15 +292,14 @@ def fit(model, n_examples: int, batch_loss: BatchLoss, cfg: TrainConfig, acceler
     for step, idx in enumerate(global_batches(n_examples, cfg.batch_size, total, cfg.seed, start_step=start), start=start):
         micro = shard(idx, cfg.grad_accum_steps, coll.rank, coll.world)
         logged_sum = torch.zeros((), device=accelerator.device)
-        metrics: dict = {}
+        per_micro = []  # each micro-batch's diagnostics, reduced only on the steps that log
         for m, mine in enumerate(micro):
             # DDP synchronises gradients at the last micro-batch's backward only
             with accelerator.no_sync(prepared) if m < len(micro) - 1 else contextlib.nullcontext():
                 loss, logged, micro_metrics = batch_loss(prepared, mine, idx)
                 accelerator.backward(loss)
             logged_sum = logged_sum + logged
-            for key, v in micro_metrics.items():
-                metrics[key] = metrics.get(key, 0.0) + v / len(micro)
+            per_micro.append(micro_metrics)
         is_logged = step % cfg.log_every == 0 or step == total - 1  # the same steps on every process: collectives
         # The global batch's loss (a collective): every step when the guard decides on it, else on logged steps only.
         loss_value = float(coll.sum(logged_sum) / denominator(idx)) if guard.enabled or is_logged else None
@@ -309,7 +308,13 @@ def fit(model, n_examples: int, batch_loss: BatchLoss, cfg: TrainConfig, acceler
         n_tokens += tokens(idx) if tokens is not None else 0
         bar.update(1)
         if is_logged:
-            last = {"loss": loss_value, **coll.mean_of({k: float(v) for k, v in metrics.items()})}
+            # Diagnostics become numbers here only (``float`` of a tensor waits for the device), and are averaged
+            # in Python floats as always: float64 tensors would not do on CUDA (x / n is x · (1/n) there).
+            metrics: dict = {}
+            for micro_metrics in per_micro:
+                for key, v in micro_metrics.items():
+                    metrics[key] = metrics.get(key, 0.0) + float(v) / len(micro)
+            last = {"loss": loss_value, **coll.mean_of(metrics)}
             elapsed = time.time() - t0
             rates = {"tokens_per_s": (n_tokens - tokens_before) / max(elapsed, 1e-9)} if tokens is not None else {}
             rates[f"{unit}_per_s"] = (seen - seen_before) / max(elapsed, 1e-9)

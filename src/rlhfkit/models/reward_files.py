@@ -9,7 +9,6 @@ import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -122,9 +121,3 @@ def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
         net.to(device)
     return RewardModel(net, tokenizer, device, batch_size)
 
-
-def save_ensemble(member_dirs: Sequence[str], out_dir: str | Path, reduce: str = "mean", k: float = 1.0) -> None:
-    """Write ``ensemble.json`` naming member directories (relative to ``out_dir``)."""
-    from rlhfkit.io import atomic_write_json
-
-    atomic_write_json(Path(out_dir) / "ensemble.json", {"members": list(member_dirs), "reduce": reduce, "k": k})

@@ -349,7 +349,7 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     world, rank = coll.world, coll.rank
     b = ro.input_ids.shape[0]
     B = b * world
-    stats: dict[str, list[float]] = {}
+    stats: dict[str, list[torch.Tensor]] = {}  # detached 0-d diagnostics, made numbers once at the end
     policy.train()
     if critic is not None:
         critic.train()
@@ -384,16 +384,16 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 loss, pm = ppo_policy_loss(logp, cut(ro.old_logprobs), cut(adv), mask, cfg.clip_eps, agg, max_len,
                                            is_weights)
                 if is_weights is not None:
-                    pm["rollout_is_weight"] = masked_mean(is_weights, mask).item()
+                    pm["rollout_is_weight"] = masked_mean(is_weights, mask)
                 if cfg.kl_uses_loss:
                     kl_loss = aggregate_loss(kl_estimate(logp, cut(ro.ref_logprobs), cfg.estimator), mask, agg, max_len)
                     loss = loss + kl_coef * kl_loss
-                    pm["kl_loss"] = kl_loss.item()
+                    pm["kl_loss"] = kl_loss.detach()
                 entropy = masked_mean(ent, mask)  # logged as the mean over tokens whatever the aggregation
                 if cfg.entropy_coef:
                     loss = loss - cfg.entropy_coef * aggregate_loss(ent, mask, agg, max_len)
                 accelerator.backward(loss * w)
-                pm.update(loss=loss.item(), entropy=entropy.item())
+                pm.update(loss=loss.detach(), entropy=entropy.detach())
                 if critic is not None:
                     values = critic(batch["input_ids"], batch["attention_mask"])  # (b, width, H)
                     vloss = 0.0
@@ -404,7 +404,7 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                         if h == 0:
                             pm["value_clipfrac"] = vm["value_clipfrac"]
                     accelerator.backward(cfg.vf_coef * vloss * w)
-                    pm["value_loss"] = float(vloss.detach())
+                    pm["value_loss"] = vloss.detach()
                 if not dummy:
                     for key, v in pm.items():
                         stats.setdefault(key, []).append(v)
@@ -416,7 +416,8 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     policy.eval()
     if critic is not None:
         critic.eval()
-    # Diagnostics: with several processes, the mean of the processes' means.
+    # Diagnostics: one device fetch per key, summed in Python floats; over processes, the mean of their means.
+    stats = {key: torch.stack(v).double().tolist() for key, v in stats.items()}
     return coll.mean_of({key: sum(v) / len(v) for key, v in stats.items()})
 
 
