@@ -220,7 +220,7 @@ def test_dno_reference_is_the_previous_iterate_not_the_sft_model(tiny_lm_dir, tm
     prompts.write_text("".join(json.dumps({"prompt": format_prompt(p)}) + "\n" for p in make_problems(20, 5, 0.2)))
     real_sample = generation.sample
     # A random tiny model rarely emits EOS; mark samples finished so the toy judge compares them.
-    monkeypatch.setattr(generation, "sample", lambda *a, **k: [dataclasses.replace(s, finished=True) for s in real_sample(*a, **k)])
+    monkeypatch.setattr(dno, "sample", lambda *a, **k: [dataclasses.replace(s, finished=True) for s in real_sample(*a, **k)])
     seen = []
     real_ref = dno.reference_logps
 

@@ -202,15 +202,15 @@ def test_a_nan_loss_is_skipped_and_counted_in_metrics(upstream, tmp_path, monkey
 @pytest.mark.parametrize("stage", ["dpo", "reward", "ppo"])
 def test_a_nan_loss_is_skipped_in_the_other_loops(stage, upstream, tmp_path, monkeypatch):
     """The same guard in DPO's, the reward models' and PPO's loops (PPO counts optimizer steps)."""
-    import rlhfkit.losses
-    import rlhfkit.preference_losses
+    import rlhfkit.recipes.dpo
     import rlhfkit.recipes.ppo
+    import rlhfkit.recipes.reward
     from rlhfkit.cli import main
 
     out = _stage_out(upstream, tmp_path, ["data", "pretrain", "sft", "label"])
     target, name, extra = {
-        "dpo": (rlhfkit.preference_losses, "dpo_loss", ["dpo.max_steps=6", "dpo.batch_size=4"]),
-        "reward": (rlhfkit.losses, "bradley_terry_loss",
+        "dpo": (rlhfkit.recipes.dpo, "dpo_loss", ["dpo.max_steps=6", "dpo.batch_size=4"]),
+        "reward": (rlhfkit.recipes.reward, "bradley_terry_loss",
                    ["reward.train_prm=false", "reward.train_orm=false", "reward.train_cost=false",
                     "reward.rerank.enabled=false", "reward.max_steps=6", "reward.batch_size=4", "reward.max_len=96"]),
         "ppo": (rlhfkit.recipes.ppo, "ppo_policy_loss",  # patched where the recipe looks it up

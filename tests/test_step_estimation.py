@@ -143,8 +143,8 @@ def test_label_stage_estimates_step_labels_from_policy_completions(tiny_lm_dir, 
             prefixed.append((list(zip(args[2], response_prefixes)), kw["num_return_sequences"]))
         return sample(*args, response_prefixes=response_prefixes, **kw)
 
-    monkeypatch.setattr(rlhfkit.models.loading, "load_causal_lm", load_newline_prone)
-    monkeypatch.setattr(rlhfkit.generation, "sample", spy)
+    monkeypatch.setattr(label, "load_causal_lm", load_newline_prone)
+    monkeypatch.setattr(label, "sample", spy)
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in make_problems(3, seed=5, unanswerable_frac=0.34)]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -35,6 +35,9 @@ from typing import Callable
 
 import torch
 
+from rlhfkit.config import ConfigError, to_dict
+from rlhfkit.io import atomic_write_json
+
 # Keys that say when to stop or save, not what is computed: a rerun that changes them still resumes.
 NOT_COMPARED = ("stop_after_steps", "save_every", "max_nonfinite_steps")
 
@@ -55,8 +58,6 @@ def checkpoint_dir(stage_dir: str | Path) -> Path | None:
 def checkpoint_config(cfg, **identity) -> dict:
     """What a checkpoint must have been written under to be resumed: the stage's config (less
     ``NOT_COMPARED``) and ``identity`` (which model of the stage, which DNO iteration)."""
-    from rlhfkit.config import to_dict
-
     return {k: v for k, v in to_dict(cfg).items() if k not in NOT_COMPARED} | identity
 
 
@@ -81,8 +82,6 @@ def save_checkpoint(ckpt: Path, step: int, objects: dict, controllers: dict, log
     ``objects`` and ``controllers``: name → anything with ``state_dict()`` (None entries are skipped);
     pass the unwrapped model, not its DDP wrapper.
     """
-    from rlhfkit.io import atomic_write_json
-
     ckpt = Path(ckpt)
     files = ckpt / f"step-{step:08d}-{time.time_ns()}"  # never the name of the files meta.json points to now
     tmp = files.with_name(files.name + ".partial")
@@ -112,8 +111,6 @@ def load_checkpoint(ckpt: Path, objects: dict, controllers: dict, log_path: Path
 
     The checkpoint's log replaces ``log_path`` (None: leave the log alone, as every process but the first does).
     """
-    from rlhfkit.config import ConfigError
-
     ckpt = Path(ckpt)
     meta = read_meta(ckpt)
     if meta is None:

@@ -11,6 +11,12 @@ import argparse
 import importlib
 import sys
 
+from rlhfkit.config import ConfigError
+from rlhfkit.data.loading import DataError
+from rlhfkit.io import RunLocked
+from rlhfkit.models.local import ModelNotFound
+from rlhfkit.nonfinite import TrainingDiverged
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("rlhfkit.pipeline", "run the stages a pipeline config names, in order, resuming completed ones"),
@@ -64,11 +70,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     mod = importlib.import_module(args._module)
-    from rlhfkit.config import ConfigError
-    from rlhfkit.data.loading import DataError
-    from rlhfkit.io import RunLocked
-    from rlhfkit.models.local import ModelNotFound
-    from rlhfkit.nonfinite import TrainingDiverged
 
     try:
         return int(mod.run(args) or 0)

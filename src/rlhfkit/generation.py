@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
 
+from rlhfkit.config import check_non_negative, check_positive
 from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
 from rlhfkit.models.trainable import reference_mode
 from rlhfkit.policy_losses import entropy_from_logits, logprobs_from_logits
@@ -48,8 +51,6 @@ class SamplingConfig:
     """prompts per generate call"""
 
     def __post_init__(self):
-        from rlhfkit.config import check_non_negative, check_positive
-
         check_non_negative(temperature=self.temperature)
         check_positive(top_p=self.top_p, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         if self.top_p > 1:
@@ -71,8 +72,6 @@ def _sampled_logprobs_processor(temperature: float):
     transformers release ran these processors after its warpers, the sampler's log-probs would be
     divided by T twice: ``test_pitfalls.py`` compares them with the training forward at T ≠ 1.
     """
-    from transformers import LogitsProcessor
-
     class SampledLogprobs(LogitsProcessor):
         def __init__(self):
             self.pending: torch.Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
@@ -140,7 +139,6 @@ def sample(
         if len(response_prefixes) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(response_prefixes)} response prefixes")
         encoded = [ids + encode_response(tokenizer, r, add_eos=False) for ids, r in zip(encoded, response_prefixes)]
-    from tqdm.auto import tqdm
 
     starts = range(0, len(prompts), cfg.batch_size)
     for start in tqdm(starts, desc="sampling", disable=len(starts) < 2, leave=False):
@@ -163,8 +161,6 @@ def sample(
             gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
         recorder = None
         if return_logprobs:
-            from transformers import LogitsProcessorList
-
             recorder = _sampled_logprobs_processor(cfg.temperature if not greedy else 1.0)
             gen_kwargs["logits_processor"] = LogitsProcessorList([recorder])
         seqs = model.generate(**gen_kwargs)

@@ -83,9 +83,9 @@ class RunLock:
         self._f = None
 
     def __enter__(self) -> "RunLock":
-        import fcntl
+        import fcntl  # lazy: POSIX only, and every module imports io
 
-        from rlhfkit.training import process_state
+        from rlhfkit.training import process_state  # lazy: training imports torch, and io (a cycle)
 
         if not process_state().is_main_process:
             return self

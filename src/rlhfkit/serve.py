@@ -30,7 +30,11 @@ import threading
 import time
 import traceback
 import uuid
+from pathlib import Path
 
+from rlhfkit.config import ConfigError
+from rlhfkit.data.chat import parse_messages
+from rlhfkit.models.local import ModelNotFound, load_for_inference
 from rlhfkit.serve_requests import BadRequest
 
 class QueueFull(RuntimeError):
@@ -101,8 +105,7 @@ class ChatModel:
 
     def encode(self, req: dict) -> list[int]:
         """The prompt's ids; BadRequest when they and ``max_tokens`` do not fit in the context."""
-        from rlhfkit.data.chat import parse_messages
-        from rlhfkit.data.collate import encode_prompt
+        from rlhfkit.data.collate import encode_prompt  # lazy: torch, only once a model is served
 
         # The one prompt encoding of training, labelling and eval: a model is served in the format it learned.
         with self.tok_lock:
@@ -167,7 +170,7 @@ class ChatModel:
 
     def _generate(self, prompts: list[list[int]], req: dict):
         """(sequences after the prompt, (rows, T, V) logits or None) for prompts sharing ``req``'s settings."""
-        import torch
+        import torch  # lazy: only once a model is served (`rlhfkit serve --help` stays light)
 
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         width = max(len(p) for p in prompts)
@@ -228,7 +231,7 @@ class ChatModel:
         return ids
 
     def _logprobs(self, logits, ids: list[int], top: int) -> list[dict]:
-        import torch
+        import torch  # lazy: only once a model is served (`rlhfkit serve --help` stays light)
 
         out = []
         logp = torch.log_softmax(logits, dim=-1)
@@ -248,10 +251,7 @@ class ChatModel:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from rlhfkit.config import ConfigError
-    from rlhfkit.models.local import ModelNotFound, load_for_inference
+    # lazy: cycle with serve_http, which imports ChatModel from here
     from rlhfkit.serve_http import make_server, serve_until_interrupted
 
     api_key = None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from rlhfkit.config import to_dict
+
 TRACKERS = ("tensorboard", "wandb", "trackio")
 """accelerate's tracker names ``report_to`` accepts (besides ``none``)"""
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard or tensorboardX", "wandb": "wandb", "trackio": "trackio"}
@@ -30,8 +32,6 @@ def trackers_of(cfg) -> list[str]:
 
 def tracker_config(cfg) -> dict:
     """A config as the flat ``{"a.b": scalar}`` dict trackers store as hyperparameters (lists as text, None dropped)."""
-    from rlhfkit.config import to_dict
-
     flat: dict = {}
 
     def walk(prefix: str, value) -> None:

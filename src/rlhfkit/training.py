@@ -19,7 +19,9 @@ from enum import StrEnum
 from typing import Callable, Iterator, Sequence
 
 import torch
+from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
+from transformers import get_scheduler
 
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.nonfinite import NonFiniteGuard
@@ -118,8 +120,6 @@ def _cpu_only() -> bool:
 
 def process_state():
     """The shared distributed state (rank, world size, barriers); gloo on CPU under torchrun."""
-    from accelerate import PartialState
-
     return PartialState(cpu=_cpu_only())
 
 
@@ -132,8 +132,6 @@ def make_accelerator(cfg: TrainConfig | None = None, project_dir=None):
     files), the accelerator logs to them once its caller runs ``init_trackers``; without a
     ``project_dir`` the caller tracks nothing and ``report_to`` is not used.
     """
-    from accelerate import Accelerator
-
     mp = getattr(cfg, "mixed_precision", "auto")
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -175,8 +173,6 @@ class Collective:
 
 
 def make_optimizer_and_scheduler(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
-    from transformers import get_scheduler
-
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler

@@ -11,6 +11,13 @@ idempotent: an item already in the store is not added twice.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+from rlhfkit.annotate.export import agreement_path, export, format_agreement
+from rlhfkit.annotate.server import make_server
+from rlhfkit.annotate.store import Store, StoreError
+from rlhfkit.config import ConfigError
+from rlhfkit.serve_http import serve_until_interrupted
 
 
 def add_arguments(p) -> None:
@@ -45,11 +52,6 @@ def _import(store, data) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from rlhfkit.annotate.store import Store, StoreError
-    from rlhfkit.config import ConfigError
-
     action = args.annotate_command
     creates = action in ("serve", "import") or getattr(args, "data", None)
     if not creates and not Path(args.db).exists():
@@ -67,19 +69,14 @@ def run(args) -> int:
                   file=sys.stderr)
             print(token)
         elif action == "serve":
-            from rlhfkit.annotate.server import make_server
-
             if args.data:
                 _import(store, args.data)
             server = make_server(store, args.host, args.port, read_timeout_s=args.read_timeout,
                                  max_connections=args.max_connections)
             host, port = server.server_address[:2]
-            from rlhfkit.serve_http import serve_until_interrupted
 
             serve_until_interrupted(server, f"annotation app at http://{host}:{port}/ (Ctrl-C to stop)")
         elif action == "export":
-            from rlhfkit.annotate.export import agreement_path, export, format_agreement
-
             records, agreement = export(store, args.out)
             print(f"wrote {len(records)} rankings to {args.out}; agreement in {agreement_path(args.out)}")
             print(format_agreement(agreement))

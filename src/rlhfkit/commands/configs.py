@@ -16,6 +16,6 @@ def config_class_for(path: str | Path) -> type:
         if line.startswith("# rlhfkit-config:"):
             module, cls = line.split(":", 1)[1].strip().split(":")
             return getattr(importlib.import_module(module), cls)
-    from rlhfkit.pipeline import PipelineConfig
+    from rlhfkit.pipeline import PipelineConfig  # lazy: it imports every recipe and torch
 
     return PipelineConfig

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import time
 
+from rlhfkit.data.preferences import load_pairs, load_steps
+from rlhfkit.models.reward_eval import pair_metrics, rated_step_metrics, score_each_once
+
 
 def add_arguments_for(name: str, p) -> None:
     p.add_argument("--model", required=True, help="a reward-model directory (OUT/reward/rm, .../prm)")
@@ -27,13 +30,11 @@ def _table(rows: dict) -> str:
 
 
 def run(args) -> int:
+    # lazy (here and below): torch and transformers, which this command's --help does not need
     from rlhfkit.models.reward_files import load_reward_model
 
     t0 = time.time()
     if args.command == "eval-rm":
-        from rlhfkit.data.preferences import load_pairs
-        from rlhfkit.models.reward_eval import pair_metrics, score_each_once
-
         loaded = load_pairs(args.data)  # validated before the model loads
         pairs = loaded.pairs[: args.limit] if args.limit else loaded.pairs
         model = load_reward_model(args.model, batch_size=args.batch_size)
@@ -41,9 +42,7 @@ def run(args) -> int:
         result = pair_metrics(s[0::2], s[1::2])
         result["skipped"] = len(loaded.skipped)
     else:
-        from rlhfkit.data.preferences import load_steps
         from rlhfkit.models.reward import step_logits
-        from rlhfkit.models.reward_eval import rated_step_metrics
 
         recs = load_steps(args.data, args.ambiguous)
         recs = recs[: args.limit] if args.limit else recs

@@ -5,6 +5,10 @@ Stages do the same implicitly the first time they meet a GGUF reference (cached 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from rlhfkit.models.local import ModelNotFound, import_gguf, resolve_model
+
 
 def add_arguments(p) -> None:
     p.add_argument("src", help="a .gguf file, a directory holding one, or package:NAME[/FILE.gguf]")
@@ -12,10 +16,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from rlhfkit.models.local import ModelNotFound, import_gguf, resolve_model
-
     out = Path(args.out)
     if out.exists():
         raise ModelNotFound(f"{out} already exists; import into a new directory")

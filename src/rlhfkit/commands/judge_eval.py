@@ -18,6 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+from rlhfkit.config import ConfigError
+from rlhfkit.data.loading import DataError, iter_records, require
+from rlhfkit.io import atomic_write_jsonl
+from rlhfkit.judges.agreement import agreement_between, agreement_with_labels, position_bias
+from rlhfkit.judges.config import load_judge_config
+from rlhfkit.judges.prompt import Judgment
+from rlhfkit.judges.spec import from_spec
+from rlhfkit.tasks import JUDGES as TASK_JUDGES
+from rlhfkit.tasks.arith import demonstration, format_prompt, gold_response, make_problems
+from rlhfkit.tasks.arith_judge import preference_prob
+
 
 def add_arguments(p) -> None:
     p.add_argument("--judge", required=True, help="judge config YAML (see configs/judge_*.yaml)")
@@ -33,8 +44,6 @@ def add_arguments(p) -> None:
 
 def load_pairs(path: str | Path, seed: int = 0) -> list[dict]:
     """Records ``{"prompt", "a", "b", "a_preferred", "meta"?}`` from LLMBar or pair files."""
-    from rlhfkit.data.loading import DataError, iter_records, require
-
     rng = random.Random(seed)
     out = []
     for rec in iter_records(path):
@@ -64,9 +73,6 @@ def task_pairs(n: int, seed: int) -> list[dict]:
 
     The label is the oracle's (P > 0.5), and the order is shuffled with ``seed``.
     """
-    from rlhfkit.tasks.arith import demonstration, format_prompt, gold_response, make_problems
-    from rlhfkit.tasks.arith_judge import preference_prob
-
     rng = random.Random(seed)
     out = []
     for p in make_problems(n, seed=seed, unanswerable_frac=0.3):
@@ -82,9 +88,6 @@ def task_pairs(n: int, seed: int) -> list[dict]:
 
 def evaluate(judge, pairs: list[dict]) -> tuple[list, dict]:
     """Judge every pair in both orders; return the judgments and the figures."""
-    from rlhfkit.judges.agreement import agreement_with_labels, position_bias
-    from rlhfkit.judges.prompt import Judgment
-
     items = [(p["prompt"], p["a"], p["b"]) for p in pairs]
     if hasattr(judge, "judge"):
         judgments = judge.judge(items, both_orders=True)
@@ -109,12 +112,6 @@ def evaluate(judge, pairs: list[dict]) -> tuple[list, dict]:
 
 
 def run(args) -> int:
-    from rlhfkit.config import ConfigError
-    from rlhfkit.io import atomic_write_jsonl
-    from rlhfkit.judges.config import load_judge_config
-    from rlhfkit.judges.spec import from_spec
-    from rlhfkit.tasks import JUDGES as TASK_JUDGES
-
     cfg = load_judge_config(args.judge, args.overrides)
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit must be >= 1")
@@ -134,8 +131,6 @@ def run(args) -> int:
     t_load = time.time() - t0
     judgments, fig = evaluate(judge, pairs)
     if args.against:
-        from rlhfkit.judges.agreement import agreement_between
-
         other_cfg = load_judge_config(args.against)
         try:
             other = from_spec(other_cfg, pairs, task_judges=TASK_JUDGES)

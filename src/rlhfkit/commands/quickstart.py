@@ -12,6 +12,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    # lazy: the pipeline imports every recipe and torch, which this command's --help does not need
     from rlhfkit.pipeline import load_pipeline_config, run_pipeline
 
     cfg = load_pipeline_config(BUNDLED, [f"out={args.out}", *args.overrides])

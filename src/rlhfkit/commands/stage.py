@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from rlhfkit.io import RunLock
+
 
 def add_arguments(p) -> None:
     p.add_argument("config", nargs="?", help="pipeline YAML file (default: built-in defaults)")
@@ -16,7 +18,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from rlhfkit.io import RunLock
+    # lazy: the pipeline imports every recipe and torch, which this command's --help does not need
     from rlhfkit.pipeline import STAGES, PipelineConfig, load_pipeline_config, run_stage
 
     stage = args.command

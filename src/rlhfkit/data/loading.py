@@ -5,7 +5,9 @@ record is reported by location, before any training starts.
 """
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +70,7 @@ def iter_records(path: str | Path) -> Iterator[Located]:
     if path.is_dir():
         if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
             raise DataError(f"{path}: a directory must be a dataset saved with datasets.save_to_disk")
-        import datasets
+        import datasets  # lazy: slow to import (pyarrow, pandas), and only a datasets directory needs it
 
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -89,13 +91,11 @@ def iter_records(path: str | Path) -> Iterator[Located]:
                 raise DataError(f"{path}:record {i}: expected a JSON object")
             yield Located(rec, f"{path}:record {i}")
     elif name.endswith(".csv"):
-        import csv
-        import io
-
         reader = csv.DictReader(io.StringIO(read_text_utf8(path), newline=""))
         for rec in reader:
             yield Located(dict(rec), f"{path}:{reader.line_num}")
     elif name.endswith(".parquet"):
+        # lazy: only a Parquet file needs pyarrow; data.loading is on the CLI's light path
         import pyarrow
         import pyarrow.parquet as pq
 

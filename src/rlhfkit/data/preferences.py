@@ -78,7 +78,7 @@ def _margin(rec: Located) -> float | None:
 
 
 def _ranking_pairs(rec: Located, group: int) -> list[PreferencePair]:
-    from rlhfkit.losses import ranking_pairs
+    from rlhfkit.losses import ranking_pairs  # lazy: losses imports torch; reading pairs needs none
 
     require(rec, {"prompt": str, "responses": list, "ranking": list}, nonempty=("prompt",))
     responses, ranking = rec.record["responses"], rec.record["ranking"]

@@ -18,6 +18,7 @@ from typing import Sequence
 import torch
 
 from rlhfkit.judges.prompt import JudgePrompt, Judgment, combine
+from rlhfkit.models.local import load_for_inference
 
 
 class LLMJudge:
@@ -40,8 +41,6 @@ class LLMJudge:
 
     @classmethod
     def from_pretrained(cls, ref: str, gguf_file: str | None = None, **kwargs) -> "LLMJudge":
-        from rlhfkit.models.local import load_for_inference
-
         model, tok = load_for_inference(ref, gguf_file)
         return cls(model, tok, name=kwargs.pop("name", f"llm:{ref}"), **kwargs)
 

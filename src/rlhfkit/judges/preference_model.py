@@ -25,13 +25,15 @@ from typing import Sequence
 
 import torch
 
+from rlhfkit.data.collate import encode_prompt
+from rlhfkit.models.reward import collate
+from rlhfkit.models.reward_files import load_reward_model
+
 MARKER = "preference_model.json"
 
 
 def pair_text_ids(tokenizer, prompt: str, a: str, b: str, max_len: int) -> list[int]:
     """prompt (project rendering) + "Response A:\\n" a "\\nResponse B:\\n" b + EOS, cut from the left."""
-    from rlhfkit.data.collate import encode_prompt
-
     body = tokenizer(f"Response A:\n{a}\nResponse B:\n{b}", add_special_tokens=False)["input_ids"]
     ids = encode_prompt(tokenizer, prompt) + body + [tokenizer.eos_token_id]
     return ids[-max_len:]
@@ -49,8 +51,6 @@ class PairwisePreferenceModel:
 
     def logits(self, items: Sequence[tuple[str, str, str]], grad: bool = False) -> torch.Tensor:
         """f's logit for each (prompt, a, b) in the given order, (N,)."""
-        from rlhfkit.models.reward import collate
-
         out = []
         ctx = torch.enable_grad() if grad else torch.no_grad()
         with ctx:
@@ -77,8 +77,6 @@ class PairwisePreferenceModel:
 
 
 def load_preference_model(path: str | Path, device=None, batch_size: int = 32) -> PairwisePreferenceModel:
-    from rlhfkit.models.reward_files import load_reward_model
-
     path = Path(path)
     if not (path / MARKER).exists():
         raise FileNotFoundError(f"{path}: not a pairwise preference model directory (no {MARKER})")

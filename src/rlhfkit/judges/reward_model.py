@@ -16,7 +16,7 @@ class RewardModelPreference:
     """Implements :class:`rlhfkit.judges.base.PreferenceFunction` with a reward model (or ensemble)."""
 
     def __init__(self, model_dir: str | Path, device=None, batch_size: int = 32):
-        from rlhfkit.models.reward_files import load_reward_model
+        from rlhfkit.models.reward_files import load_reward_model  # lazy: torch; judges.spec imports this module
 
         self.model = load_reward_model(model_dir, device=device, batch_size=batch_size)
         if self.model.info.kind not in ("reward", "orm"):

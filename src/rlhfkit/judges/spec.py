@@ -30,6 +30,7 @@ from rlhfkit.config import ConfigError
 from rlhfkit.judges.base import PreferenceFunction
 from rlhfkit.judges.config import JudgeConfig, JudgeKind, load_judge_config
 from rlhfkit.judges.prompt import prompt_from_files
+from rlhfkit.judges.reward_model import RewardModelPreference
 from rlhfkit.paths import STAGE_PREFIX, run_path, stage_hint
 
 ACCEPTED = ("'oracle', 'intransitive', a reward-model directory (scalar_head.json or ensemble.json), "
@@ -118,7 +119,7 @@ def _from_config(cfg: JudgeConfig, records: Sequence[dict] | None, task_judges: 
 
         return LLMJudge.from_pretrained(cfg.model, cfg.gguf_file, prompt=prompt, average_orders=cfg.average_orders,
                                         cot=cfg.cot, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    from rlhfkit.judges.http import HTTPJudge
+    from rlhfkit.judges.http import HTTPJudge  # only an HTTP judge needs it
 
     return HTTPJudge.from_config(cfg, prompt)
 
@@ -127,7 +128,6 @@ def _model_judge(spec: str, path: Path, device, kind: str | None = None) -> Pref
     """A trained model in ``path`` as a judge: ``kind`` "pm" (pairwise), "bt" (reward model) or None (detect)."""
     # torch and transformers: only for the judges that are models
     from rlhfkit.judges.preference_model import MARKER, load_preference_model
-    from rlhfkit.judges.reward_model import RewardModelPreference
     from rlhfkit.models.reward import HEAD_JSON
 
     pairwise = (path / MARKER).exists()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModel
 
 from rlhfkit.models.reward import HEAD_WEIGHTS
 from rlhfkit.models.trainable import LoRAConfig, add_lora, disable_dropout
@@ -55,8 +56,6 @@ def build_critic(path: Path, n_values: int, seed: int, lora: LoRAConfig | None =
     scalar head when ``path`` is a reward model. Dropout off; ``lora`` adapters on the backbone (the
     value head trains fully); activations recomputed in the backward pass with ``gradient_checkpointing``.
     """
-    from transformers import AutoModel  # ~1 s to import: only when a critic is built, as models/ does elsewhere
-
     torch.manual_seed(seed)
     backbone = AutoModel.from_pretrained(str(path))
     critic = Critic(backbone, n_values)

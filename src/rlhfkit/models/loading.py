@@ -13,6 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase, Qwen2Config
 
 from rlhfkit.config import coerce_enums
@@ -106,8 +107,6 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None, trust_rem
         kwargs["dtype"] = dtype
     base = _adapter_base(path)
     if base is not None:
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(load_causal_lm(base, dtype, trust_remote_code), str(path)).merge_and_unload()
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

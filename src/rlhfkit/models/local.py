@@ -24,7 +24,11 @@ import os
 import shutil
 from pathlib import Path
 
+from rlhfkit.io import partial_dir, replace_dir
 from rlhfkit.paths import STAGE_PREFIX, looks_local, run_path, stage_hint
+
+# torch, transformers, safetensors, huggingface_hub and models.loading are imported inside the functions that
+# need them: the CLI and stage.py import this module for ModelNotFound and resolve_in_run, without torch.
 
 
 class ModelNotFound(ValueError):
@@ -159,8 +163,6 @@ def import_gguf(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlhfkit.io import partial_dir, replace_dir
 
     src = Path(src)
     kwargs = {"gguf_file": src.name}

@@ -32,7 +32,9 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
 from rlhfkit.data.steps import STEP_SEPARATOR, join_steps, split_steps
 
 KINDS = ("reward", "orm", "prm", "cost")
@@ -61,8 +63,6 @@ class HeadInfo:
 
 def is_encoder(config) -> bool:
     """True for BERT-style bidirectional encoders (those with a masked-LM head class)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
     return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
@@ -146,8 +146,6 @@ def encode(tokenizer, info: HeadInfo, prompt: str, response: str) -> tuple[list[
     is read at EOS; a long input loses its beginning. Encoder: ``[CLS] prompt [SEP] response [SEP]``
     with segment ids 0/1; the prompt keeps its latest tokens.
     """
-    from rlhfkit.data.collate import encode_prompt, encode_response
-
     if info.causal:
         ids = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, response)
         ids = ids[-info.max_len:]
@@ -180,8 +178,6 @@ def separator_tokens(tokenizer, separator: str) -> int:
 
 def encode_step_spans(tokenizer, info: HeadInfo, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[tuple[int, int]]]:
     """As :func:`encode_steps`, with the (first, last) token index of each step, its separator included."""
-    from rlhfkit.data.collate import encode_prompt
-
     sep = tokenizer(info.separator, add_special_tokens=False)["input_ids"]
     ids, spans = encode_prompt(tokenizer, prompt), []
     for s in steps:
@@ -196,8 +192,6 @@ def encode_step_spans(tokenizer, info: HeadInfo, prompt: str, steps: Sequence[st
 
 def collate(seqs: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None, pad_id: int,
             side: str = "right") -> dict[str, torch.Tensor]:
-    from rlhfkit.data.collate import pad_batch
-
     batch = {"input_ids": pad_batch(seqs, pad_id, side),
              "attention_mask": pad_batch([[1] * len(s) for s in seqs], 0, side)}
     if types is not None:

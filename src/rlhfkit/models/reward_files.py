@@ -11,12 +11,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from rlhfkit.io import atomic_write_json, partial_dir, replace_dir
+from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.reward import (
     HEAD_JSON, HEAD_WEIGHTS, KINDS, REFERENCE_LM, HeadInfo, RewardEnsemble, RewardModel, ScalarModel, is_encoder,
     separator_tokens,
 )
+from rlhfkit.models.step_likelihood import StepLikelihood
+from rlhfkit.models.trainable import is_peft, merged_copy
 
 
 def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len: int = 256,
@@ -28,10 +34,6 @@ def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len:
     ``models.step_likelihood.StepLikelihood`` features; the head's weight starts at zero, so the untrained
     PRM is the features' model alone (their weights are set by ``fit_step_likelihood``).
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    from rlhfkit.models.loading import load_tokenizer
-
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     config = AutoConfig.from_pretrained(str(backbone_path))
@@ -52,8 +54,6 @@ def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len:
     torch.manual_seed(seed)
     net = ScalarModel(backbone, info)
     if step_likelihood:
-        from rlhfkit.models.step_likelihood import StepLikelihood
-
         net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(backbone_path)),
                                         separator_tokens(tokenizer, separator))
         nn.init.zeros_(net.head.weight)
@@ -62,15 +62,10 @@ def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len:
 
 def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path) -> Path:
     """Atomically: backbone + tokenizer as a HF directory, head as safetensors + json."""
-    from safetensors.torch import save_file
-
-    from rlhfkit.io import atomic_write_json, partial_dir, replace_dir
-
     out_dir = Path(out_dir)
     tmp = partial_dir(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
-    from rlhfkit.models.trainable import is_peft, merged_copy
 
     # Under LoRA the backbone is saved merged (loads without peft) and the adapter beside it in adapter/.
     merged_copy(net.backbone).save_pretrained(tmp, safe_serialization=True)
@@ -89,11 +84,6 @@ def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path) -> Path:
 
 def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
     """A :class:`RewardModel` (or :class:`RewardEnsemble`) from a directory, in eval mode."""
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    from rlhfkit.models.loading import load_tokenizer
-
     path = Path(path)
     if (path / "ensemble.json").exists():
         spec = json.loads((path / "ensemble.json").read_text())
@@ -107,10 +97,6 @@ def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
     net.head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("likelihood.")})
     tokenizer = load_tokenizer(path)
     if info.step_likelihood:
-        from transformers import AutoModelForCausalLM
-
-        from rlhfkit.models.step_likelihood import StepLikelihood
-
         net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_LM)),
                                         separator_tokens(tokenizer, info.separator))
         with torch.no_grad():

@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
+
+from rlhfkit.io import partial_dir, replace_dir
+from rlhfkit.models.loading import save_pretrained_atomic
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -62,8 +66,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 def add_lora(model: torch.nn.Module, lora: LoRAConfig):
     """``model`` with adapters on ``lora.target_modules``; only the adapters train (peft freezes the rest)."""
-    from peft import LoraConfig, get_peft_model
-
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [t for t in lora.target_modules if t in present]
     if not targets:
@@ -92,7 +94,7 @@ def is_peft(model) -> bool:
 @contextlib.contextmanager
 def reference_mode(model):
     """The frozen reference of a LoRA policy: the same model with its adapter disabled (a no-op otherwise)."""
-    from rlhfkit.generation import unwrap
+    from rlhfkit.generation import unwrap  # lazy: cycle with generation, which imports reference_mode
 
     inner = unwrap(model)
     with (inner.disable_adapter() if is_peft(inner) else contextlib.nullcontext()):
@@ -110,9 +112,6 @@ def save_trained(model, tokenizer, stage_dir: str | Path, lora: LoRAConfig, name
     With ``lora.merge`` (default) ``<name>/`` is the merged plain model; without, it is the adapter
     (``models.loading.load_causal_lm`` loads either).
     """
-    from rlhfkit.io import partial_dir, replace_dir
-    from rlhfkit.models.loading import save_pretrained_atomic
-
     stage_dir = Path(stage_dir)
     if not is_peft(model):
         return save_pretrained_atomic(model, tokenizer, stage_dir / name)

@@ -18,6 +18,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from transformers import AttentionInterface, PreTrainedModel
 
 VIEW_ATTENTION = "rlhfkit_view_attention"
 """the name under which ``view_attention_forward`` is registered with transformers"""
@@ -58,8 +59,6 @@ def view_attention_forward(module, query, key, value, attention_mask, dropout: f
 
 
 def _register() -> None:
-    from transformers import AttentionInterface
-
     AttentionInterface.register(VIEW_ATTENTION, view_attention_forward)
 
 
@@ -77,8 +76,6 @@ def supports_view_attention(model) -> bool:
     has restored the model's own attention, which would attend across views), and its attention is plain
     causal attention: no logit soft-capping (Gemma-2), no sliding window (Mistral, Gemma-2) and no attention
     sinks (gpt-oss). Any other model takes the concatenated path."""
-    from transformers import PreTrainedModel
-
     inner = _unwrap(model)
     if not (isinstance(inner, PreTrainedModel) and inner.is_backend_compatible()
             and inner._can_set_attn_implementation() and not inner.is_activation_checkpointing):

@@ -32,13 +32,19 @@ from typing import Sequence
 
 import torch
 
+from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
+from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
 from rlhfkit.data.pairs import tokenize_pairs
-from rlhfkit.generation import SamplingConfig
+from rlhfkit.generation import SamplingConfig, sample
+from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir
 from rlhfkit.judges.spec import from_spec
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
 from rlhfkit.models.sequence_logps import precompute_logps
+from rlhfkit.models.trainable import make_trainable, save_trained
 from rlhfkit.pair_training import add_sft_term, train_on_pairs
 from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
+from rlhfkit.preference_losses import dno_loss, dno_soft_loss
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.training import TrainConfig
@@ -228,8 +234,6 @@ def _prompt_slices(n_train: int, per_iter: int, iterations: int) -> list[list[in
 
 
 def _greedy(model, tok, prompts, cfg: DNOConfig, device):
-    from rlhfkit.generation import sample
-
     greedy = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, batch_size=cfg.sampling.batch_size)
     return sample(model, tok, prompts, greedy, seed=cfg.seed, device=device)
 
@@ -245,8 +249,6 @@ def validation_win_rate(pf, prompts, policy_samples, base_samples) -> float:
 def dno_pair_loss(cfg: DNOConfig, targets: torch.Tensor):
     """The iteration's loss as a ``pair_training.PairLoss``: ``dno_loss`` (hard) or ``dno_soft_loss`` with the
     pairs' soft ``targets`` (N,), plus ``sft_coef`` × the chosen responses' per-token NLL when set."""
-    from rlhfkit.preference_losses import dno_loss, dno_soft_loss
-
     def loss_fn(pc, pr, rc, rr, lengths, ix):
         if cfg.loss == "soft":
             loss, m = dno_soft_loss(pc, pr, rc, rr, targets[ix].to(pc.device), cfg.eta)
@@ -270,13 +272,6 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
     (the iterate, the pair history, the mixing RNG, its ``dno_t/`` outputs) and a rerun starts after
     it; inside an iteration, training checkpoints every ``save_every`` steps as DPO does.
     """
-    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
-    from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
-    from rlhfkit.generation import sample
-    from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
-    from rlhfkit.models.trainable import make_trainable, save_trained
-
     model_path, prompts_path = ctx.model(cfg.model, "model"), ctx.resolve(cfg.prompts, key="prompts")
     out, out_dir, accelerator, log = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.log
     records = load_prompts(prompts_path)

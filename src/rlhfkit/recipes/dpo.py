@@ -22,19 +22,25 @@ runs it too, with the previous iterate's log-probs as the reference (``rlhfkit.r
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
 
+from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_positive, check_probability, coerce_enums
 from rlhfkit.data.collate import Truncation
+from rlhfkit.data.loading import DataError
 from rlhfkit.data.pairs import tokenize_pairs
+from rlhfkit.data.preferences import load_pairs
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
 from rlhfkit.models.sequence_logps import PairLayout, precompute_logps
+from rlhfkit.models.trainable import make_trainable, reference_mode, save_trained
 from rlhfkit.pair_training import PairLoss, add_sft_term, train_on_pairs
 from rlhfkit.paths import ConfigPath, ModelRef
-from rlhfkit.preference_losses import DPOLossType
+from rlhfkit.preference_losses import DPOLossType, dpo_loss
 from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig
 
@@ -104,8 +110,6 @@ class DPOConfig(TrainConfig):
 
 def dpo_pair_loss(cfg: DPOConfig, weights: torch.Tensor) -> PairLoss:
     """The DPO-family loss of ``cfg`` as a PairLoss (losses from ``rlhfkit.preference_losses``)."""
-    from rlhfkit.preference_losses import dpo_loss
-
     def loss_fn(pc, pr, rc, rr, lengths, idx):
         w = weights[idx].to(pc.device)
         nc, nr = lengths
@@ -127,8 +131,6 @@ def select_ranking_pairs(pair_set, mode: str) -> list:
     so it only dilutes the batch. Rankings expanded by ``load_pairs`` list (ranking[i], ranking[j])
     for i < j, so a group's first pair's chosen is the best and its last pair's rejected the worst.
     """
-    import dataclasses
-
     if mode not in ("all", "best_worst"):
         raise ValueError(f"from_rankings must be all or best_worst, got {mode!r}")
     if mode == "all":
@@ -143,11 +145,6 @@ def select_ranking_pairs(pair_set, mode: str) -> list:
 
 def run(cfg: DPOConfig, ctx: StageContext) -> dict:
     """Train a policy with the DPO-family loss on ``cfg.data`` pairs; saves ``ctx.stage_dir/model``."""
-    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
-    from rlhfkit.data.preferences import load_pairs
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
-    from rlhfkit.models.trainable import make_trainable, reference_mode, save_trained
-
     model_path = ctx.model(cfg.model, "model")
     labelled = "stage:label/pairs.jsonl"
     if not ctx.resolve(labelled).exists():
@@ -165,8 +162,6 @@ def run(cfg: DPOConfig, ctx: StageContext) -> dict:
     if counts["truncated"]:
         print(f"[rlhfkit] dpo: {counts['truncated']} of {len(pairs)} pairs truncated to {max_len} tokens ({cfg.truncation.value})")
     if len(pairs) < cfg.batch_size:
-        from rlhfkit.data.loading import DataError
-
         raise DataError(f"{data_path}: {len(pairs)} pairs, fewer than one batch ({cfg.batch_size})")
     torch.manual_seed(cfg.seed)
     model = make_trainable(load_causal_lm(model_path), cfg.lora, cfg.gradient_checkpointing).to(accelerator.device)

@@ -37,11 +37,24 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.config import coerce_enums
+from rlhfkit.data.loading import load_demonstrations, load_prompts
+from rlhfkit.generation import SamplingConfig, sample
+from rlhfkit.io import JsonlLog, atomic_write_json, atomic_write_jsonl
+from rlhfkit.judges.preference_model import MARKER, pair_text_ids
+from rlhfkit.judges.spec import from_spec
+from rlhfkit.losses import bradley_terry_loss
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.reward import collate, encode
+from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
 from rlhfkit.paths import ModelRef
+from rlhfkit.recipes import dno, sft
 from rlhfkit.recipes.dno import DNOConfig
 from rlhfkit.recipes.sft import SFTConfig
 from rlhfkit.stage import StageContext
-from rlhfkit.training import TrainConfig
+from rlhfkit.tasks import JUDGES as TASK_JUDGES
+from rlhfkit.tasks.arith import gold_response
+from rlhfkit.tasks.intransitive_judge import BEATS, STYLES, answer_style, restyle
+from rlhfkit.training import Collective, TrainConfig, fit, make_accelerator
 
 
 @dataclass(frozen=True)
@@ -115,18 +128,6 @@ class IntransitiveConfig:
 
 
 def run(cfg: IntransitiveConfig, ctx: StageContext) -> dict:
-    from rlhfkit.training import make_accelerator
-
-    from rlhfkit.data.loading import load_demonstrations, load_prompts
-    from rlhfkit.generation import SamplingConfig, sample
-    from rlhfkit.io import JsonlLog, atomic_write_jsonl
-    from rlhfkit.judges.spec import from_spec
-    from rlhfkit.tasks import JUDGES as TASK_JUDGES
-    from rlhfkit.tasks.intransitive_judge import STYLES, restyle
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-    from rlhfkit.recipes import dno, sft
-    from rlhfkit.training import make_accelerator
-
     stage_dir = ctx.stage_dir
     data = ctx.resolve("stage:data")
     # 1. styled demonstrations → SFT
@@ -209,8 +210,6 @@ def label_pairs(judge, prompts: list[str], samples, label_styles: str, rng: rand
     A pair of identical or unfinished samples is not compared; a contrast pair needs only the first sample
     finished and with an answer line.
     """
-    from rlhfkit.tasks.intransitive_judge import BEATS, STYLES, answer_style, restyle
-
     pairs, styles = [], []
     for i, prompt in enumerate(prompts):
         a, b = samples[2 * i].text, samples[2 * i + 1].text
@@ -244,13 +243,6 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
     pm: each comparison in both orders, f(chosen, rejected) → 1 and f(rejected, chosen) → 0, binary
     cross-entropy over the 2B logits; bt: ``losses.bradley_terry_loss`` on r(chosen), r(rejected) (B,).
     """
-    from rlhfkit.io import atomic_write_json
-    from rlhfkit.judges.preference_model import MARKER, pair_text_ids
-    from rlhfkit.losses import bradley_terry_loss
-    from rlhfkit.models.reward import collate, encode
-    from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
-    from rlhfkit.training import Collective, fit
-
     if kind not in ("pm", "bt"):
         raise ValueError(f"kind must be 'pm' or 'bt', got {kind!r}")
     world = accelerator.num_processes
@@ -301,9 +293,6 @@ def train_comparison_model(kind: str, backbone: str | Path, pairs: Sequence, cfg
 
 def _cycle_probe(judge, prompts, pfs) -> dict:
     """Mean P(style x ≻ style y) of each preference function on gold responses restyled, over 32 prompts."""
-    from rlhfkit.tasks.intransitive_judge import BEATS, restyle
-    from rlhfkit.tasks.arith import gold_response
-
     out = {}
     probs = [judge.problem(p) for p in prompts[:32]]
     for name, pf in {"judge": judge, **pfs}.items():

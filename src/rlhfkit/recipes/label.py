@@ -31,13 +31,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from rlhfkit.config import coerce_enums
-from rlhfkit.data.step_estimation import EstimateMode
-from rlhfkit.generation import SamplingConfig
+from rlhfkit.checkpoints import checkpoint_dir
+from rlhfkit.config import ConfigError, coerce_enums, to_dict
+from rlhfkit.data.loading import DataError, load_prompts
+from rlhfkit.data.step_estimation import EstimateMode, estimate_step_labels
+from rlhfkit.generation import SamplingConfig, sample
+from rlhfkit.io import atomic_write_json, atomic_write_text
 from rlhfkit.judges.spec import from_spec
+from rlhfkit.losses import ranking_pairs
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
+from rlhfkit.tasks.arith import Problem
+from rlhfkit.tasks.arith_judge import judge as oracle_judge, sample_ranking
 
 
 def _sampling() -> SamplingConfig:
@@ -118,11 +125,6 @@ def _seed(*parts) -> int:
 def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: LabelConfig, beta: float,
                 policy_name: str, device) -> dict[str, list[dict]]:
     """Sample, judge and label one chunk; returns {"rankings": [...], "pairs": [...], "steps": [...]}."""
-    from rlhfkit.generation import sample
-    from rlhfkit.losses import ranking_pairs
-    from rlhfkit.tasks.arith import Problem
-    from rlhfkit.tasks.arith_judge import judge as oracle_judge, sample_ranking
-
     seed = _seed(cfg.seed, "chunk", c)
     prompts = [r.prompt for r in records]
     samples = sample(lm, tok, prompts, cfg.sampling, seed=seed, num_return_sequences=cfg.k, device=device)
@@ -144,8 +146,6 @@ def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: Lab
         extra = {"finished": [s.finished for s in group], **meta}
         if judge is None:
             if rec.meta is None:
-                from rlhfkit.data.loading import DataError
-
                 raise DataError(f"{rec.where}: the oracle judge needs the task field 'meta'")
             ranking = sample_ranking(Problem.from_meta(rec.meta), texts, beta, rng)
             out["rankings"].append({"prompt": rec.prompt, "responses": texts, "ranking": ranking, **extra,
@@ -186,10 +186,6 @@ def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: Lab
 def _estimated_step_labels(graded: list, lm, tok, cfg: LabelConfig, c: int, device) -> list[list[float]]:
     """Math-Shepherd labels of each (record, sample, problem) in ``graded``: the label policy
     completes every step prefix ``cfg.estimate_n`` times, and only the final answer is checked."""
-    from rlhfkit.data.step_estimation import estimate_step_labels
-    from rlhfkit.generation import sample
-    from rlhfkit.tasks.arith_judge import judge as oracle_judge
-
     seed = _seed(cfg.seed, "estimate", c)
 
     def complete(queries: list[tuple[str, str]], n: int) -> list[list[str | None]]:
@@ -214,12 +210,6 @@ def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = Non
 
     ``stop_after_chunks`` stops (as a kill would) after labeling that many new chunks; for tests.
     """
-    from rlhfkit.checkpoints import checkpoint_dir
-    from rlhfkit.config import ConfigError, to_dict
-    from rlhfkit.data.loading import load_prompts
-    from rlhfkit.io import atomic_write_json, atomic_write_text
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-
     out, stage_dir, accelerator = ctx.out, ctx.stage_dir, ctx.accelerator
     if cfg.judge_beta < 0:
         raise ConfigError(f"{ctx.name}.judge_beta is negative (the task's judge_beta, filled in by the pipeline "

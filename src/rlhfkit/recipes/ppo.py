@@ -39,13 +39,16 @@ from tqdm.auto import tqdm
 from rlhfkit.advantages import Algorithm, gae, scale_by_std, whiten
 from rlhfkit.checkpoints import LoopCheckpoint, StoppedEarly  # noqa: F401  (StoppedEarly: what a stopped run raises)
 from rlhfkit.config import check_non_negative, check_positive, check_probability, coerce_enums
+from rlhfkit.data.loading import load_prompts
 from rlhfkit.generation import (
     SamplingConfig, reference_token_logprobs, sample, sampler_logprobs, sequences_from_samples, token_logprobs,
     token_logprobs_and_entropy, unwrap,
 )
-from rlhfkit.kl import KLChoice, KLInLoss, kl_estimate
+from rlhfkit.io import JsonlLog
+from rlhfkit.kl import AdaptiveKLController, FixedKLController, KLChoice, KLInLoss, LagrangeMultiplier, kl_estimate
 from rlhfkit.losses import masked_mean
 from rlhfkit.models.critic import build_critic
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.models.trainable import LoRAConfig, disable_dropout, make_trainable, save_trained
 from rlhfkit.nonfinite import NonFiniteGuard
 from rlhfkit.paths import ConfigPath, ModelRef, run_path
@@ -57,8 +60,12 @@ from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
+from rlhfkit.tasks.arith import Problem
+from rlhfkit.tasks.arith_judge import judge
 from rlhfkit.tracking import check_report_to
-from rlhfkit.training import Collective, MixedPrecision, Scheduler, optimizer_step
+from rlhfkit.training import (
+    Collective, MixedPrecision, Scheduler, TrainConfig, global_batches, make_optimizer_and_scheduler, optimizer_step,
+)
 
 
 @dataclass(frozen=True)
@@ -431,14 +438,6 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     reward source (library use). Checkpoints go to ``ckpt_dir`` (default ``OUT/<name>.ckpt``),
     outside the stage directory, so a killed stage that is started over still finds them.
     """
-    from rlhfkit.data.loading import load_prompts
-    from rlhfkit.io import JsonlLog
-    from rlhfkit.kl import AdaptiveKLController, FixedKLController, LagrangeMultiplier
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
-    from rlhfkit.tasks.arith import Problem
-    from rlhfkit.nonfinite import NonFiniteGuard
-    from rlhfkit.training import Collective, TrainConfig, global_batches, make_optimizer_and_scheduler
-
     out, stage_dir, accelerator, name = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.name
     log_path = stage_dir / "log.jsonl"  # this loop's own JsonlLog
     coll = Collective(accelerator)
@@ -549,8 +548,6 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             if gold_available:
                 # The oracle's opinion of the very responses trained on: a diagnostic only, never a reward
                 # here (unless reward is judge), for the gold-vs-proxy over-optimisation plot.
-                from rlhfkit.tasks.arith_judge import judge
-
                 gold = [judge(problems[s.prompt], s.text).score if s.finished else 0.0 for s in ro.samples]
                 rec["gold_score"] = float(every(torch.tensor(gold)).mean())
             last = rec

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rlhfkit.models.loading import TinyModelConfig
+from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
+from rlhfkit.data.collate import collate_packed, pack_documents
+from rlhfkit.data.loading import load_texts
+from rlhfkit.models.loading import (
+    TinyModelConfig, build_tiny_causal_lm, load_causal_lm, load_tokenizer, save_pretrained_atomic,
+)
+from rlhfkit.models.tokenizer import train_bpe_tokenizer
 from rlhfkit.paths import ConfigPath, ModelRef
 from rlhfkit.stage import StageContext
-from rlhfkit.training import TrainConfig
+from rlhfkit.training import TrainConfig, train_lm
 
 
 @dataclass(frozen=True)
@@ -33,13 +39,6 @@ class PretrainConfig(TrainConfig):
 
 
 def run(cfg: PretrainConfig, ctx: StageContext) -> dict:
-    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
-    from rlhfkit.data.collate import collate_packed, pack_documents
-    from rlhfkit.data.loading import load_texts
-    from rlhfkit.models.loading import build_tiny_causal_lm, load_causal_lm, load_tokenizer, save_pretrained_atomic
-    from rlhfkit.models.tokenizer import train_bpe_tokenizer
-    from rlhfkit.training import train_lm
-
     data_path, out_dir, accelerator, log = ctx.resolve(cfg.data, key="data"), ctx.stage_dir, ctx.accelerator, ctx.log
     texts = load_texts(data_path)
     if cfg.init:

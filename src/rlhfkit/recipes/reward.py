@@ -27,11 +27,19 @@ from typing import Callable
 
 import torch
 
+from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_probability, coerce_enums
+from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
+from rlhfkit.losses import bradley_terry_loss, cost_model_loss, reward_centering, step_bce_loss
+from rlhfkit.models.reward import RewardModel, collate, encode, step_logits
+from rlhfkit.models.reward_eval import pair_metrics, roc_auc, sigmoid, step_metrics
+from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
+from rlhfkit.models.step_likelihood import fit_step_likelihood
+from rlhfkit.models.trainable import make_trainable
 from rlhfkit.paths import ConfigPath, ModelRef
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks.arith_eval import RerankConfig, judge_agreement, rerank, task_metas
-from rlhfkit.training import TrainConfig
+from rlhfkit.training import TrainConfig, fit
 
 
 class Pooling(StrEnum):
@@ -155,9 +163,6 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
     to every ``save_every`` steps; a model trained to the end keeps its weights there, so a restarted
     stage does not train it again.
     """
-    from rlhfkit.checkpoints import LoopCheckpoint
-    from rlhfkit.training import fit
-
     # Fewer units than a batch: one batch of as many as split evenly into micro-batches and processes.
     bs = min(cfg.batch_size, n_units - n_units % (cfg.grad_accum_steps * accelerator.num_processes))
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(cfg.epochs * n_units / bs + 0.999999))
@@ -176,15 +181,11 @@ def _fit(net, n_units: int, batch_loss: Callable[[torch.nn.Module, list[int], li
 
 
 def _build(cfg: RewardConfig, backbone: Path, kind: str):
-    from rlhfkit.models.reward_files import build_scalar_model
-
     net, tok = build_scalar_model(backbone, kind, cfg.max_len, cfg.pooling, seed=cfg.seed,
                                   dropout=cfg.dropout if cfg.dropout >= 0 else None,
                                   step_likelihood=cfg.step_likelihood and kind == "prm")
     if cfg.lora.enabled or cfg.gradient_checkpointing:
         # Adapters on the backbone only: the scalar head (and a PRM's likelihood weights) train fully.
-        from rlhfkit.models.trainable import make_trainable
-
         if cfg.lora.enabled and cfg.freeze_layers:
             raise ValueError("reward: freeze_layers and lora.r > 0 both choose what trains; set one of them")
         net.backbone = make_trainable(net.backbone, cfg.lora, cfg.gradient_checkpointing)
@@ -219,8 +220,6 @@ def _cap(items: list, n: int, seed: int) -> list:
 def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False, module=None):
     """Scalar values of (prompt, response) pairs, right-padded batches; ``module``: what is called for
     the forward (``net`` as ``accelerator.prepare`` wrapped it, while training), ``net`` by default."""
-    from rlhfkit.models.reward import collate, encode
-
     out = []
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx:
@@ -245,8 +244,6 @@ def pair_scores(net, tok, pairs, batch_size: int, device) -> tuple[list[float], 
 
 def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: Path | None = None) -> tuple:
     """Bradley-Terry on rankings: ``train`` is a PairSet; a batch unit is one ranking (all its pairs)."""
-    from rlhfkit.losses import bradley_terry_loss, reward_centering
-
     net, tok = _build(cfg, backbone, "reward")
     groups = train.groups
     dev = accelerator.device
@@ -301,10 +298,6 @@ def _pad_logits(vals: list, width: int) -> torch.Tensor:
 
 
 def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt: Path | None = None) -> tuple:
-    from rlhfkit.losses import step_bce_loss
-    from rlhfkit.models.reward import step_logits
-    from rlhfkit.models.step_likelihood import fit_step_likelihood
-
     net, tok = _build(cfg, backbone, "prm")
     dev = accelerator.device
     start = None
@@ -336,9 +329,6 @@ def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt
 
 def prm_eval(net, tok, records, batch_size: int, device) -> dict:
     """Step accuracy, ROC-AUC and the majority baseline over the rated steps of ``records``."""
-    from rlhfkit.models.reward import step_logits
-    from rlhfkit.models.reward_eval import sigmoid, step_metrics
-
     needed = [[v is not None for v in r.labels] for r in records]
     with torch.no_grad():
         logits = step_logits(net, tok, [r.prompt for r in records], [list(r.steps) for r in records],
@@ -354,8 +344,6 @@ def prm_eval(net, tok, records, batch_size: int, device) -> dict:
 
 def train_orm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt: Path | None = None) -> tuple:
     """Outcome model: BCE of the last-token logit against ``correct`` (step_bce_loss on one position)."""
-    from rlhfkit.losses import step_bce_loss
-
     net, tok = _build(cfg, backbone, "orm")
     dev = accelerator.device
 
@@ -372,8 +360,6 @@ def train_orm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt
 
 def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt: Path | None = None) -> tuple:
     """Safe RLHF cost model on (safer, unsafer) pairs; sign −1 for a safe response, +1 for an unsafe one."""
-    from rlhfkit.losses import cost_model_loss
-
     net, tok = _build(cfg, backbone, "cost")
     dev = accelerator.device
 
@@ -393,12 +379,6 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt:
 # ------------------------------------------------------------------------------ the stage
 
 def run(cfg: RewardConfig, ctx: StageContext) -> dict:
-    from rlhfkit.checkpoints import checkpoint_dir
-    from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
-    from rlhfkit.models.reward import RewardModel
-    from rlhfkit.models.reward_files import save_scalar_model
-    from rlhfkit.models.reward_eval import pair_metrics
-
     out, stage_dir, accelerator, log = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.log
     backbone = ctx.model(cfg.model, "model")
     dev = accelerator.device
@@ -464,7 +444,6 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
         ev = [s for s in steps_eval if s.correct is not None]
         if tr:
             net, tok, fit = train_orm(cfg, backbone, tr, accelerator, log, _ckpt("orm"))
-            from rlhfkit.models.reward_eval import sigmoid, step_metrics
 
             z = _score_texts(net, tok, [(s.prompt, s.completion) for s in ev], cfg.eval_batch_size, dev).tolist()
             metrics["models"]["orm"] = {"heldout": step_metrics([sigmoid(v) for v in z], [float(s.correct) for s in ev]),
@@ -479,7 +458,6 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
         ev = [x for x in safety if (x.prompt, x.response) in held]
         net, tok, fit = train_cost(cfg, backbone, safety_pairs(tr), accelerator, log, _ckpt("cost"))
         costs = _score_texts(net, tok, [(x.prompt, x.response) for x in ev], cfg.eval_batch_size, dev).tolist()
-        from rlhfkit.models.reward_eval import roc_auc
 
         metrics["models"]["cost"] = {
             "heldout": {"sign_accuracy": sum((c < 0) == x.is_safe for c, x in zip(costs, ev)) / max(1, len(ev)),

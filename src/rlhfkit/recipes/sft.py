@@ -7,10 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhfkit.data.collate import Truncation
+import torch
+
+from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
+from rlhfkit.data.collate import Truncation, collate_sft, tokenize_demonstrations
+from rlhfkit.data.loading import load_demonstrations
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
+from rlhfkit.models.trainable import make_trainable, save_trained
 from rlhfkit.paths import ConfigPath, ModelRef
 from rlhfkit.stage import StageContext
-from rlhfkit.training import TrainConfig
+from rlhfkit.training import TrainConfig, train_lm
 
 
 @dataclass(frozen=True)
@@ -33,15 +39,6 @@ class SFTConfig(TrainConfig):
 
 
 def run(cfg: SFTConfig, ctx: StageContext) -> dict:
-    import torch
-
-    from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
-    from rlhfkit.data.collate import collate_sft, tokenize_demonstrations
-    from rlhfkit.data.loading import load_demonstrations
-    from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
-    from rlhfkit.models.trainable import make_trainable, save_trained
-    from rlhfkit.training import train_lm
-
     model_path, data_path = ctx.model(cfg.model, "model"), ctx.resolve(cfg.data, key="data")
     out_dir, accelerator, log = ctx.stage_dir, ctx.accelerator, ctx.log
     demos = load_demonstrations(data_path)

@@ -6,6 +6,8 @@ from rlhfkit.tasks.arith_data import TaskConfig, write_task_data
 from rlhfkit.tasks.arith_judge import (
     Verdict, judge, preference_prob, sample_preference, sample_ranking,
 )
+from rlhfkit.tasks.intransitive_judge import IntransitiveJudge
+from rlhfkit.tasks.oracle import TaskOracle
 
 __all__ = [
     "Problem", "TaskConfig", "Verdict", "demonstration", "format_prompt", "gold_response",
@@ -15,14 +17,10 @@ __all__ = [
 
 
 def _oracle(records, beta: float, gamma: float):
-    from rlhfkit.tasks.oracle import TaskOracle
-
     return TaskOracle.from_records(records, beta=beta)
 
 
 def _intransitive(records, beta: float, gamma: float):
-    from rlhfkit.tasks.intransitive_judge import IntransitiveJudge
-
     return IntransitiveJudge.from_records(records, beta=beta, gamma=gamma)
 
 
