@@ -91,7 +91,7 @@ def run_ours(model_dir, pairs, args, tmp: Path) -> float:
     from rlhfkit.models.sequence_logps import precompute_logps
     from rlhfkit.pair_training import train_on_pairs
     from rlhfkit.recipes import dpo
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.distributed import make_accelerator
 
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)

@@ -68,7 +68,7 @@ def test_prm_best_of_16_beats_majority_vote_on_500_fresh_prompts(summary, tmp_pa
     from rlhfkit.pipeline import load_pipeline_config
     from rlhfkit.stage import StageContext
     from rlhfkit.tasks.arith_eval import rerank
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.distributed import make_accelerator
 
     out = Path(summary["_out"])
     fresh = tmp_path / "fresh.jsonl"

@@ -96,7 +96,7 @@ def test_invalid_report_to_is_a_config_error_naming_the_key(override):
 
 
 def test_report_to_none_is_accepted_and_starts_no_tracker(tmp_path):
-    from rlhfkit.training import make_accelerator
+    from rlhfkit.distributed import make_accelerator
 
     cfg = load_pipeline_config(None, ["sft.report_to=[none]", "grpo.report_to=[tensorboard]"])
     assert cfg.sft.report_to == ("none",)

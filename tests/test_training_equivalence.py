@@ -306,7 +306,7 @@ from pathlib import Path
 from rlhfkit.io import JsonlLog
 from rlhfkit.recipes.intransitive import ComparisonModelConfig, train_comparison_model
 from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
-from rlhfkit.training import make_accelerator
+from rlhfkit.distributed import make_accelerator
 
 backbone, out = Path(sys.argv[1]), Path(sys.argv[2])
 Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])

@@ -85,7 +85,7 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl  # lazy: POSIX only, and every module imports io
 
-        from rlhfkit.training import process_state  # lazy: training imports torch, and io (a cycle)
+        from rlhfkit.distributed import process_state  # lazy: torch and accelerate; io stays light
 
         if not process_state().is_main_process:
             return self

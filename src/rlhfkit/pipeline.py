@@ -39,7 +39,7 @@ from rlhfkit.report import write_report
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks.arith_data import TaskConfig
 from rlhfkit.tracking import end_tracking, start_tracking
-from rlhfkit.training import make_accelerator, process_state
+from rlhfkit.distributed import make_accelerator, process_state
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The rollout batch of the RL recipes (PPO, GRPO, RLOO), and what they measure on it.
 
 :class:`Rollout` is what ``recipes.ppo.make_rollout`` hands the advantages and the update. Each step
-logs, over the whole rollout batch (every process's rows: ``coll`` is a ``training.Collective``), what
+logs, over the whole rollout batch (every process's rows: ``coll`` is a ``distributed.Collective``), what
 cleanrl's PPO logs and what RLHF adds to it (:func:`rollout_metrics`, :func:`explained_variance`):
 
 - ``reward``: the mean sequence score as the reward source gave it (the unfinished penalty included);

@@ -27,7 +27,7 @@ class StageContext:
     name: str
     """the stage's name (``ppo_safe``; the RL stages share one recipe)"""
     accelerator: Any = None
-    """the stage's ``accelerate.Accelerator`` (``training.make_accelerator``), its trackers started"""
+    """the stage's ``accelerate.Accelerator`` (``distributed.make_accelerator``), its trackers started"""
     log: JsonlLog | None = None
     """the stage's ``log.jsonl`` (opened at the first record, so a stage that logs nothing leaves no file)"""
 

@@ -1,6 +1,6 @@
 """Experiment tracking through accelerate's trackers (TensorBoard, Weights & Biases, Trackio).
 
-A stage's ``report_to`` names the trackers; ``training.make_accelerator`` hands them to
+A stage's ``report_to`` names the trackers; ``distributed.make_accelerator`` hands them to
 ``accelerate.Accelerator`` with the stage's ``tracking/`` directory, the pipeline starts and
 ends them around the stage, and ``io.JsonlLog`` forwards every record it writes, so each
 metric in ``log.jsonl`` reaches the trackers from that one place.

@@ -19,14 +19,14 @@ from enum import StrEnum
 from typing import Callable, Iterator, Sequence
 
 import torch
-from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.nonfinite import NonFiniteGuard
 from rlhfkit.io import JsonlLog
-from rlhfkit.tracking import check_report_to, check_trackers_available, trackers_of
+from rlhfkit.distributed import Collective
+from rlhfkit.tracking import check_report_to
 from rlhfkit.models.trainable import LoRAConfig
 
 
@@ -110,66 +110,6 @@ class TrainConfig:
         if self.max_steps > 0:
             return self.max_steps
         return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
-
-
-def _cpu_only() -> bool:
-    # accelerate treats torchrun's LOCAL_RANK as a GPU launch unless told cpu=True; without it two CPU
-    # processes each believe they are the only (main) process and race on the same files.
-    return not torch.cuda.is_available()
-
-
-def process_state():
-    """The shared distributed state (rank, world size, barriers); gloo on CPU under torchrun."""
-    return PartialState(cpu=_cpu_only())
-
-
-def make_accelerator(cfg: TrainConfig | None = None, project_dir=None):
-    """One Accelerator per stage: single process by default, DDP/FSDP/DeepSpeed under ``accelerate launch``.
-
-    Every Accelerator and PartialState in the project is made here or by ``process_state``: the
-    state is a process-wide singleton and the first construction decides the backend.
-    With ``cfg.report_to`` trackers and a ``project_dir`` (where tensorboard writes its event
-    files), the accelerator logs to them once its caller runs ``init_trackers``; without a
-    ``project_dir`` the caller tracks nothing and ``report_to`` is not used.
-    """
-    mp = getattr(cfg, "mixed_precision", "auto")
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    trackers = trackers_of(cfg) if project_dir is not None else []
-    if not trackers:
-        return Accelerator(mixed_precision=mp, cpu=_cpu_only())
-    acc = Accelerator(mixed_precision=mp, cpu=_cpu_only(), log_with=trackers, project_dir=str(project_dir))
-    check_trackers_available(trackers, acc.log_with)
-    return acc
-
-
-class Collective:
-    """Sums, means and gathers over the processes of ``accelerator``; the identity in one process.
-
-    For recipes whose batch is sharded by hand (RL: each process samples and scores its own
-    prompts), so statistics of the batch (whitening, KL, cost, logs) are those of the whole batch.
-    """
-
-    def __init__(self, accelerator):
-        self.accelerator = accelerator
-        self.world, self.rank = accelerator.num_processes, accelerator.process_index
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.world == 1 else self.accelerator.reduce(t.detach().clone(), reduction="sum")
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.world == 1 else self.sum(t) / self.world
-
-    def mean_of(self, values: dict[str, float]) -> dict[str, float]:
-        """Each value averaged over processes (every process passes the same keys); unchanged in one process."""
-        if self.world == 1:
-            return values
-        keys = sorted(values)
-        return dict(zip(keys, self.mean(torch.tensor([values[k] for k in keys], dtype=torch.float64)).tolist()))
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-shaped (B, ...) shards in rank order."""
-        return t if self.world == 1 else self.accelerator.gather(t.detach().contiguous())
 
 
 def make_optimizer_and_scheduler(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):

@@ -54,7 +54,8 @@ from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import gold_response
 from rlhfkit.tasks.intransitive_judge import BEATS, STYLES, answer_style, restyle
-from rlhfkit.training import Collective, TrainConfig, fit, make_accelerator
+from rlhfkit.distributed import Collective, make_accelerator
+from rlhfkit.training import TrainConfig, fit
 
 
 @dataclass(frozen=True)

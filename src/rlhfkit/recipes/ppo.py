@@ -63,9 +63,8 @@ from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import Problem
 from rlhfkit.tasks.arith_judge import judge
 from rlhfkit.tracking import check_report_to
-from rlhfkit.training import (
-    Collective, MixedPrecision, Scheduler, TrainConfig, global_batches, make_optimizer_and_scheduler, optimizer_step,
-)
+from rlhfkit.distributed import Collective
+from rlhfkit.training import MixedPrecision, Scheduler, TrainConfig, global_batches, make_optimizer_and_scheduler, optimizer_step
 
 
 @dataclass(frozen=True)
