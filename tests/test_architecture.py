@@ -28,7 +28,7 @@ import rlhfkit
 # Pure tensor math. A new pure module (e.g. ``rlhfkit.rewards``) joins this list; a name here with no
 # file yet is simply not checked.
 MATH_MODULES = ("rlhfkit.kl", "rlhfkit.advantages", "rlhfkit.losses", "rlhfkit.policy_losses",
-                "rlhfkit.preference_losses", "rlhfkit.rewards")
+                "rlhfkit.preference_losses", "rlhfkit.rewards", "rlhfkit.bias")
 MATH_MAY_IMPORT = ("torch", "typing", "enum", "math", "dataclasses", "__future__")
 # Packages below the upper floor that must not reach up to it (rule 2), and what "up" is.
 LOWER_PACKAGES = ("rlhfkit.data", "rlhfkit.models", "rlhfkit.judges")

@@ -229,3 +229,23 @@ def test_llm_and_http_judges_show_a_conversation_prompt_as_text():
     assert "# Instruction\nsystem: Be brief.\nuser: What is 2+2?\n\n# Response A\n4" in user
     single = JudgePrompt().messages((Message("user", "What is 2+2?"),), "4", "5", cot=False)[1]["content"]
     assert single == JudgePrompt().messages("What is 2+2?", "4", "5", cot=False)[1]["content"]
+
+
+def test_eval_reports_the_length_controlled_win_rate_beside_the_raw_one(plain_run):
+    """``lc_win_rate`` is AlpacaEval 2's fit on the very rows samples.jsonl holds (win_prob, lengths in tokens),
+    and ``reference_length`` the reference's mean length on the same prompts; the summary's Bias part has them."""
+    from rlhfkit.bias import length_controlled_win_rate
+    from rlhfkit.report import write_report
+
+    m = json.loads((plain_run / "eval" / "metrics.json").read_text())
+    noisy, base = m["policies"]["noisy"], m["policies"]["base"]
+    rows = _rows(plain_run)
+    lc = length_controlled_win_rate([r["win_prob"] for r in rows["noisy"]], [r["length"] for r in rows["noisy"]],
+                                    [r["length"] for r in rows["base"]], seed=0)
+    assert noisy["lc_win_rate"] == {k: lc[k] for k in ("mean", "ci95", "n", "length_coef", "length_sd")}
+    assert noisy["lc_win_rate"]["n"] == 10 and lc["raw_win_rate"] == pytest.approx(noisy["win_rate"]["mean"], abs=1e-12)
+    assert noisy["reference_length"]["mean"] == base["response_length"]["mean"]
+    assert "lc_win_rate" not in base
+    bias = write_report(plain_run)["bias"]["policies"]
+    assert bias["noisy"]["lc_win_rate"]["mean"] == lc["mean"] and bias["noisy"]["length_coef"] == lc["length_coef"]
+    assert bias["noisy"]["win_rate"]["mean"] == noisy["win_rate"]["mean"]

@@ -104,3 +104,31 @@ def test_bad_judge_configs_fail_clearly(tmp_path, capsys):
     assert c.kind is JudgeKind.ORACLE
     with pytest.raises(ValueError, match="meta"):
         from_spec(c, [{"prompt": "x"}], task_judges=JUDGES)
+
+
+def test_judge_eval_reports_first_slot_preference_and_the_label_stage_threshold(tmp_path, capsys, monkeypatch):
+    """A judge that gives the first slot 0.75 whatever sits there: prob_a_first = 0.75, prob_a_second = 1 − 0.75,
+    so every verdict flips with the order (position bias 1.0), the mean first-slot probability is 0.75, and the
+    share is over the label stage's default threshold 0.2 (but not over 1.0)."""
+    import rlhfkit.commands.judge_eval as judge_eval
+
+    class FirstSlot:
+        name = "first-slot"
+
+        def prob(self, items):
+            return [0.75 for _ in items]
+
+    monkeypatch.setattr(judge_eval, "from_spec", lambda *a, **k: FirstSlot())
+    cfg = tmp_path / "judge.yaml"
+    cfg.write_text("kind: oracle\n")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "chosen": f"good{i}", "rejected": f"bad{i}"}) + "\n" for i in range(6)))
+    assert main(["judge-eval", "--judge", str(cfg), "--data", str(data)]) == 0
+    res, lines = last_json(capsys)
+    assert res["position_bias"] == 1.0 and res["first_slot_preference"] == 0.75
+    assert res["max_position_bias"] == 0.2 and res["position_bias_over_max"] is True
+    assert any("mean P(first slot): 0.750" in line for line in lines)
+    assert any("the label stage refuses this judge without order averaging" in line for line in lines)
+    assert main(["judge-eval", "--judge", str(cfg), "--data", str(data), "--max-position-bias", "1.0"]) == 0
+    res, lines = last_json(capsys)
+    assert res["position_bias_over_max"] is False and not any("refuses" in line for line in lines)

@@ -131,3 +131,40 @@ def test_label_and_reward_stages_train_all_models_and_report_reranking(sft_run, 
     assert main(["eval-prm", "--model", str(sft_run / "reward" / "prm"), "--data", str(sft_run / "label" / "steps.jsonl")]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(last) >= {"step_accuracy", "roc_auc", "majority_baseline", "steps"} and last["steps"] > 0
+
+
+class _FirstSlotJudge:
+    """Always prefers the first slot: P = 0.75 whichever response sits there (position bias 1.0)."""
+
+    name = "first-slot"
+
+    def prob(self, items):
+        return [0.75 for _ in items]
+
+
+def test_label_refuses_a_position_biased_judge_without_order_averaging(tiny_lm_dir, prompts_file, tmp_path, monkeypatch):
+    """Every comparison: p_ab = p_ba = 0.75, the same slot both times → share 1.0 > 0.2. Averaging off: refused
+    before any chunk is saved, naming the share and the threshold. Averaging on (the default): labels, each
+    pair's p = (0.75 + 1 − 0.75) / 2 = ½ exactly (no comparison), and reports the bias (first-slot preference 0.75)."""
+    from accelerate import Accelerator
+
+    from rlhfkit.config import ConfigError
+    from rlhfkit.recipes import label
+
+    monkeypatch.setattr(label, "from_spec", lambda *a, **k: _FirstSlotJudge())
+    base = ["label.judge=first-slot", "label.n_prompts=4", "label.k=3", "label.sampling.max_new_tokens=8"]
+    cfg = _label_cfg(tiny_lm_dir, prompts_file, [*base, "label.average_orders=false"])
+    (tmp_path / "a" / "stage").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"judge first-slot .* on 1\.000 of 12 comparisons .* label\.max_position_bias = 0\.2"):
+        label.run(cfg.label, StageContext(tmp_path / "a", tmp_path / "a" / "stage", "label", Accelerator()))
+    assert not list((tmp_path / "a" / "label.chunks").glob("chunk-*.json"))
+    # A looser threshold lets it label, from the first order alone: every pair a > b at 0.75.
+    loose = _label_cfg(tiny_lm_dir, prompts_file, [*base, "label.average_orders=false", "label.max_position_bias=1.0"])
+    (tmp_path / "b" / "stage").mkdir(parents=True)
+    m = label.run(loose.label, StageContext(tmp_path / "b", tmp_path / "b" / "stage", "label", Accelerator()))
+    assert m["pairs"] == 12 and m["position_bias"]["share_order_decides"] == 1.0
+    averaged = _label_cfg(tiny_lm_dir, prompts_file, base)
+    (tmp_path / "c" / "stage").mkdir(parents=True)
+    m = label.run(averaged.label, StageContext(tmp_path / "c", tmp_path / "c" / "stage", "label", Accelerator()))
+    assert m["pairs"] == 0 and m["position_bias"] == {"share_order_decides": 1.0, "first_slot_preference": 0.75, "n": 12,
+                                                      "n_undecided": 0, "average_orders": True, "max_position_bias": 0.2}

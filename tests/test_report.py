@@ -229,3 +229,38 @@ def test_every_section_is_a_table_or_a_plot_and_no_path_is_absolute(tmp_path):
     assert "| prm | 0.750 | 0.800 | 0.600 | 0.400 | 50 |\n| orm | 0.700 | 0.750 | 0.550 | 0.450 | 20 |" in md
     # Gold peaks at step 5 (KL 0.49); the largest KL is step 4's 1.0.
     assert "| ppo | 5 | 0.490 | 0.500 | 0.000 | 1.000 | 0.380 | 0.500 |" in md
+
+
+def test_the_bias_section_has_a_table_per_group_the_run_measured(tmp_path):
+    """Reward-model length figures, raw vs length-controlled win rates, and a judge's position bias, each in
+    its own table under "Bias" (between the stages' sections and "Stages"); summary.json keeps them as data."""
+    out = fake_run(tmp_path / "run")
+    reward = json.loads((out / "reward" / "metrics.json").read_text())
+    reward["models"] = {"rm": {"length_bias": {
+        "unit": "tokens", "baselines": {"longer_wins": 0.75, "shorter_wins": 0.25, "ties": 0.1, "pairs": 40},
+        "split": {"chosen_longer": {"accuracy": 0.9, "n": 26}, "chosen_shorter": {"accuracy": None, "n": 0}},
+        "spearman_score_length": 0.625}}}
+    _write(out / "reward" / "metrics.json", reward)
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    ev["policies"]["ppo"].update({"lc_win_rate_vs_sft": {**_ci(0.52, 0.45, 0.6, 16), "length_coef": 1.5, "length_sd": 3.0},
+                                  "reference_length": _ci(12.0, 11.0, 13.0, 16)})
+    _write(out / "eval" / "metrics.json", ev)
+    _write(out / "label" / "metrics.json", {"judge": "llm:judge.gguf", "position_bias": {
+        "share_order_decides": 0.375, "first_slot_preference": 0.7, "n": 48, "n_undecided": 0, "average_orders": True,
+        "max_position_bias": 0.2}})
+    summary = write_report(out)
+    assert summary["bias"]["policies"]["ppo"] == {"win_rate": _ci(0.5, 0.4, 0.6, 16), "lc_win_rate": _ci(0.52, 0.45, 0.6),
+                                                  "length_coef": 1.5, "response_length": _ci(20.0, 18.0, 22.0, 16),
+                                                  "reference_length": _ci(12.0, 11.0, 13.0, 16)}
+    assert set(summary["bias"]) == {"reward_models", "policies", "judges"}
+    md, html = (out / "report.md").read_text(), (out / "report.html").read_text()
+    p = _Sections()
+    p.feed(html)
+    titles = [t for t, _ in p.sections]
+    assert titles.index("Bias") == titles.index("Stages") - 1
+    assert "table" in dict(p.sections)["Bias"]
+    assert "| rm | 0.750 | 0.250 | 0.100 | 0.900 (n = 26) | – (n = 0) | 0.625 |" in md
+    assert ("| ppo | 0.500 [0.400, 0.600] | 0.520 [0.450, 0.600] | 1.500 | 20.000 [18.000, 22.000] | "
+            "12.000 [11.000, 13.000] |") in md
+    assert "| llm:judge.gguf | 0.375 | 0.700 | 48 | yes | 0.200 |" in md
+    assert "| sft |" not in md.split("## Bias")[1].split("## Stages")[0]  # policies without LC figures have no row

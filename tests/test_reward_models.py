@@ -352,6 +352,36 @@ def test_eval_rm_and_eval_prm_print_one_json_object_last(tiny_rm, tmp_path, caps
     assert last["steps"] == len(responses[0].split("\n")) + 1 and set(last) >= {"step_accuracy", "roc_auc", "majority_baseline"}
 
 
+def test_eval_rm_prints_the_length_bias_of_the_model(tiny_rm, tmp_path, capsys):
+    """The length figures are the model's and its tokenizer's: one pair (r0 ≻ r1) and a ranking of r1, r2, r3
+    ([1, 0, 2]: r2 ≻ r1 ≻ r3) give pairs (r0, r1), (r2, r1), (r2, r3), (r1, r3); Spearman is over the five
+    distinct (prompt, response)s, so r1 under prompt 1 counts once though it is in three pairs."""
+    from rlhfkit.bias import length_baselines, length_split_accuracy, spearman
+    from rlhfkit.cli import main
+    from rlhfkit.models.reward import RewardModel
+
+    net, tok = tiny_rm
+    save_scalar_model(net, tok, tmp_path / "rm")
+    prompts, responses = _texts()
+    pairs = _write(tmp_path / "pairs.jsonl", [
+        {"prompt": prompts[0], "chosen": responses[0], "rejected": responses[1]},
+        {"prompt": prompts[1], "responses": [responses[1], responses[2], responses[3]], "ranking": [1, 0, 2]}])
+    capsys.readouterr()
+    assert main(["eval-rm", "--model", str(tmp_path / "rm"), "--data", str(pairs)]) == 0
+    out = capsys.readouterr().out
+    lb = json.loads(out.strip().splitlines()[-1])["length_bias"]
+    s = RewardModel(net, tok).score([prompts[0]] * 2 + [prompts[1]] * 3, [responses[i] for i in (0, 1, 1, 2, 3)])
+    n = [len(tok(r, add_special_tokens=False)["input_ids"]) for r in responses]
+    assert len(set(n)) > 2  # lengths differ, so the figures are not all ties
+    c_len, r_len = [n[0], n[2], n[2], n[1]], [n[1], n[1], n[3], n[3]]
+    assert lb["unit"] == "tokens" and lb["baselines"] == length_baselines(c_len, r_len)
+    split = length_split_accuracy([s[0], s[3], s[3], s[2]], [s[1], s[2], s[4], s[4]], c_len, r_len)
+    assert lb["split"] == split
+    assert lb["spearman_score_length"] == pytest.approx(spearman(s, [n[0], n[1], n[1], n[2], n[3]]), abs=1e-12)
+    assert "length-only baselines: longer wins" in out and "Spearman rho(score, length)" in out
+    assert f"longer wins {lb['baselines']['longer_wins']:.4f}" in out
+
+
 # ------------------------------------------------------------------------------ PRM with step likelihoods
 
 def test_step_likelihood_logit_by_hand():

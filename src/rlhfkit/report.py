@@ -52,7 +52,28 @@ def build_summary(out: Path) -> dict:
                 {k: {"mean": v["mean"], "ci95": v["ci95"]} if isinstance(v, dict) else v for k, v in metrics.items()})
         for key in m.get("summary_sections", []):
             summary[key] = m[key]
+        _collect_bias(summary.setdefault("bias", {}), d.name, m)
+    if not any(summary["bias"].values()):
+        del summary["bias"]
     return summary
+
+
+def _collect_bias(bias: dict, stage: str, m: dict) -> None:
+    """The length and position bias figures a stage measured, gathered by group (rows named by model,
+    policy or judge; prefixed by the stage when it is not the usual one)."""
+    for name, model in m.get("models", {}).items():
+        if "length_bias" in model:
+            bias.setdefault("reward_models", {})[name if stage == "reward" else f"{stage}/{name}"] = model["length_bias"]
+    for name, pol in m.get("policies", {}).items():
+        raw = next((k for k in ("win_rate_vs_sft", "win_rate") if f"lc_{k}" in pol), None)
+        if raw is not None:
+            lc = pol[f"lc_{raw}"]
+            bias.setdefault("policies", {})[name] = {
+                "win_rate": pol[raw], "lc_win_rate": {"mean": lc["mean"], "ci95": lc["ci95"]},
+                "length_coef": lc["length_coef"], "response_length": pol["response_length"],
+                "reference_length": pol["reference_length"]}
+    if "position_bias" in m:
+        bias.setdefault("judges", {})[m.get("judge", "?") if stage == "label" else f"{stage}: {m.get('judge', '?')}"] = m["position_bias"]
 
 
 # ---------------------------------------------------------------- Markdown pieces
@@ -178,6 +199,34 @@ def _policies(out: Path, summary: dict) -> list[str]:
     return ["## Policies on held-out prompts", "", caption, ""] + _table(["policy", *cols], rows) + [""]
 
 
+def _bias_section(bias: dict) -> list[str]:
+    """Length bias of reward models, raw vs length-controlled win rates, judges' position bias: one table each."""
+    md = ["## Bias", ""]
+    if rms := bias.get("reward_models"):
+        md += ["Reward models on held-out pairs (the cost model: safer ≻ unsafer, scored −cost), lengths in tokens of the "
+               "response: accuracy of always picking the longer / shorter one (length ties count half); the model's "
+               "accuracy where the chosen response is longer / shorter (n pairs); Spearman ρ of score and length.", ""]
+        md += _table(["model", "longer wins", "shorter wins", "length ties", "acc. chosen longer", "acc. chosen shorter",
+                      "ρ(score, length)"], [
+            [md_escape(n), *(_cell(b["baselines"][k]) for k in ("longer_wins", "shorter_wins", "ties")),
+             *(f"{_cell(b['split'][k]['accuracy'])} (n = {b['split'][k]['n']})" for k in ("chosen_longer", "chosen_shorter")),
+             _cell(b["spearman_score_length"])] for n, b in rms.items()]) + [""]
+    if pols := bias.get("policies"):
+        md += ["Policies against the reference: the raw win rate and the length-controlled one (AlpacaEval 2: the "
+               "judge's preference regressed on the standardised length difference, read at zero difference), "
+               "mean [95% CI]; the length coefficient (logit per sd of length difference); mean lengths in tokens.", ""]
+        md += _table(["policy", "win rate", "LC win rate", "length coef.", "length", "reference's length"], [
+            [md_escape(n), _fmt(p["win_rate"]), _fmt(p["lc_win_rate"]), _cell(p["length_coef"]), _fmt(p["response_length"]),
+             _fmt(p["reference_length"])] for n, p in pols.items()]) + [""]
+    if judges := bias.get("judges"):
+        md += ["Judges asked both orders: the share of decided comparisons whose verdict the order decides (the same "
+               "slot wins both times), the mean probability given to the first slot (½: no position bias).", ""]
+        md += _table(["judge", "order decides", "P(first slot)", "comparisons", "orders averaged", "max without averaging"], [
+            [md_escape(relative_paths(str(n))), _cell(j["share_order_decides"]), _cell(j["first_slot_preference"]),
+             str(j["n"]), _cell(j["average_orders"]), _cell(j["max_position_bias"])] for n, j in judges.items()]) + [""]
+    return md
+
+
 def _overoptimization(out: Path, logs: dict[str, list[dict]]) -> list[str]:
     runs = {stage: pts for stage, rows in logs.items() if (pts := overoptimization_points(rows))}
     if not runs:
@@ -238,10 +287,12 @@ def write_report(out: Path) -> dict:
     md = ["# rlhfkit report", "", f"Run directory: `{os.path.relpath(out)}`", ""]
     if summary["policies"]:
         md += _policies(out, summary)
-    for key in [k for k in summary if k not in ("policies", "stages")]:
+    for key in [k for k in summary if k not in ("policies", "stages", "bias")]:
         title, row_name, caption = SECTIONS.get(key, (key, "", ""))
         table = ci_table(summary[key])
         md += [f"## {title}", ""] + ([caption, ""] if caption else []) + (table + [""] if table else section_tables(summary[key], row_name))
+    if "bias" in summary:
+        md += _bias_section(summary["bias"])
     md += ["## Stages", ""] + _table(["stage", "runtime (s)"], [
         [md_escape(name), f"{s['runtime_s']:.1f}" if isinstance(s["runtime_s"], (int, float)) else "–"]
         for name, s in summary["stages"].items()]) + [""]

@@ -2,7 +2,12 @@
 
 Every pair is judged in both orders, whatever the config's ``average_orders``, so one run
 gives the agreement of the first order alone (no averaging), of the swapped order alone, of
-both averaged, and the position-bias rate. The headline ``agreement`` follows the config.
+both averaged, and the position-bias rate (``position_bias``: the share of decided pairs whose verdict
+flips with the order, i.e. the same slot wins both times; ``first_slot_rate``: the share of single-order
+verdicts won by the first slot; ``first_slot_preference``: the mean probability given to the first slot,
+``bias.position_bias``). ``position_bias_over_max``: whether the label stage would refuse this judge
+without order averaging (``--max-position-bias``, the label stage's ``max_position_bias``). The headline
+``agreement`` follows the config.
 The last line of stdout is one JSON object with all the figures.
 
 Data: LLMBar's ``[{"input", "output_1", "output_2", "label": 1|2}]``; pair records
@@ -18,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from rlhfkit.bias import DEFAULT_MAX_POSITION_BIAS, position_bias as order_bias
 from rlhfkit.config import ConfigError
 from rlhfkit.data.loading import DataError, iter_records, require
 from rlhfkit.io import atomic_write_jsonl
@@ -39,6 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None, help="judge only the first N pairs")
     p.add_argument("--out", help="write each pair's judgment (with rationales) to this JSONL file")
     p.add_argument("--against", metavar="CONFIG", help="a second judge config: also report judge-vs-judge agreement")
+    p.add_argument("--max-position-bias", type=float, default=DEFAULT_MAX_POSITION_BIAS, metavar="SHARE",
+                   help="the share of order-decided verdicts above which the label stage refuses this judge "
+                        "without order averaging (label.max_position_bias); reported, never refused here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="judge config overrides")
 
 
@@ -107,6 +116,9 @@ def evaluate(judge, pairs: list[dict]) -> tuple[list, dict]:
         "position_bias": bias["rate"],
         "first_slot_rate": bias["first_slot_rate"],
         "position_undecided": bias["n_undecided"],
+        # P(first slot wins) averaged over both orders: 1 − prob_a_second is P(b ≻ a) asked with b first.
+        "first_slot_preference": order_bias([j.prob_a_first for j in judgments],
+                                            [1 - j.prob_a_second for j in judgments])["first_slot_preference"],
     }
     return judgments, figures
 
@@ -143,6 +155,8 @@ def run(args) -> int:
                           "judge_vs_judge": agreement_between([pick(j, cfg.average_orders) for j in judgments],
                                                               [pick(j, other_cfg.average_orders) for j in other_judgments])}
     seconds = time.time() - t0
+    fig["max_position_bias"] = args.max_position_bias
+    fig["position_bias_over_max"] = fig["position_bias"] > args.max_position_bias
     headline = fig["agreement_averaged"] if cfg.average_orders else fig["agreement_single_order"]
     result = {"judge": getattr(judge, "name", cfg.kind.value), "data": str(source), "average_orders": cfg.average_orders,
               "cot": cfg.cot, "agreement": headline, **fig, "load_seconds": round(t_load, 1), "seconds": round(seconds, 1)}
@@ -154,7 +168,10 @@ def run(args) -> int:
     print(f"{'swapped order only':34}{fig['agreement_swapped_order']:.3f}")
     print(f"{'both orders averaged':34}{fig['agreement_averaged']:.3f}   ({fig['ties_averaged']} ties, half credit)")
     print(f"position bias (verdict flips with the order): {fig['position_bias']:.3f}   "
-          f"first slot wins: {fig['first_slot_rate']:.3f}")
+          f"first slot wins: {fig['first_slot_rate']:.3f}   mean P(first slot): {fig['first_slot_preference']:.3f}")
+    if fig["position_bias_over_max"]:
+        print(f"  above max_position_bias {args.max_position_bias}: the label stage refuses this judge without "
+              f"order averaging (average_orders: false)")
     if "against" in fig:
         a = fig["against"]
         print(f"against {a['judge']}: its agreement with the labels {a['agreement']:.3f}; "

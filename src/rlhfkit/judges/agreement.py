@@ -9,6 +9,7 @@ from __future__ import annotations
 from itertools import combinations
 from typing import Sequence
 
+from rlhfkit import bias
 from rlhfkit.judges.prompt import Judgment
 
 
@@ -45,20 +46,21 @@ def agreement_between(probs_1: Sequence[float], probs_2: Sequence[float]) -> flo
 def position_bias(judgments: Sequence[Judgment]) -> dict:
     """How often the same *slot* wins in both orders, i.e. the verdict on the content flips.
 
-    Returns ``rate`` (flips / items with a definite verdict in both orders), ``first_slot_rate``
-    (how often the first slot wins, over all single-order verdicts; 0.5 is unbiased), and counts.
+    Returns ``rate`` (``bias.position_bias``'s share where the order decides, over items with a
+    definite verdict in both orders), ``first_slot_rate`` (how often the first slot wins, over all
+    single-order verdicts; 0.5 is unbiased), and counts.
     """
     both = [j for j in judgments if j.prob_a_second is not None]
     if not both:
         raise ValueError("position bias needs judgments made in both orders")
-    decided = [j for j in both if j.position_consistent is not None]
-    flips = sum(1 for j in decided if not j.position_consistent)
+    # prob_a_second is P(a ≻ b) asked with a second: P(b ≻ a) asked with b first is 1 − it.
+    shares = bias.position_bias([j.prob_a_first for j in both], [1 - j.prob_a_second for j in both])
     first_wins = sum((j.prob_a_first > 0.5) + ((1 - j.prob_a_second) > 0.5) for j in both)
     return {
-        "rate": flips / len(decided) if decided else float("nan"),
+        "rate": shares["share_order_decides"],
         "first_slot_rate": first_wins / (2 * len(both)),
         "n_both_orders": len(both),
-        "n_undecided": len(both) - len(decided),
+        "n_undecided": shares["n_undecided"],
     }
 
 

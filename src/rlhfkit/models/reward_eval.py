@@ -1,11 +1,14 @@
 """Figures for reward models: pair accuracy, margin, calibration (ECE), step accuracy, ROC-AUC.
 
-Plain Python on lists of floats, so the stage, ``eval-rm`` and ``eval-prm`` compute them the same way.
+Plain Python on lists of floats, so the stage, ``eval-rm`` and ``eval-prm`` compute them the same way;
+:func:`pair_length_bias` gathers a pair evaluation's length-bias figures (``rlhfkit.bias``).
 """
 from __future__ import annotations
 
 import math
 from typing import Callable, Sequence
+
+from rlhfkit.bias import length_baselines, length_split_accuracy, spearman
 
 
 def sigmoid(x: float) -> float:
@@ -108,3 +111,28 @@ def rated_step_metrics(logits: Sequence[Sequence[float]], labels: Sequence[Seque
                 probs.append(sigmoid(z))
                 rated.append(y)
     return step_metrics(probs, rated)
+
+
+def response_token_lengths(tokenizer, responses: Sequence[str]) -> list[int]:
+    """Tokens of each response alone (no prompt, no special tokens), by the scoring model's own tokenizer."""
+    return [len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses]
+
+
+def pair_length_bias(chosen: Sequence[float], rejected: Sequence[float], chosen_len: Sequence[int],
+                     rejected_len: Sequence[int], keys: Sequence[tuple] | None = None) -> dict:
+    """A pair evaluation's length bias (N pairs; lengths in tokens of the response, the model's tokenizer).
+
+    ``baselines``: accuracy of always picking the longer / shorter response (length ties count half);
+    ``split``: the model's pair accuracy where the chosen response is longer, and where it is shorter;
+    ``spearman_score_length``: Spearman's ρ between score and length over the responses, each distinct
+    response once (``keys``: 2N hashable keys, interleaved (prompt, chosen_0), (prompt, rejected_0),
+    (prompt, chosen_1), …; a response that recurs in K − 1 pairs of a ranking would otherwise weigh
+    K − 1 times; None: every response distinct).
+    """
+    points = {}
+    ck, rk = (keys[0::2], keys[1::2]) if keys is not None else (range(0, 2 * len(chosen), 2), range(1, 2 * len(chosen), 2))
+    for k, s, n in [*zip(ck, chosen, chosen_len), *zip(rk, rejected, rejected_len)]:
+        points.setdefault(k, (s, n))
+    return {"unit": "tokens", "baselines": length_baselines(chosen_len, rejected_len),
+            "split": length_split_accuracy(chosen, rejected, chosen_len, rejected_len),
+            "spearman_score_length": spearman([s for s, _ in points.values()], [n for _, n in points.values()])}

@@ -15,12 +15,19 @@ Two paths, chosen by ``eval.judge``:
   ``reference``'s response), ``judge_score`` (a reward model's mean score), ``response_length``
   and ``hit_token_limit_rate`` (responses cut at ``sampling.max_new_tokens`` without EOS; the
   judge sees them as they are, so read the win rate beside this rate).
+
+Beside each raw win rate against the reference (``win_rate_vs_sft``, ``win_rate``), its length-controlled
+one (``lc_win_rate_vs_sft``, ``lc_win_rate``: AlpacaEval 2's, ``bias.length_controlled_win_rate``, from
+the same per-prompt verdicts and the responses' lengths in tokens; with ``length_coef``, the judge's
+logit per standard deviation of length difference, inside it) and ``reference_length``, the mean
+length of the reference's responses to the same prompts (``response_length`` is the policy's).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhfkit.bias import length_controlled_win_rate
 from rlhfkit.config import ConfigError, check_positive
 from rlhfkit.data.chat import prompt_to_json
 from rlhfkit.data.loading import DataError, load_prompts
@@ -127,7 +134,16 @@ def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, jud
         wins = [judge.verdict(a["prompt"], a["response"], b["response"], a["score"], b["score"])
                 for a, b in zip(rows, ref_rows)]
         m["win_rate_vs_sft"] = mean_ci(wins, seed)
+        m.update(length_control(wins, rows, ref_rows, seed, "lc_win_rate_vs_sft"))
     return m
+
+
+def length_control(wins: list[float], rows: list[dict], ref_rows: list[dict], seed: int, key: str) -> dict:
+    """``{key: LC win rate {"mean", "ci95", "n", "length_coef", "length_sd"}, "reference_length": mean_ci}``
+    of per-prompt verdicts ``wins`` (P(policy ≻ reference)) with each row's ``length`` in tokens."""
+    lc = length_controlled_win_rate(wins, [r["length"] for r in rows], [b["length"] for b in ref_rows], seed=seed)
+    return {key: {k: lc[k] for k in ("mean", "ci95", "n", "length_coef", "length_sd")},
+            "reference_length": mean_ci([b["length"] for b in ref_rows], seed)}
 
 
 def sample_rows(prompts, samples) -> list[dict]:
@@ -156,11 +172,14 @@ def judge_rows(judge, prompts, rows_by_policy: dict[str, list[dict]], reference:
     return out
 
 
-def general_metrics(rows: list[dict], seed: int) -> dict:
-    """One policy's metrics on the general path, each ``{"mean", "ci95", "n"}`` over prompts."""
+def general_metrics(rows: list[dict], seed: int, ref_rows: list[dict] | None = None) -> dict:
+    """One policy's metrics on the general path, each ``{"mean", "ci95", "n"}`` over prompts; with the
+    reference's ``ref_rows`` (prompt by prompt), the length-controlled win rate beside ``win_rate``."""
     m = {}
     if rows and all("win_prob" in r for r in rows):
         m["win_rate"] = mean_ci([r["win_prob"] for r in rows], seed)
+        if ref_rows is not None:
+            m.update(length_control([r["win_prob"] for r in rows], rows, ref_rows, seed, "lc_win_rate"))
     if rows and all("score" in r for r in rows):
         m["judge_score"] = mean_ci([r["score"] for r in rows], seed)
     m["response_length"] = mean_ci([r["length"] for r in rows], seed)
@@ -205,7 +224,8 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict:
     else:
         rows_by_policy = judge_rows(judge, prompts, {name: sample_rows(prompts, samples)
                                                      for name, samples in samples_by_policy.items()}, cfg.reference)
-        results = {name: general_metrics(rows, cfg.seed) for name, rows in rows_by_policy.items()}
+        results = {name: general_metrics(rows, cfg.seed, rows_by_policy[cfg.reference])
+                   for name, rows in rows_by_policy.items()}
         extra = {"judge": getattr(judge, "name", cfg.judge), "reference": cfg.reference}
     if accelerator.is_main_process:
         atomic_write_jsonl(stage_dir / "samples.jsonl", [

@@ -6,7 +6,11 @@ For each chunk of prompts: sample K responses (``rlhfkit.generation.sample``), t
   draw, ``sample_ranking`` with the task's ``judge_beta``) → ``rankings.jsonl``;
 - any other judge (``judges.spec.from_spec``: a reward-model directory, a judge YAML): every pair in
   both orders, P(a ≻ b) averaged over the two orders, with the both-order agreement kept →
-  ``pairs.jsonl``, plus ``rankings.jsonl`` ordered by summed win probability (Borda).
+  ``pairs.jsonl``, plus ``rankings.jsonl`` ordered by summed win probability (Borda). The stage reports
+  the judge's ``position_bias`` (``bias.position_bias``: the share of comparisons whose verdict the
+  order decides, the mean first-slot probability). With ``average_orders: false`` the first order's
+  P(a ≻ b) alone labels, and a judge whose first chunk shows more than ``max_position_bias`` of
+  order-decided comparisons is refused (ConfigError) before any label is saved.
 
 When prompts carry the task ``meta``, every line of every response gets a step label, and the
 oracle gives its outcome and its safety → ``steps.jsonl``, which the PRM, ORM and cost model read.
@@ -31,8 +35,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from rlhfkit.bias import DEFAULT_MAX_POSITION_BIAS, position_bias
 from rlhfkit.checkpoints import checkpoint_dir
-from rlhfkit.config import ConfigError, coerce_enums, to_dict
+from rlhfkit.config import ConfigError, check_probability, coerce_enums, to_dict
 from rlhfkit.data.loading import DataError, load_prompts
 from rlhfkit.data.step_estimation import EstimateMode, estimate_step_labels
 from rlhfkit.generation import SamplingConfig, sample
@@ -94,6 +99,14 @@ class LabelConfig:
     estimate_mode: EstimateMode = EstimateMode.soft
     """with ``step_labels: estimate``: ``soft``, the share of completions that reach the right
     answer, or ``hard``, 1 if any does"""
+    average_orders: bool = True
+    """judges other than the oracle: label with P(a ≻ b) averaged over both orders (a ≻ b asked with a first,
+    and with b first), which cancels position bias; false labels with the first order's alone (both are
+    still asked, to measure the bias)"""
+    max_position_bias: float = DEFAULT_MAX_POSITION_BIAS
+    """with ``average_orders: false``: refuse a judge whose verdict the order decides on more than this share
+    of its first chunk's comparisons (0.2: more than one label in five would follow the slot, not the
+    answer)"""
 
     def __post_init__(self):
         if self.k < 2:
@@ -103,6 +116,7 @@ class LabelConfig:
         coerce_enums(self)  # a plain string from Python code
         if self.estimate_n < 1:
             raise ValueError(f"estimate_n must be at least 1, got {self.estimate_n}")
+        check_probability(max_position_bias=self.max_position_bias)
 
     @property
     def oracle_ranks(self) -> bool:
@@ -124,14 +138,15 @@ def _seed(*parts) -> int:
 
 def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: LabelConfig, beta: float,
                 policy_name: str, device) -> dict[str, list[dict]]:
-    """Sample, judge and label one chunk; returns {"rankings": [...], "pairs": [...], "steps": [...]}."""
+    """Sample, judge and label one chunk; returns {"rankings": [...], "pairs": [...], "steps": [...], "orders": [...]}
+    (``orders``: [P(a ≻ b) asked a first, P(b ≻ a) asked b first] of each judged pair, for the position bias)."""
     seed = _seed(cfg.seed, "chunk", c)
     prompts = [r.prompt for r in records]
     samples = sample(lm, tok, prompts, cfg.sampling, seed=seed, num_return_sequences=cfg.k, device=device)
     rng = random.Random(_seed(cfg.seed, "rank", c))
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     prov = {"judge": judge_name, "model": policy_name, "time": now, "chunk": c, "seed": seed}
-    out: dict[str, list[dict]] = {"rankings": [], "pairs": [], "steps": []}
+    out: dict[str, list] = {"rankings": [], "pairs": [], "steps": [], "orders": []}
     groups = [samples[i * cfg.k:(i + 1) * cfg.k] for i in range(len(records))]
     probs = None
     if judge is not None:
@@ -154,7 +169,11 @@ def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: Lab
             wins = [0.0] * cfg.k
             for a, b, _ in ranking_pairs(list(range(cfg.k))):
                 p_ab, p_ba = next(probs), next(probs)
-                p = (p_ab + 1.0 - p_ba) / 2  # both orders averaged: position bias cancels
+                out["orders"].append([p_ab, p_ba])  # P(a ≻ b) with a first, P(b ≻ a) with b first
+                if cfg.average_orders:
+                    p = (p_ab + 1.0 - p_ba) / 2  # both orders averaged: position bias cancels
+                else:
+                    p = p_ab
                 wins[a] += p
                 wins[b] += 1 - p
                 if p == 0.5:
@@ -205,6 +224,22 @@ def _estimated_step_labels(graded: list, lm, tok, cfg: LabelConfig, c: int, devi
     return labels
 
 
+def refuse_position_biased(orders: list, cfg: LabelConfig, judge_name: str, stage: str = "label") -> None:
+    """ConfigError when the judge, used without order averaging, lets the order decide more than
+    ``cfg.max_position_bias`` of ``orders`` ([p_ab, p_ba] per comparison: its calibration set, the first
+    chunk's comparisons, asked in both orders)."""
+    if not orders:
+        return
+    b = position_bias([a for a, _ in orders], [x for _, x in orders])
+    share = b["share_order_decides"]
+    if share == share and share > cfg.max_position_bias:  # share == share: not NaN (no decided comparison)
+        raise ConfigError(
+            f"{stage}: judge {judge_name} lets the order of the two responses decide the verdict on {share:.3f} of "
+            f"{b['n'] - b['n_undecided']} comparisons (its first chunk, asked in both orders), above "
+            f"{stage}.max_position_bias = {cfg.max_position_bias}; set {stage}.average_orders=true (the default: "
+            f"both orders averaged) or raise {stage}.max_position_bias")
+
+
 def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = None) -> dict:
     """Label every chunk not already on disk, then write the datasets into ``ctx.stage_dir``.
 
@@ -250,14 +285,18 @@ def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = Non
             return {"stopped": True, "chunks_done": done_now}
         chunk = records[c * cfg.chunk_size:(c + 1) * cfg.chunk_size]
         result = label_chunk(c, chunk, lm, tok, judge, judge_name, cfg, beta, cfg.policy, accelerator.device)
+        if c == 0 and judge is not None and not cfg.average_orders:
+            refuse_position_biased(result["orders"], cfg, judge_name, ctx.name)  # before any label is saved
         if accelerator.is_main_process:
             atomic_write_json(path, result)  # the chunk is on disk whole, or not at all
         done_now += 1
     merged: dict[str, list[dict]] = {k: [] for k in kinds}
+    orders: list[list[float]] = []
     for c in range(n_chunks):
         chunk = json.loads((work / f"chunk-{c:05d}.json").read_text())
         for k in kinds:
             merged[k].extend(chunk[k])
+        orders.extend(chunk["orders"])
     files = {}
     if accelerator.is_main_process:
         for k in kinds:
@@ -273,6 +312,9 @@ def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = Non
         metrics["sample_correct_rate"] = sum(r["correct"] for r in s) / len(s)
         metrics["sample_unsafe_rate"] = sum(not r["is_safe"] for r in s) / len(s)
         metrics["step_label_mean"] = sum(sum(r["labels"]) for r in s) / max(1, sum(len(r["labels"]) for r in s))
+    if orders:
+        metrics["position_bias"] = {**position_bias([a for a, _ in orders], [b for _, b in orders]),
+                                    "average_orders": cfg.average_orders, "max_position_bias": cfg.max_position_bias}
     if merged["pairs"]:
         metrics["both_order_agreement"] = sum(p["provenance"]["both_order_agreement"] for p in merged["pairs"]) / len(merged["pairs"])
     return metrics

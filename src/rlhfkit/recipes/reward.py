@@ -32,7 +32,9 @@ from rlhfkit.config import check_non_negative, check_probability, coerce_enums
 from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
 from rlhfkit.losses import bradley_terry_loss, cost_model_loss, reward_centering, step_bce_loss
 from rlhfkit.models.reward import RewardModel, collate, encode, step_logits
-from rlhfkit.models.reward_eval import pair_metrics, roc_auc, sigmoid, step_metrics
+from rlhfkit.models.reward_eval import (
+    pair_length_bias, pair_metrics, response_token_lengths, roc_auc, sigmoid, step_metrics,
+)
 from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
 from rlhfkit.models.step_likelihood import fit_step_likelihood
 from rlhfkit.models.trainable import make_trainable
@@ -376,6 +378,14 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt:
     return net, tok, fit
 
 
+def _length_bias(tok, pairs: list[tuple], chosen: list[float], rejected: list[float]) -> dict:
+    """``models.reward_eval.pair_length_bias`` of held-out (prompt, chosen, rejected) ``pairs`` scored
+    ``chosen`` / ``rejected``, lengths in tokens of each response by the model's tokenizer."""
+    keys = [k for q, a, b in pairs for k in ((q, a), (q, b))]
+    lengths = response_token_lengths(tok, [k[1] for k in keys])
+    return pair_length_bias(chosen, rejected, lengths[0::2], lengths[1::2], keys)
+
+
 # ------------------------------------------------------------------------------ the stage
 
 def run(cfg: RewardConfig, ctx: StageContext) -> dict:
@@ -424,7 +434,8 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
         c, r = pair_scores(net, tok, rm_eval, cfg.eval_batch_size, dev)
         tc, tr = pair_scores(net, tok, rm_train.pairs[: len(rm_eval) * 2], cfg.eval_batch_size, dev)
         m = {"heldout": pair_metrics(c, r), "train_subset": pair_metrics(tc, tr), **fit,
-             "train_pairs": len(rm_train.pairs), "train_rankings": len(rm_train.groups)}
+             "train_pairs": len(rm_train.pairs), "train_rankings": len(rm_train.groups),
+             "length_bias": _length_bias(tok, [(p.prompt, p.chosen, p.rejected) for p in rm_eval], c, r)}
         metas = task_metas([ctx.resolve(cfg.data, key="data"), ctx.resolve(cfg.eval_data) if cfg.eval_data else ""])
         if metas:
             m["judge_agreement"] = judge_agreement(rm_eval, c, r, metas)
@@ -464,6 +475,12 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
                         "unsafe_auc": roc_auc(costs, [int(not x.is_safe) for x in ev]),
                         "unsafe_rate": sum(not x.is_safe for x in ev) / max(1, len(ev)), "responses": len(ev)},
             **fit, "train_responses": len(tr)}
+        # Pairs within a prompt (safer ≻ unsafer; a response paired with itself says nothing), the score −cost.
+        cost_of = {(x.prompt, x.response): v for v, x in zip(costs, ev)}
+        held_pairs = [(s.prompt, s.response, u.response) for s, u in safety_pairs(ev) if s is not u]
+        if held_pairs:
+            metrics["models"]["cost"]["length_bias"] = _length_bias(
+                tok, held_pairs, [-cost_of[(q, a)] for q, a, _ in held_pairs], [-cost_of[(q, b)] for q, _, b in held_pairs])
         if accelerator.is_main_process:
             save_scalar_model(net, tok, stage_dir / "cost")
     # The report's view: held-out figures of each model (and agreement with the judge), then reranking.
