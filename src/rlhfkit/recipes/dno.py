@@ -278,7 +278,7 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
     if len(records) <= cfg.n_validation:
         raise DataError(f"{prompts_path}: {len(records)} prompts, need more than n_validation={cfg.n_validation}")
     raw = [{"prompt": r.prompt, "meta": r.meta} for r in records]
-    if cfg.judge in ("oracle", "intransitive"):
+    if cfg.judge in TASK_JUDGES:
         missing = [r for r in records if r.meta is None]
         if missing:
             raise DataError(f"{missing[0].where}: judge '{cfg.judge}' needs the task field 'meta'")
