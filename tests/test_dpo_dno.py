@@ -450,3 +450,20 @@ def test_intransitive_stage_in_a_tiny_pipeline(tmp_path):
     metrics = json.loads((out / "intransitive" / "metrics.json").read_text())
     assert set(metrics["cycle_probe"]) == {"judge", "bt", "pm"}
     assert metrics["label"]["n_pairs"] > 0
+
+
+def test_dpo_pair_loss_passes_the_response_lengths_to_r_dpo():
+    """The recipe's loss with length_alpha 0.01, β 0.1 on one pair whose log-ratio margin is 2 and whose
+    chosen (30 tokens) is 20 tokens longer than its rejected (10): −log σ(0.2 − 0.2) = log 2; α = 0 gives
+    plain DPO's −log σ(0.2) bit for bit."""
+    from rlhfkit.preference_losses import dpo_loss
+    from rlhfkit.recipes.dpo import DPOConfig, dpo_pair_loss
+
+    pc, pr, rc, rr = torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-20.0])
+    lengths, idx, w = (torch.tensor([30]), torch.tensor([10])), torch.tensor([0]), torch.ones(1)
+    loss, _, _ = dpo_pair_loss(DPOConfig(beta=0.1, length_alpha=0.01), w)(pc, pr, rc, rr, lengths, idx)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    plain, _, _ = dpo_pair_loss(DPOConfig(beta=0.1), w)(pc, pr, rc, rr, lengths, idx)
+    assert plain.item() == dpo_loss(pc, pr, rc, rr, 0.1)[0].item() and plain.item() < loss.item() - 0.05
+    with pytest.raises(ValueError, match="length_alpha"):
+        DPOConfig(loss_type="ipo", length_alpha=0.01)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from rlhfkit.losses import bradley_terry_loss, cost_model_loss, masked_mean, masked_sum, masked_var, masked_whiten, ranking_pairs, step_bce_loss
+from rlhfkit.losses import bradley_terry_loss, cost_model_loss, length_decorrelation_loss, pearson_correlation, masked_mean, masked_sum, masked_var, masked_whiten, ranking_pairs, step_bce_loss
 from rlhfkit.policy_losses import entropy_from_logits, logprobs_from_logits, ppo_policy_loss, ppo_value_loss
 from rlhfkit.preference_losses import DPOLossType, dno_loss, dno_soft_loss, dpo_loss, sft_nll
 
@@ -120,6 +120,33 @@ def test_bradley_terry_lower_when_chosen_preferred_more():
 def test_bradley_terry_is_stable_for_huge_gaps():
     loss, _ = bradley_terry_loss(torch.tensor([-200.0]), torch.tensor([0.0]))
     assert close(loss, 200.0, tol=1e-4)  # log(sigmoid(−200)) in fp32 would be −inf
+
+
+def test_pearson_and_odin_length_terms_by_hand():
+    """4 responses, lengths [1, 2, 3, 4] (mean 2.5, deviations d = [−1.5, −0.5, 0.5, 1.5], Σd² = 5).
+    r_Q = [1, 0, 0, 1]: deviations [0.5, −0.5, −0.5, 0.5], Σ = 1; Σ d·dQ = −0.75 + 0.25 − 0.25 + 0.75 = 0 → ρ_Q = 0.
+    r_L = [0, 1, 1, 3]: mean 1.25, deviations [−1.25, −0.25, −0.25, 1.75], Σ² = 1.5625 + 0.0625 + 0.0625 + 3.0625
+    = 4.75; Σ d·dL = 1.875 + 0.125 − 0.125 + 2.625 = 4.5 → ρ_L = 4.5 / √(5·4.75) = 4.5 / √23.75.
+    λ = 0.5: loss = 0.5·(−ρ_L + |ρ_Q|) = −2.25 / √23.75; with head weights w_Q = [1, 2], w_L = [3, −1]
+    (w_Q·w_L = 1) it adds 0.5·1. r_Q = −len (ρ = −1) costs |−1|: loss 0.5·(1 − ρ_L)."""
+    lengths = t(1, 2, 3, 4)
+    quality, length_scores = t(1, 0, 0, 1), t(0, 1, 1, 3)
+    rho_l = 4.5 / math.sqrt(23.75)
+    assert close(pearson_correlation(length_scores, lengths), rho_l)
+    assert close(pearson_correlation(quality, lengths), 0.0)
+    assert close(pearson_correlation(t(5, 5, 5, 5), lengths), 0.0)  # constant: 0, not NaN
+    loss, metrics = length_decorrelation_loss(quality, length_scores, lengths, 0.5)
+    assert close(loss, -0.5 * rho_l) and close(metrics["length_corr_length"], rho_l)
+    loss, _ = length_decorrelation_loss(quality, length_scores, lengths, 0.5, t(1, 2)[None], t(3, -1)[None])
+    assert close(loss, -0.5 * rho_l + 0.5)
+    loss, metrics = length_decorrelation_loss(-lengths, length_scores, lengths, 0.5)
+    assert close(loss, 0.5 * (1 - rho_l)) and close(metrics["length_corr_quality"], -1.0)
+    # Direction: the gradient moves r_Q away from correlating with length, r_L toward it.
+    q, l = t(1, 2, 2, 4).requires_grad_(), t(0, 1, 1, 3).requires_grad_()
+    length_decorrelation_loss(q, l, lengths, 1.0)[0].backward()
+    step = lambda x: x.detach() - 0.1 * x.grad  # noqa: E731
+    assert pearson_correlation(step(q), lengths) < pearson_correlation(q.detach(), lengths)
+    assert pearson_correlation(step(l), lengths) > pearson_correlation(l.detach(), lengths)
 
 
 def test_bradley_terry_rejects_broadcasting_shapes():
@@ -245,6 +272,37 @@ def test_dpo_loss_decreases_as_chosen_logratio_grows():
     # IPO decreases until h reaches its target 1/(2β) = 5, then rises again (it regresses, not maximizes).
     ipo = [dpo_loss(t(c), t(-3), t(-2), t(-3), beta=0.1, loss_type="ipo")[0].item() for c in (-2, 0, 3)]
     assert ipo[0] > ipo[1] > ipo[2] and close(ipo[2], 0.0)
+
+
+def test_length_regularised_dpo_by_hand():
+    """R-DPO (Park et al. 2024). β = 0.1, h = (−10 − (−12)) − (−20 − (−20)) = 2, α = 0.01, |y_c| = 30, |y_r| = 10:
+    −log σ(0.1·2 − 0.01·(30 − 10)) = −log σ(0) = log 2.
+    Lengths swapped (chosen shorter): −log σ(0.2 + 0.2) = log(1 + e^{−0.4}).
+    cDPO ε = 0.25 with z = 0.4: −0.75 log σ(0.4) − 0.25 log σ(−0.4)."""
+    args = (t(-10), t(-20), t(-12), t(-20))
+    loss, _ = dpo_loss(*args, beta=0.1, length_alpha=0.01, lengths=(t(30), t(10)))
+    assert close(loss, math.log(2))
+    shorter, _ = dpo_loss(*args, beta=0.1, length_alpha=0.01, lengths=(t(10), t(30)))
+    assert close(shorter, math.log(1 + math.exp(-0.4)))
+    smooth, _ = dpo_loss(*args, beta=0.1, length_alpha=0.01, lengths=(t(10), t(30)), label_smoothing=0.25)
+    assert close(smooth, 0.75 * math.log(1 + math.exp(-0.4)) + 0.25 * math.log(1 + math.exp(0.4)))
+    with pytest.raises(ValueError):
+        dpo_loss(*args, beta=0.1, length_alpha=0.01)  # no lengths
+    with pytest.raises(ValueError):
+        dpo_loss(*args, beta=0.1, loss_type="ipo", length_alpha=0.01, lengths=(t(30), t(10)))
+
+
+def test_length_regularised_dpo_penalises_a_longer_chosen_more_as_alpha_grows():
+    """Chosen 40 tokens, rejected 10: the loss rises with α; α = 0 is plain DPO to the last bit
+    (no zero term is added, so the rounding is the same)."""
+    args = (t(-10.3, -7.1), t(-20.9, -8.2), t(-12.2, -7.7), t(-20.1, -8.0))
+    lengths = (t(40, 40), t(10, 10))
+    losses = [dpo_loss(*args, beta=0.1, length_alpha=a, lengths=lengths)[0].item() for a in (0.0, 0.005, 0.01, 0.05)]
+    assert all(a < b for a, b in zip(losses, losses[1:]))
+    assert losses[0] == dpo_loss(*args, beta=0.1)[0].item()
+    # A shorter chosen is helped instead.
+    helped = dpo_loss(*args, beta=0.1, length_alpha=0.01, lengths=(t(10, 10), t(40, 40)))[0].item()
+    assert helped < losses[0]
 
 
 def test_dpo_does_not_train_the_reference():

@@ -500,3 +500,45 @@ def test_every_trainable_parameter_reaches_the_score():
     no_grad = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
     assert not any(p.requires_grad for p in net.backbone.pooler.parameters())
+
+
+# ------------------------------------------------------------------------------ ODIN length decorrelation
+
+class _RowsLog:
+    def __init__(self):
+        self.rows = []
+
+    def write(self, row):
+        self.rows.append(dict(row))
+
+
+def test_length_decorrelation_lowers_the_score_length_correlation_and_saves_one_head(tiny_lm_dir, tmp_path):
+    """Pairs where the chosen response is always the longer: a plain BT model learns "longer is better".
+    The same run with ODIN's terms (length_decorrelation 1) ends with a lower |ρ(score, length)| over
+    its training responses, scored by the saved single-head model (r_Q alone)."""
+    from accelerate import Accelerator
+
+    from rlhfkit.losses import pearson_correlation
+    from rlhfkit.models.reward_eval import response_token_lengths
+    from rlhfkit.recipes.reward import RewardConfig, pair_scores, train_rm
+
+    rows = [{"prompt": f"Q{i}: {i} + {i % 5} =", "chosen": f"Answer: {i + i % 5}" + " ok" * (2 + i % 4),
+             "rejected": f"Answer: {i + 1 + i % 5}" + " ok" * (i % 2)} for i in range(24)]
+    pair_set = load_pairs(_write(tmp_path / "pairs.jsonl", rows))
+    rho = {}
+    for lam in (0.0, 1.0):
+        cfg = RewardConfig(batch_size=8, max_steps=24, lr=1e-3, warmup_steps=0, max_len=64, log_every=1,
+                           length_decorrelation=lam)
+        log = _RowsLog()
+        net, tok, _ = train_rm(cfg, tiny_lm_dir, pair_set, Accelerator(cpu=True), log)
+        assert net.length_head is None  # dropped after training
+        save_scalar_model(net, tok, tmp_path / f"rm{lam}")
+        rm = load_reward_model(tmp_path / f"rm{lam}")
+        c, r = pair_scores(rm.net, rm.tokenizer, pair_set.pairs, 64, "cpu")
+        texts = [x for p in pair_set.pairs for x in (p.chosen, p.rejected)]
+        scores = torch.tensor([x for pair in zip(c, r) for x in pair])
+        rho[lam] = float(pearson_correlation(scores, torch.tensor(response_token_lengths(tok, texts), dtype=torch.float32)))
+        if lam:
+            assert "length_corr_quality" in log.rows[-1] and "length_corr_length" in log.rows[-1]
+    print(rho)
+    assert abs(rho[1.0]) < 0.5 * abs(rho[0.0])

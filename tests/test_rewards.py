@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhfkit.generation import Sample, sequences_from_samples
-from rlhfkit.rewards import penalize_unfinished, place_token_rewards, prm_step_rewards
+from rlhfkit.rewards import length_adjusted_scores, penalize_unfinished, place_token_rewards, prm_step_rewards
 
 
 # ---------------------------------------------------------------- the unfinished penalty
@@ -88,3 +88,15 @@ def test_prm_step_rewards_are_the_change_in_log_probability_by_hand():
     r = prm_step_rewards([0.5, 0.5, 0.125], floor=0.01)
     assert r[1] == 0.0
     assert r == pytest.approx([-math.log(2), 0.0, -2 * math.log(2)], abs=1e-12)
+
+
+def test_length_adjusted_scores_subtract_the_length_normalised_penalty():
+    """scores [1.0, 0.5], lengths [10, 40], max_new_tokens 64, coef 0.5:
+    [1 − 0.5·10/64, 0.5 − 0.5·40/64] = [1 − 0.078125, 0.5 − 0.3125] = [0.921875, 0.1875].
+    A negative coef (a deliberate length bias) adds the same amounts: [1.078125, 0.8125]."""
+    scores, lengths = torch.tensor([1.0, 0.5]), torch.tensor([10, 40])
+    assert length_adjusted_scores(scores, lengths, 64, 0.5).tolist() == [0.921875, 0.1875]
+    assert length_adjusted_scores(scores, lengths, 64, -0.5).tolist() == [1.078125, 0.8125]
+    # Direction: of two equally scored responses the longer ends lower under a penalty, higher under a bias.
+    a, b = length_adjusted_scores(torch.tensor([1.0, 1.0]), torch.tensor([5, 50]), 64, 0.2).tolist()
+    assert a > b

@@ -10,7 +10,7 @@ import pytest
 from rlhfkit import scoring
 from rlhfkit.config import ConfigError
 from rlhfkit.data.loading import PromptRecord
-from rlhfkit.generation import Sample, sequences_from_samples
+from rlhfkit.generation import Sample, SamplingConfig, sequences_from_samples
 from rlhfkit.models.reward import HeadInfo
 from rlhfkit.recipes.ppo import PPOConfig
 from rlhfkit.scoring import Scorer, make_scorer, score_samples
@@ -109,3 +109,37 @@ def test_the_judge_source_is_the_task_oracle_built_by_the_judge_factory(tmp_path
     assert scorer.outcome(prompts[:1], ["no idea"]) == [0.0]
     with pytest.raises(ValueError, match="meta"):
         make_scorer(PPOConfig(reward_source="judge"), tmp_path, [PromptRecord("q", None, "x")], task_judges=JUDGES)
+
+
+def test_length_penalty_applies_after_the_unfinished_penalty_and_before_clipping():
+    """Outcome scores [3, 0.25, 9]; response lengths (EOS excluded) [3, 2, 0]; max_new_tokens 4; penalty −2.
+    reward_length_penalty 1: raw [3, −2, 9] (the reward source's, unchanged) → scores
+    [3 − 3/4, −2 − 2/4, 9 − 0/4] = [2.25, −2.5, 9]; with score_clip 2.375 → [2.25, −2.375, 2.375].
+    reward_length_bias 1 instead: [3 + 3/4, −2 + 2/4, 9] = [3.75, −1.5, 9]. Both 0.5: the terms cancel."""
+    samples = _samples()
+    mask = sequences_from_samples(samples, PAD, EOS)["response_mask"]
+    scorer = Scorer(lambda p, r: [3.0, 0.25, 9.0], None, None)
+    sampling = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 1.0, "batch_size": 4}
+
+    def scored(**kw):
+        cfg = PPOConfig(reward_source="callable", unfinished_score=-2.0, sampling=SamplingConfig(**sampling), **kw)
+        return score_samples(scorer, samples, _StringTokenizer(), mask, cfg)
+
+    got = scored(reward_length_penalty=1.0)
+    assert got.raw.tolist() == [3.0, -2.0, 9.0] and got.scores.tolist() == [2.25, -2.5, 9.0]
+    assert got.token_rewards.tolist() == [[0, 0, 0, 0, 2.25], [0, 0, -2.5, 0, 0], [0, 9.0, 0, 0, 0]]
+    assert scored(reward_length_penalty=1.0, score_clip=2.375).scores.tolist() == [2.25, -2.375, 2.375]
+    assert scored(reward_length_bias=1.0).scores.tolist() == [3.75, -1.5, 9.0]
+    assert scored(reward_length_penalty=0.5, reward_length_bias=0.5).scores.tolist() == [3.0, -2.0, 9.0]
+
+
+def test_length_penalty_with_prm_step_rewards_lands_at_the_last_token_of_a_finished_response():
+    """As the PRM test above (row 0 steps −0.5, −0.25; rows 1, 2 the penalty −1), max_new_tokens 4,
+    reward_length_penalty 1: row 0 (3 tokens) adds −3/4 at its last token (column 4): −0.25 − 0.75 = −1.0;
+    row 1 (unfinished, 2 tokens): −1 − 2/4 = −1.5; row 2 (0 tokens): −1."""
+    samples = _samples()
+    mask = sequences_from_samples(samples, PAD, EOS)["response_mask"]
+    cfg = PPOConfig(reward_source="prm", unfinished_score=-1.0, reward_length_penalty=1.0,
+                    sampling=SamplingConfig(max_new_tokens=4))
+    got = score_samples(Scorer(None, _step_rewards, None), samples, _StringTokenizer(), mask, cfg)
+    assert got.token_rewards.tolist() == [[0, 0, -0.5, 0, -1.0], [0, 0, -1.5, 0, 0], [0, -1.0, 0, 0, 0]]

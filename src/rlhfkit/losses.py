@@ -146,6 +146,41 @@ def reward_centering(chosen: Tensor, rejected: Tensor) -> Tensor:
     return ((chosen + rejected) ** 2).mean()
 
 
+def pearson_correlation(x: Tensor, y: Tensor, eps: float = 1e-12) -> Tensor:
+    """Pearson's ρ of (N,) x and (N,) y, a 0-d tensor differentiable in both:
+
+        ρ = Σ (x − x̄)(y − ȳ) / √(Σ (x − x̄)² · Σ (y − ȳ)²)
+
+    A constant x or y (zero variance) gives ρ = 0, not NaN: the product under the root is clamped
+    to eps² before the square root, whose gradient at 0 would be infinite.
+    """
+    _check_same_shape(x=x, y=y)
+    dx, dy = x - x.mean(), y.to(x.dtype) - y.to(x.dtype).mean()
+    return (dx * dy).sum() / ((dx * dx).sum() * (dy * dy).sum()).clamp(min=eps * eps).sqrt()
+
+
+def length_decorrelation_loss(quality: Tensor, length_scores: Tensor, lengths: Tensor, coef: float,
+                              quality_weight: Tensor | None = None,
+                              length_weight: Tensor | None = None) -> tuple[Tensor, dict]:
+    """ODIN's disentangling terms (Chen et al. 2024, "ODIN: Disentangled Reward Mitigates Hacking in RLHF", eq. 3-4)
+    on N responses: quality (N,) = r_Q, length_scores (N,) = r_L, lengths (N,) in tokens.
+
+        loss = coef · (−ρ(r_L, len) + |ρ(r_Q, len)| + |w_Q · w_L|)
+
+    The BT loss is fitted to r_Q + r_L (the caller's); this term makes the length head r_L carry the
+    length and the quality head r_Q (the one kept as the reward) carry none. The last term (ODIN's
+    orthogonality of the two heads' weights, (1, H) each) only when both weights are given. One
+    coefficient for all three: ODIN tunes them separately, but they share a scale (|ρ| ≤ 1, and the
+    heads' weights have norm ~1 at their initialisation). Metrics: both ρ, detached.
+    """
+    rho_quality = pearson_correlation(quality, lengths)
+    rho_length = pearson_correlation(length_scores, lengths)
+    term = rho_quality.abs() - rho_length
+    if quality_weight is not None and length_weight is not None:
+        term = term + (quality_weight * length_weight).sum().abs()
+    return coef * term, {"length_corr_quality": rho_quality.detach(), "length_corr_length": rho_length.detach()}
+
+
 def ranking_pairs(ranking: list[int]) -> list[tuple[int, int, float]]:
     """Expand a K-wise ranking (response indices, best first) into (winner, loser, weight) pairs.
 

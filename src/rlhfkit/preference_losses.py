@@ -55,6 +55,8 @@ def dpo_loss(
     loss_type: DPOLossType | str = DPOLossType.sigmoid,
     label_smoothing: float = 0.0,
     weights: Tensor | None = None,
+    length_alpha: float = 0.0,
+    lengths: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, dict]:
     """DPO-family loss on (B,) sequence log-probs of the policy and the frozen reference.
 
@@ -64,6 +66,11 @@ def dpo_loss(
     ipo:     (h − 1/(2β))²                          (Azar et al. 2023, eq. 17). IPO usually
              feeds *length-averaged* log-probs (mean over tokens), as TRL does; pass those
              if you want that, since the target 1/(2β) is then per token. ε must be 0.
+    length_alpha α > 0 (sigmoid only): length-regularised DPO (R-DPO, Park et al. 2024, "Disentangling
+             Length from Quality in DPO", eq. 9): βh becomes βh − α(|y_c| − |y_r|) in both log σ terms,
+             ``lengths`` = (|y_c|, |y_r|) (B,) in response tokens. A longer chosen must then win by a larger
+             log-ratio margin, so the policy cannot buy reward with length. E.g. β = 0.1, h = 2, α = 0.01,
+             lengths 30 vs 10: −log σ(0.1·2 − 0.01·(30 − 10)) = −log σ(0) = log 2.
     Weighted mean over pairs. Metrics: implicit rewards β(π − ref) of chosen and rejected,
     their accuracy (chosen > rejected; 0 at step 0 where policy = reference) and margin.
     """
@@ -79,10 +86,16 @@ def dpo_loss(
     if loss_type is DPOLossType.sigmoid:
         if not 0.0 <= label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        z = beta * h
+        if length_alpha:  # only then: α = 0 leaves z (and the loss) bit-identical to plain DPO
+            if lengths is None:
+                raise ValueError("length_alpha needs lengths = (chosen lengths, rejected lengths)")
+            _check_same_shape(chosen_logratio=h, chosen_lengths=lengths[0], rejected_lengths=lengths[1])
+            z = z - length_alpha * (lengths[0] - lengths[1]).to(z.dtype)
+        per_pair = -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
     else:  # DPOLossType.ipo
-        if label_smoothing:
-            raise ValueError("label_smoothing applies to the sigmoid loss only")
+        if label_smoothing or length_alpha:
+            raise ValueError("label_smoothing and length_alpha apply to the sigmoid loss only")
         per_pair = (h - 1 / (2 * beta)) ** 2
     loss = _weighted_mean(per_pair, weights)
     with torch.no_grad():

@@ -7,6 +7,8 @@ Shapes: B = batch, T = tokens of the prompt+response batch (any padding side). `
 
 - :func:`penalize_unfinished`: a response that never emitted EOS is not scored as if complete;
   its score is replaced by a fixed penalty.
+- :func:`length_adjusted_scores`: a length-normalised penalty (or, with the sign flipped, a deliberate
+  length bias) on the sequence scores.
 - :func:`place_token_rewards`: the sequence score at the last response token, step rewards at the
   tokens that close their steps (``data.steps.step_end_positions`` finds those).
 - :func:`prm_step_rewards`: a PRM's per-step probabilities as rewards that telescope to its
@@ -29,6 +31,18 @@ def penalize_unfinished(scores: Tensor, finished: Tensor, penalty: float) -> Ten
     truncated text says nothing about the response that was never finished.
     """
     return torch.where(finished, scores, torch.full_like(scores, penalty))
+
+
+def length_adjusted_scores(scores: Tensor, lengths: Tensor, max_new_tokens: int, coef: float) -> Tensor:
+    """(B,) scores, (B,) response lengths in tokens → (B,): s_b − coef · len_b / max_new_tokens.
+
+    A length-normalised penalty: the longest possible response (len = max_new_tokens) pays ``coef``,
+    an empty one nothing, in the units of the score. PPO passes coef = reward_length_penalty −
+    reward_length_bias, so a negative coef *adds* a length bonus (a reward made length-biased on
+    purpose, to measure how a policy exploits it). E.g. scores [1.0, 0.5], lengths [10, 40], max 64,
+    coef 0.5 → [1 − 0.5·10/64, 0.5 − 0.5·40/64] = [0.921875, 0.1875].
+    """
+    return scores - coef * (lengths.to(scores.dtype) / max_new_tokens)
 
 
 def place_token_rewards(

@@ -31,7 +31,7 @@ from rlhfkit.judges.spec import TaskJudges, from_spec
 from rlhfkit.models.reward import RewardEnsemble
 from rlhfkit.models.reward_files import load_reward_model
 from rlhfkit.paths import run_path, stage_hint
-from rlhfkit.rewards import penalize_unfinished, place_token_rewards, prm_step_rewards
+from rlhfkit.rewards import length_adjusted_scores, penalize_unfinished, place_token_rewards, prm_step_rewards
 
 RewardFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 """(prompts, responses) → one score per response"""
@@ -115,7 +115,7 @@ class SampleScores:
     """A rollout batch's scores, B = responses, T = tokens of the prompt+response batch."""
 
     raw: torch.Tensor  # (B,) as the reward source gave them, the unfinished penalty in place of an unfinished one's
-    scores: torch.Tensor  # (B,) after score whitening / clipping: the sequence scores the advantages see
+    scores: torch.Tensor  # (B,) after the length term, whitening and clipping: the sequence scores the advantages see
     token_rewards: torch.Tensor  # (B, T) where the rewards land, before the KL term
     costs: torch.Tensor | None  # (B,) the cost model's scores when constrained
 
@@ -124,8 +124,8 @@ def score_samples(scorer: Scorer, samples: Sequence, tokenizer, response_mask: t
                   all_sum=None) -> SampleScores:
     """Score ``samples`` (``generation.Sample``, in the rows of ``response_mask`` (B, T)) and place the rewards.
 
-    ``cfg`` (``recipes.ppo.PPOConfig``) gives ``unfinished_score``, ``score_whiten``, ``score_clip`` and
-    ``prm_step_rewards``; ``all_sum`` (a sum over processes) makes whitening use the whole batch.
+    ``cfg`` (``recipes.ppo.PPOConfig``) gives ``unfinished_score``, ``reward_length_penalty``,
+    ``reward_length_bias``, ``sampling.max_new_tokens``, ``score_whiten``, ``score_clip`` and ``prm_step_rewards``; ``all_sum`` (a sum over processes) makes whitening use the whole batch.
     A response that never emitted EOS gets ``unfinished_score`` in place of its score, at its last
     token. With PRM step rewards each step's reward r_k lands on the token closing step k
     (``data.steps.step_end_positions``); they sum to the score placed at the last token otherwise.
@@ -143,6 +143,13 @@ def score_samples(scorer: Scorer, samples: Sequence, tokenizer, response_mask: t
         outcome = torch.tensor(scorer.outcome(ps, texts), dtype=torch.float32)
     raw = penalize_unfinished(outcome, finished, cfg.unfinished_score)
     scores = raw.clone()
+    # The length term comes after the unfinished penalty, which *replaces* a score: applied before, it would be
+    # erased, and a response that runs to the token limit (the longest of all) would escape it. It comes before
+    # whitening and clipping, so it is in the reward's own units and the batch statistics see it.
+    length_coef = cfg.reward_length_penalty - cfg.reward_length_bias
+    lengths = torch.tensor([len(s.response_ids) for s in samples])  # (B,) EOS excluded
+    if length_coef:  # 0: no term at all, so the default scores are bit-identical to a run without the option
+        scores = length_adjusted_scores(scores, lengths, cfg.sampling.max_new_tokens, length_coef)
     if cfg.score_whiten:
         scores = whiten(scores, all_sum=all_sum)
     if cfg.score_clip > 0:
@@ -156,7 +163,9 @@ def score_samples(scorer: Scorer, samples: Sequence, tokenizer, response_mask: t
             if finished[b] and len(pos) != len(step_lp[b]):
                 raise ValueError(f"PRM gave {len(step_lp[b])} step scores for a response of {len(pos)} steps: {s.text!r}")
             placed.append(list(zip(pos, step_lp[b])))
-        token_rewards = place_token_rewards(response_mask, torch.where(finished, torch.zeros_like(scores), scores), placed)
+        # A finished response's score is its steps' rewards; its length term (0 when off) lands at its last token.
+        length_term = length_adjusted_scores(torch.zeros_like(scores), lengths, cfg.sampling.max_new_tokens, length_coef)
+        token_rewards = place_token_rewards(response_mask, torch.where(finished, length_term, scores), placed)
     else:
         token_rewards = place_token_rewards(response_mask, scores)
     costs = torch.tensor(scorer.cost(ps, texts), dtype=torch.float32) if scorer.cost is not None else None

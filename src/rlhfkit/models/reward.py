@@ -92,26 +92,42 @@ class ScalarModel(nn.Module):
         nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(backbone.config.hidden_size + 1))
         nn.init.zeros_(self.head.bias)
         self.likelihood = None  # a PRM's models.step_likelihood.StepLikelihood, when built with step_likelihood
+        # ODIN's length head r_L (recipes.reward, length_decorrelation > 0): a Linear(H, 1) on the same features,
+        # set only while training and never saved (save_scalar_model writes ``head``), so r_Q alone is the reward.
+        self.length_head = None
 
-    def token_values(self, input_ids, attention_mask, token_type_ids=None) -> torch.Tensor:
+    def token_values(self, input_ids, attention_mask, token_type_ids=None, length_head: bool = False):
+        """(B, T) values of ``head``; with ``length_head`` also those of ``length_head``, as a pair."""
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "position_ids": positions_from_mask(attention_mask)}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
+        values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
+        if length_head:
+            return values, self.length_head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+        return values
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, step_spans=None):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, step_spans=None, length_head: bool = False):
         """(B,) pooled values; with ``step_spans`` (a causal PRM: per row the (first, last) token index of
         each step, its separator included, as ``encode_step_spans`` gives) one (S_i,) tensor of step
-        logits per row: the value at each step's last token, plus the ``likelihood`` term.
+        logits per row: the value at each step's last token, plus the ``likelihood`` term; with
+        ``length_head`` (B, 2): the pooled values of ``head`` (r_Q) and ``length_head`` (r_L).
 
         Training reaches the model through this method only: DDP and FSDP synchronise gradients
         through the wrapped module's forward, never through a submodule or another method.
         """
+        if length_head:
+            quality, length = self.token_values(input_ids, attention_mask, token_type_ids, length_head=True)
+            return torch.stack([self._pool(quality, attention_mask, token_type_ids),
+                                self._pool(length, attention_mask, token_type_ids)], dim=1)
         values = self.token_values(input_ids, attention_mask, token_type_ids)  # (B, T)
         if step_spans is not None:
             return self._step_values(values, input_ids, attention_mask, step_spans)
+        return self._pool(values, attention_mask, token_type_ids)
+
+    def _pool(self, values, attention_mask, token_type_ids):
+        """(B, T) token values → (B,) by ``info.pooling``."""
         if self.info.pooling in ("mean", "response"):
             m = attention_mask.to(values.dtype)
             if self.info.pooling == "response":  # an encoder's segment B: the response (a PRM: the steps so far)

@@ -70,6 +70,9 @@ class DPOConfig(TrainConfig):
     """inverse temperature of the implicit reward β·log(π/π_ref)"""
     label_smoothing: float = 0.0
     """conservative DPO: assumed probability ε that a label is flipped (sigmoid only)"""
+    length_alpha: float = 0.0
+    """length-regularised DPO (R-DPO, Park et al. 2024; sigmoid only): the margin βh becomes βh − α·(|y_c| − |y_r|),
+    lengths in response tokens, so a longer chosen must win by more; 0 = plain DPO"""
     sft_coef: float = 0.0
     """weight of the per-token NLL of the chosen response added to the loss (0 disables)"""
     ipo_average_logps: bool = True
@@ -100,10 +103,12 @@ class DPOConfig(TrainConfig):
         super().__post_init__()
         coerce_enums(self)
         check_positive(beta=self.beta, ref_batch_size=self.ref_batch_size)
-        check_non_negative(sft_coef=self.sft_coef)
+        check_non_negative(sft_coef=self.sft_coef, length_alpha=self.length_alpha)
         check_probability(max_unusable_share=self.max_unusable_share)
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.length_alpha and self.loss_type is not DPOLossType.sigmoid:
+            raise ValueError("length_alpha (R-DPO) applies to loss_type sigmoid only")
 
 
 # ---------------------------------------------------------------- the loss
@@ -118,7 +123,8 @@ def dpo_pair_loss(cfg: DPOConfig, weights: torch.Tensor) -> PairLoss:
             rc_, rr_ = rc / nc.clamp(min=1), rr / nr.clamp(min=1)
         else:
             pc_, pr_, rc_, rr_ = pc, pr, rc, rr
-        loss, metrics = dpo_loss(pc_, pr_, rc_, rr_, cfg.beta, cfg.loss_type, cfg.label_smoothing, weights=w)
+        loss, metrics = dpo_loss(pc_, pr_, rc_, rr_, cfg.beta, cfg.loss_type, cfg.label_smoothing, weights=w,
+                                 length_alpha=cfg.length_alpha, lengths=(nc, nr))
         return add_sft_term(loss, metrics, pc, nc, cfg.sft_coef, w), float(w.sum()), metrics
 
     return loss_fn

@@ -96,6 +96,12 @@ class PPOConfig:
     unfinished_score: float = -1.0
     """score of a response that never emitted EOS within sampling.max_new_tokens: it replaces the reward
     source's score (it is not added to it); EOS is looked for in the generated tokens only"""
+    reward_length_penalty: float = 0.0
+    """score ← score − reward_length_penalty · (response tokens, EOS excluded) / sampling.max_new_tokens, after the
+    unfinished penalty, before whitening/clipping (``rewards.length_adjusted_scores``); 0 = off"""
+    reward_length_bias: float = 0.0
+    """experiments only: score ← score + reward_length_bias · tokens / max_new_tokens, a reward made length-biased on
+    purpose to measure how a policy exploits it; the same term as the penalty with the opposite sign; 0 = off"""
     score_whiten: bool = False
     """whiten the sequence scores of each rollout batch (mean 0, std 1) before use"""
     score_clip: float = 0.0

@@ -30,7 +30,7 @@ import torch
 from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_probability, coerce_enums
 from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
-from rlhfkit.losses import bradley_terry_loss, cost_model_loss, reward_centering, step_bce_loss
+from rlhfkit.losses import bradley_terry_loss, cost_model_loss, length_decorrelation_loss, reward_centering, step_bce_loss
 from rlhfkit.models.reward import RewardModel, collate, encode, step_logits
 from rlhfkit.models.reward_eval import (
     pair_length_bias, pair_metrics, response_token_lengths, roc_auc, sigmoid, step_metrics,
@@ -113,6 +113,10 @@ class RewardConfig(TrainConfig):
     """backbone dropout override; negative keeps the backbone's own"""
     center_coef: float = 0.0
     """reward-centering coefficient of the BT loss (Eisenstein et al. 2023)"""
+    length_decorrelation: float = 0.0
+    """rm: ODIN (Chen et al. 2024) with λ = this; 0 = off. A second head r_L on the same features, trained only:
+    BT on r_Q + r_L, plus λ·(−ρ(r_L, len) + |ρ(r_Q, len)| + |w_Q·w_L|), ρ Pearson's over each micro-batch's
+    responses, len in tokens (``losses.length_decorrelation_loss``); r_Q alone is saved and is the reward"""
     ambiguous: Ambiguous = Ambiguous.drop
     """PRM800K rating 0 (ambiguous): drop, positive or negative"""
     prm_target: PRMTarget = PRMTarget.step
@@ -142,7 +146,7 @@ class RewardConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         check_probability(heldout_frac=self.heldout_frac, max_unusable_share=self.max_unusable_share)
-        check_non_negative(center_coef=self.center_coef, prm_lr=self.prm_lr, freeze_layers=self.freeze_layers)
+        check_non_negative(center_coef=self.center_coef, length_decorrelation=self.length_decorrelation, prm_lr=self.prm_lr, freeze_layers=self.freeze_layers)
         coerce_enums(self)
 
 
@@ -219,16 +223,18 @@ def _cap(items: list, n: int, seed: int) -> list:
     return [items[i] for i in sorted(order[:n])]
 
 
-def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False, module=None):
+def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False, module=None,
+                 **forward_kw):
     """Scalar values of (prompt, response) pairs, right-padded batches; ``module``: what is called for
-    the forward (``net`` as ``accelerator.prepare`` wrapped it, while training), ``net`` by default."""
+    the forward (``net`` as ``accelerator.prepare`` wrapped it, while training), ``net`` by default;
+    ``forward_kw`` go to the forward (``length_head=True``: (N, 2) values of both heads)."""
     out = []
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx:
         for s in range(0, len(texts), batch_size):
             enc = [encode(tok, net.info, p, r) for p, r in texts[s:s + batch_size]]
             b = collate([e[0] for e in enc], None if net.info.causal else [e[1] for e in enc], tok.pad_token_id)
-            out.append((net if module is None else module)(**{k: v.to(device) for k, v in b.items()}))
+            out.append((net if module is None else module)(**{k: v.to(device) for k, v in b.items()}, **forward_kw))
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -250,6 +256,11 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: P
     groups = train.groups
     dev = accelerator.device
     world = accelerator.num_processes
+    odin = cfg.length_decorrelation > 0
+    if odin:  # ODIN's length head, r_L: trained with the net, dropped before the model is saved or scored
+        net.length_head = _length_head(net, cfg.seed)
+        texts = sorted({r for p in train.pairs for r in (p.chosen, p.rejected)})
+        n_tokens = dict(zip(texts, response_token_lengths(tok, texts)))
 
     def batch_loss(model, idx, global_idx):
         pairs = [train.pairs[i] for g in idx for i in groups[g]]
@@ -258,7 +269,11 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: P
         for p in pairs:
             uniq.setdefault((p.prompt, p.chosen), len(uniq))
             uniq.setdefault((p.prompt, p.rejected), len(uniq))
-        scores = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True, module=model)  # each sequence once
+        if odin:  # BT sees r_Q + r_L; the length terms see each head
+            both = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True, module=model, length_head=True)
+            scores = both.sum(1)  # (N,) r_Q + r_L
+        else:
+            scores = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True, module=model)  # each sequence once
         c = scores[torch.tensor([uniq[(p.prompt, p.chosen)] for p in pairs], device=scores.device)]
         r = scores[torch.tensor([uniq[(p.prompt, p.rejected)] for p in pairs], device=scores.device)]
         w = torch.tensor([p.weight for p in pairs], device=scores.device)
@@ -272,10 +287,31 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: P
         loss = loss * (w.sum() * world / w_all.sum())
         if cfg.center_coef:
             loss = loss + cfg.center_coef * reward_centering(c, r) * (len(pairs) * world / len(everyone))
+        if odin:
+            # ρ is over this micro-batch's responses: unlike the BT mean it does not split exactly, so
+            # accumulation is only close to the bigger batch here (weighted by the share of pairs, as centering).
+            lengths = torch.tensor([n_tokens[text] for _, text in uniq], dtype=torch.float32, device=both.device)
+            extra, odin_metrics = length_decorrelation_loss(both[:, 0], both[:, 1], lengths, cfg.length_decorrelation,
+                                                            net.head.weight, net.length_head.weight)
+            loss = loss + extra * (len(pairs) * world / len(everyone))
+            metrics.update(odin_metrics)
         return loss, metrics
 
     fit = _fit(net, len(groups), batch_loss, cfg, accelerator, log, "rm", ckpt)
+    net.length_head = None  # only r_Q is the reward: the saved model is the plain single-head format
     return net, tok, fit
+
+
+def _length_head(net, seed: int) -> torch.nn.Linear:
+    """ODIN's r_L: a Linear(H, 1) initialised as the main head (N(0, 1/(H + 1)), bias 0), from its own
+    seeded generator so the global RNG stream (and so every other draw of the run) is untouched."""
+    h = net.head.in_features
+    head = torch.nn.utils.skip_init(torch.nn.Linear, h, 1, device=net.head.weight.device, dtype=net.head.weight.dtype)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 7919)
+        head.weight.copy_(torch.randn(1, h, generator=g) / (h + 1) ** 0.5)
+        head.bias.zero_()
+    return head
 
 
 def prefix_targets(labels) -> tuple:
