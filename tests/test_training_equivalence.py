@@ -303,10 +303,10 @@ def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path
 _COMPARISON_DRIVER = '''
 import dataclasses, sys
 from pathlib import Path
+from rlhfkit.distributed import make_accelerator
 from rlhfkit.io import JsonlLog
 from rlhfkit.recipes.intransitive import ComparisonModelConfig, train_comparison_model
 from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
-from rlhfkit.distributed import make_accelerator
 
 backbone, out = Path(sys.argv[1]), Path(sys.argv[2])
 Pair = dataclasses.make_dataclass("Pair", ["prompt", "chosen", "rejected"])

@@ -23,6 +23,7 @@ import yaml
 
 from rlhfkit import lineage
 from rlhfkit.config import ConfigError, load_config, save_config, saved_form, to_dict
+from rlhfkit.distributed import make_accelerator, process_state
 from rlhfkit.io import JsonlLog, RunLock, atomic_write_json, commit_dir
 from rlhfkit.paths import STAGE_PREFIX, ConfigPath, map_config_paths
 from rlhfkit.recipes import data, dno, dpo, evaluate, intransitive, label, ppo, pretrain, reward, sft
@@ -39,7 +40,6 @@ from rlhfkit.report import write_report
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks.arith_data import TaskConfig
 from rlhfkit.tracking import end_tracking, start_tracking
-from rlhfkit.distributed import make_accelerator, process_state
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
-from rlhfkit.nonfinite import NonFiniteGuard
-from rlhfkit.io import JsonlLog
 from rlhfkit.distributed import Collective
-from rlhfkit.tracking import check_report_to
+from rlhfkit.io import JsonlLog
 from rlhfkit.models.trainable import LoRAConfig
+from rlhfkit.nonfinite import NonFiniteGuard
+from rlhfkit.tracking import check_report_to
 
 
 class Scheduler(StrEnum):

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from rlhfkit.config import coerce_enums
 from rlhfkit.data.loading import load_demonstrations, load_prompts
+from rlhfkit.distributed import Collective, make_accelerator
 from rlhfkit.generation import SamplingConfig, sample
 from rlhfkit.io import JsonlLog, atomic_write_json, atomic_write_jsonl
 from rlhfkit.judges.preference_model import MARKER, pair_text_ids
@@ -54,7 +55,6 @@ from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import gold_response
 from rlhfkit.tasks.intransitive_judge import BEATS, STYLES, answer_style, restyle
-from rlhfkit.distributed import Collective, make_accelerator
 from rlhfkit.training import TrainConfig, fit
 
 

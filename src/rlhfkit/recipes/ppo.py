@@ -55,6 +55,7 @@ from rlhfkit.paths import ConfigPath, ModelRef, run_path
 from rlhfkit.policy_losses import (
     LossAggregation, aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights,
 )
+from rlhfkit.distributed import Collective
 from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
@@ -63,7 +64,6 @@ from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import Problem
 from rlhfkit.tasks.arith_judge import judge
 from rlhfkit.tracking import check_report_to
-from rlhfkit.distributed import Collective
 from rlhfkit.training import MixedPrecision, Scheduler, TrainConfig, global_batches, make_optimizer_and_scheduler, optimizer_step
 
 
