@@ -318,6 +318,12 @@ for kind in ("pm", "bt"):
     log = JsonlLog(out / f"{kind}_log.jsonl", enabled=acc.is_main_process)
     train_comparison_model(kind, backbone, pairs, cfg, out / kind, acc, log)
     log.close()
+# Both processes leave together, with the process group torn down: a rank that exits while gloo's
+# threads are still up can abort ("terminate called without an active exception") under CPU load.
+acc.wait_for_everyone()
+import torch.distributed as dist
+if dist.is_initialized():
+    dist.destroy_process_group()
 '''
 
 
