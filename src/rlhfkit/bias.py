@@ -62,7 +62,7 @@ def length_split_accuracy(chosen_scores: Sequence[float], rejected_scores: Seque
     return out
 
 
-def _average_ranks(x: Sequence[float]) -> list[float]:
+def average_ranks(x: Sequence[float]) -> list[float]:
     """1-based ranks, a block of equal values sharing the mean of the ranks it spans."""
     order = sorted(range(len(x)), key=lambda i: x[i])
     ranks = [0.0] * len(x)
@@ -85,7 +85,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
         raise ValueError(f"{len(x)} vs {len(y)} values")
     if len(x) < 2:
         return float("nan")
-    rx, ry = _average_ranks(x), _average_ranks(y)
+    rx, ry = average_ranks(x), average_ranks(y)
     mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
     sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
     sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)

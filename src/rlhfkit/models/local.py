@@ -165,16 +165,15 @@ def import_gguf(src: str | Path, out_dir: str | Path, dtype=None) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = Path(src)
+    with open(src, "rb") as f:  # checked here, before transformers parses it: a GGUF file starts with b"GGUF"
+        if f.read(4) != b"GGUF":
+            raise ModelNotFound(f"model '{src}': not a GGUF file (it does not start with the GGUF magic bytes)")
     kwargs = {"gguf_file": src.name}
     try:
         tok = AutoTokenizer.from_pretrained(str(src.parent), **kwargs)
         loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), dtype=dtype or torch.float32, **kwargs)
-    except ImportError as e:
+    except ImportError as e:  # the gguf package missing
         raise ModelNotFound(f"model '{src}': {e}") from None
-    except (ValueError, NotImplementedError) as e:
-        # transformers' GGUF loader raises these for an architecture or a quantization type it cannot
-        # dequantize (and for a file that is not GGUF): say so, with the file.
-        raise ModelNotFound(f"model '{src}': transformers cannot load this GGUF file: {e}") from None
     config = loaded.config.to_dict()
     config.pop("quantization_config", None)
     config = type(loaded.config).from_dict(config)

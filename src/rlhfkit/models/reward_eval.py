@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
-from rlhfkit.bias import length_baselines, length_split_accuracy, spearman
+from rlhfkit.bias import average_ranks, length_baselines, length_split_accuracy, spearman
 
 
 def sigmoid(x: float) -> float:
@@ -71,16 +71,7 @@ def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float:
     neg = len(labels) - pos
     if pos == 0 or neg == 0:
         return float("nan")
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1  # average 1-based rank of a tie block
-        i = j + 1
+    ranks = average_ranks(scores)  # 1-based, a tie block sharing its mean rank
     rank_sum = sum(r for r, y in zip(ranks, labels) if y)
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
 
