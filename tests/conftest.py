@@ -7,9 +7,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if "RLHFKIT_CACHE" not in os.environ:  # GGUF imports of library calls go here, not into ~/.cache
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["RLHFKIT_CACHE"] = tempfile.mkdtemp(prefix="rlhfkit-cache-")
+    # The process that made it removes it (subprocesses inherit the variable and leave it alone).
+    atexit.register(shutil.rmtree, os.environ["RLHFKIT_CACHE"], ignore_errors=True)
 
 import pytest
 

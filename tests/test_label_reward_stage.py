@@ -168,3 +168,11 @@ def test_label_refuses_a_position_biased_judge_without_order_averaging(tiny_lm_d
     m = label.run(averaged.label, StageContext(tmp_path / "c", tmp_path / "c" / "stage", "label", Accelerator()))
     assert m["pairs"] == 0 and m["position_bias"] == {"share_order_decides": 1.0, "first_slot_preference": 0.75, "n": 12,
                                                       "n_undecided": 0, "average_orders": True, "max_position_bias": 0.2}
+
+
+def test_oracle_length_bias_needs_the_oracle_judge():
+    from rlhfkit.recipes.label import LabelConfig
+
+    assert LabelConfig(oracle_length_bias=2.0).oracle_length_bias == 2.0
+    with pytest.raises(ValueError, match="oracle_length_bias.*judge: oracle"):
+        LabelConfig(judge="stage:reward/rm", oracle_length_bias=2.0)

@@ -85,6 +85,10 @@ class LabelConfig:
     judge_beta: float = -1.0
     """oracle noise (Bradley-Terry inverse temperature); negative means the task's judge_beta (the pipeline
     config fills it in when it loads)"""
+    oracle_length_bias: float = 0.0
+    """with the oracle judge: annotators biased toward longer answers, each line adding this much to a response's
+    Bradley–Terry utility (``sample_ranking``'s ``length_bias``); 0 = off. For length-bias experiments
+    (``configs/length_bias.yaml``); eval's oracle never has it"""
     sampling: SamplingConfig = field(default_factory=_sampling)
     """how responses are sampled"""
     chunk_size: int = 64
@@ -114,6 +118,8 @@ class LabelConfig:
         if self.chunk_size < 1:
             raise ValueError("chunk_size must be positive")
         coerce_enums(self)  # a plain string from Python code
+        if self.oracle_length_bias and not self.oracle_ranks:
+            raise ValueError(f"oracle_length_bias biases the task's annotators; it needs judge: oracle, not {self.judge!r}")
         if self.estimate_n < 1:
             raise ValueError(f"estimate_n must be at least 1, got {self.estimate_n}")
         check_probability(max_position_bias=self.max_position_bias)
@@ -162,7 +168,7 @@ def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: Lab
         if judge is None:
             if rec.meta is None:
                 raise DataError(f"{rec.where}: the oracle judge needs the task field 'meta'")
-            ranking = sample_ranking(Problem.from_meta(rec.meta), texts, beta, rng)
+            ranking = sample_ranking(Problem.from_meta(rec.meta), texts, beta, rng, cfg.oracle_length_bias)
             out["rankings"].append({"prompt": rec.prompt, "responses": texts, "ranking": ranking, **extra,
                                     "provenance": prov})
         else:
@@ -265,7 +271,8 @@ def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = Non
     elif accelerator.is_main_process:
         atomic_write_json(work / "config.json", identity)
     if cfg.oracle_ranks:
-        judge, judge_name = None, f"oracle(beta={beta})"  # label_chunk draws the rankings from each record's meta
+        bias = f", length_bias={cfg.oracle_length_bias}" if cfg.oracle_length_bias else ""
+        judge, judge_name = None, f"oracle(beta={beta}{bias})"  # label_chunk draws the rankings from each record's meta
     else:
         judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
                           device=accelerator.device, beta=beta, task_judges=TASK_JUDGES)

@@ -16,6 +16,7 @@ Prompt and response formats are fixed strings shared by the whole project:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from typing import Collection, Sequence
 
@@ -188,6 +189,20 @@ def missing_line(p: Problem) -> str:
 def gold_response(p: Problem) -> str:
     lines = [*p.steps, f"Answer: {p.answer}"] if p.answerable else [missing_line(p), "Answer: unknown"]
     return "\n".join(lines)
+
+
+def restate(response: str) -> str:
+    """A wordier demonstrator's version of ``response``: "So the answer is N." before a numeric ``Answer: N``.
+
+    The restatement repeats a number already computed, so it invents nothing, but the oracle labels a prose
+    line of an answerable problem 0, so it costs gold score (3/10 of a step's share: 0.1 on a two-step
+    problem); an abstention (``Answer: unknown``) is left as it is. ``TaskConfig.verbose_rate`` is the share
+    of demonstrations written this way: a style the SFT policy imitates and unbiased annotators disprefer,
+    the room a length-biased reward needs to make a policy longer.
+    """
+    *body, last = response.split("\n")
+    number = re.fullmatch(r"Answer: (-?\d+)", last)
+    return "\n".join([*body, f"So the answer is {number[1]}.", last]) if number else response
 
 
 def _lines_with_answer(steps: Sequence[str], answer: int) -> str:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.io import atomic_write_jsonl
-from rlhfkit.tasks.arith import demonstration, format_prompt, make_problems, pretrain_corpus
+from rlhfkit.tasks.arith import demonstration, format_prompt, make_problems, pretrain_corpus, restate
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,14 @@ class TaskConfig:
     """chance a demonstrator invents the missing number of an unanswerable problem"""
     slip_rate: float = 0.1
     """chance a demonstrator makes one arithmetic slip on an answerable problem"""
+    verbose_rate: float = 0.0
+    """chance a demonstrator restates the answer in a prose line before it (``tasks.arith.restate``): a wordier
+    style that costs gold score; drawn from its own stream, so 0 leaves every other draw as it was"""
     judge_beta: float = 10.0
     """annotator noise, Bradley–Terry inverse temperature on gold scores; higher = less noise"""
 
     def __post_init__(self):
-        for rate in ("unanswerable_frac", "hallucination_rate", "slip_rate"):
+        for rate in ("unanswerable_frac", "hallucination_rate", "slip_rate", "verbose_rate"):
             if not 0.0 <= getattr(self, rate) <= 1.0:
                 raise ValueError(f"{rate} must be in [0, 1], got {getattr(self, rate)}")
         if min(self.n_pretrain_docs, self.n_sft, self.n_prompts, self.n_heldout) < 0:
@@ -69,12 +72,18 @@ def write_task_data(out_dir: Path, cfg: TaskConfig) -> dict[str, Path]:
                                       cfg.max_steps, exclude=taken, id_prefix=split)
         taken |= {p.question for p in splits[split]}
     demo_rng = random.Random(split_seed(cfg.seed, "demonstrations"))
+    style_rng = random.Random(split_seed(cfg.seed, "style"))
+
+    def demo(p) -> str:
+        text = demonstration(p, demo_rng, cfg.hallucination_rate, cfg.slip_rate)
+        return restate(text) if cfg.verbose_rate and style_rng.random() < cfg.verbose_rate else text
+
     heldout_questions = {p.question for p in splits["heldout"]}
     rows = {
         "pretrain": [{"text": t} for t in pretrain_corpus(
             cfg.n_pretrain_docs, split_seed(cfg.seed, "pretrain"), exclude=heldout_questions)],
         "sft": [{"prompt": format_prompt(p), "meta": p.to_meta(),
-                 "response": demonstration(p, demo_rng, cfg.hallucination_rate, cfg.slip_rate)}
+                 "response": demo(p)}
                 for p in splits["sft"]],
         "prompts": [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in splits["prompts"]],
         "heldout": [{"prompt": format_prompt(p), "meta": p.to_meta()} for p in splits["heldout"]],

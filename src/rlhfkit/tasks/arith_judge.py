@@ -137,12 +137,14 @@ def sample_preference(p: Problem, a: str, b: str, beta: float, rng: random.Rando
 
 
 def sample_ranking(p: Problem, responses: Sequence[str], beta: float,
-                   rng: random.Random) -> list[int]:
-    """Indices of ``responses``, best first: a Plackett–Luce draw with utilities beta·score.
+                   rng: random.Random, length_bias: float = 0.0) -> list[int]:
+    """Indices of ``responses``, best first: a Plackett–Luce draw with utilities beta·score + length_bias·lines.
 
-    Gumbel-max trick: sorting beta·score_i + G_i, G_i ~ Gumbel(0, 1), by decreasing key is
-    an exact Plackett–Luce sample, and its pairwise marginals are :func:`preference_prob`.
-    ``beta = inf`` gives the score order, ties broken at random.
+    Gumbel-max trick: sorting u_i + G_i, G_i ~ Gumbel(0, 1), by decreasing key is an exact
+    Plackett–Luce sample, and its pairwise marginals are σ(u_a − u_b): :func:`preference_prob`
+    when ``length_bias`` is 0. ``length_bias`` > 0 makes annotators who like longer answers, as human
+    raters often do: each line (a step, ``split_steps``) adds that much utility, right or wrong.
+    ``beta = inf`` gives the score order (length ignored), ties broken at random.
     """
     keys = []
     for r in responses:
@@ -150,5 +152,6 @@ def sample_ranking(p: Problem, responses: Sequence[str], beta: float,
         u = (rng.getrandbits(53) + 0.5) / 2**53
         gumbel = -math.log(-math.log(u))
         score = judge(p, r).score
-        keys.append((score, gumbel) if math.isinf(beta) else (beta * score + gumbel, 0.0))
+        utility = beta * score + (length_bias * len(split_steps(r)) if length_bias else 0.0)
+        keys.append((score, gumbel) if math.isinf(beta) else (utility + gumbel, 0.0))
     return sorted(range(len(responses)), key=lambda i: keys[i], reverse=True)
