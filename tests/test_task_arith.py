@@ -309,3 +309,31 @@ def test_oracle_from_records(tmp_path):
     for r in rows:
         p = Problem.from_meta(r["meta"])
         assert oracle.score(r["prompt"], gold_response(p)).score == 1.0
+
+
+def test_length_biased_annotators_by_hand():
+    # TOM's gold (3 lines, score 1.0) against its restated version (4 lines: steps_right = 2/3, score
+    # (6 + 3·2/3 + 1)/10 = 0.9). Utilities at beta = 10, length_bias = 2: 10·1.0 + 2·3 = 16 and
+    # 10·0.9 + 2·4 = 17, so P(restated ranked first) = σ(17 − 16) = σ(1) = 0.731; unbiased (length_bias 0):
+    # σ(9 − 10) = 0.269.
+    gold, wordy = gold_response(TOM), restate(gold_response(TOM))
+    assert wordy == "3 + 4 = 7\n7 - 2 = 5\nSo the answer is 5.\nAnswer: 5"
+    assert judge(TOM, wordy).score == pytest.approx(0.9) and not judge(TOM, wordy).invented_numbers
+    rng, n = random.Random(0), 4000
+    for bias, want in ((2.0, 1 / (1 + math.exp(-1))), (0.0, 1 / (1 + math.exp(1)))):
+        first = sum(sample_ranking(TOM, [gold, wordy], 10.0, rng, length_bias=bias) == [1, 0] for _ in range(n)) / n
+        assert first == pytest.approx(want, abs=0.03)
+    assert restate(gold_response(VAGUE)) == gold_response(VAGUE)  # an abstention is left alone
+
+
+def test_verbose_rate_restates_that_share_and_leaves_the_rest_as_it_was(tmp_path):
+    base = write_task_data(tmp_path / "base", SMALL)
+    wordy = write_task_data(tmp_path / "wordy", TaskConfig(**{**SMALL.__dict__, "verbose_rate": 0.5}))
+    before, after = _read(base["sft"]), _read(wordy["sft"])
+    assert all(a["response"] in (b["response"], restate(b["response"])) for a, b in zip(after, before))
+    can = sum(b["response"] != restate(b["response"]) for b in before)
+    changed = sum(a["response"] != b["response"] for a, b in zip(after, before))
+    assert 0.3 * can < changed < 0.7 * can  # about half of those that can be restated
+    assert all(base[k].read_bytes() == wordy[k].read_bytes() for k in ("pretrain", "prompts", "heldout"))
+    with pytest.raises(ValueError, match="verbose_rate"):
+        TaskConfig(verbose_rate=1.5)

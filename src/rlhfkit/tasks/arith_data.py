@@ -76,7 +76,7 @@ def write_task_data(out_dir: Path, cfg: TaskConfig) -> dict[str, Path]:
 
     def demo(p) -> str:
         text = demonstration(p, demo_rng, cfg.hallucination_rate, cfg.slip_rate)
-        return restate(text) if cfg.verbose_rate and style_rng.random() < cfg.verbose_rate else text
+        return restate(text) if style_rng.random() < cfg.verbose_rate else text  # its own stream: nothing else moves
 
     heldout_questions = {p.question for p in splits["heldout"]}
     rows = {

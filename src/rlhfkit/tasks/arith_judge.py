@@ -151,7 +151,7 @@ def sample_ranking(p: Problem, responses: Sequence[str], beta: float,
         # (k + 0.5) / 2**53 lies strictly inside (0, 1), so neither log ever sees 0.
         u = (rng.getrandbits(53) + 0.5) / 2**53
         gumbel = -math.log(-math.log(u))
-        score = judge(p, r).score
-        utility = beta * score + (length_bias * len(split_steps(r)) if length_bias else 0.0)
-        keys.append((score, gumbel) if math.isinf(beta) else (utility + gumbel, 0.0))
+        verdict = judge(p, r)  # one label per line: its step_labels count the lines
+        utility = beta * verdict.score + length_bias * len(verdict.step_labels)
+        keys.append((verdict.score, gumbel) if math.isinf(beta) else (utility + gumbel, 0.0))
     return sorted(range(len(responses)), key=lambda i: keys[i], reverse=True)
