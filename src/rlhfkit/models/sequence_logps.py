@@ -24,17 +24,18 @@ class PairLayout(StrEnum):
 
     Every layout computes the same function (to float rounding; the tests compare values and
     gradients with ``concatenated``). Time of one batch's forward + backward relative to packed,
-    measured on a 2-core CPU, every layout with the output head at the scored positions only
-    (medians of per-round ratios, arms alternated; the machine was loaded by other jobs):
+    measured on a 2-core CPU with 2 torch threads, every layout with the output head at the scored
+    positions only (medians of per-round ratios, arms alternated, 15 and 5 rounds):
 
-    ==============================================  ===========  ============  ============
-    model, batch, torch threads                     packed       prompt_cache  concatenated
-    ==============================================  ===========  ============  ============
-    quickstart (4 layers, V = 512), B = 32, 2 / 1   1            1.32 / 1.22   1.60 / 1.70
-    SmolLM2-135M shapes (V = 49 152), B = 8, 1      1            1.27          1.84
-    ==============================================  ===========  ============  ============
+    ==============================================  ======  ============  ============
+    model, batch                                    packed  prompt_cache  concatenated
+    ==============================================  ======  ============  ============
+    quickstart (4 layers, V = 512), B = 32          1       1.15          1.52
+    SmolLM2-135M shapes (V = 49 152), B = 8         1       1.27          1.77
+    ==============================================  ======  ============  ============
 
-    so packed, the fewest tokens through the model (each prompt once, no padding), is the default.
+    With 1 thread on the same machine loaded by other jobs: 1.22 and 1.70; 1.27 and 1.84. Packed, the
+    fewest tokens through the model (each prompt once, no padding), is therefore the default.
     """
 
     concatenated = "concatenated"
