@@ -797,7 +797,8 @@ def test_resumed_rl_run_takes_the_bit_identical_next_step(tmp_path, tiny_lm_dir)
         runs[name] = (metrics, read_jsonl_plain(stage / "log.jsonl"), load_file(stage / "model" / "model.safetensors"))
     (m_whole, log_whole, w_whole), (m_resumed, log_resumed, w_resumed) = runs["whole"], runs["resumed"]
     assert m_whole["resumed_from_step"] == 0 and m_resumed["resumed_from_step"] == 1
-    timing = {"step_time_s", "time_generation_s", "time_scoring_s", "time_forward_s", "time_update_s"}
+    timing = {"step_time_s", "time_generation_s", "time_scoring_s", "time_forward_s", "time_reference_s", "time_critic_s",
+              "time_update_s"}
     assert len(log_whole) == len(log_resumed) == 3
     for a, b in zip(log_whole, log_resumed):
         assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}

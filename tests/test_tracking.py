@@ -83,6 +83,9 @@ def test_rl_log_splits_each_step_time_and_reaches_the_tracker(tmp_path, tiny_lm_
         # generating and updating take real time; the phases are disjoint parts of the step
         assert r["time_generation_s"] > 0 and r["time_update_s"] > 0, r
         assert sum(r[k] for k in keys) <= r["step_time_s"] + 0.01, r
+        # the rollout's forwards: the policy's log-probs, the reference (here the policy, a second copy), no critic (grpo)
+        assert r["time_reference_s"] > 0 and r["time_critic_s"] >= 0, r
+        assert r["time_reference_s"] + r["time_critic_s"] <= r["time_forward_s"] + 1e-9, r
     scalars = read_scalars(out / "grpo" / "tracking")
     assert sorted(scalars["time_update_s"]) == [1, 2, 3]
     assert scalars["reward"][3] == pytest.approx(log[2]["reward"], rel=1e-6, abs=1e-7)

@@ -19,8 +19,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from rlhfkit.config import check_non_negative, check_positive
 from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
+from rlhfkit.models.token_logps import per_row, scored_logprobs, scored_logprobs_and_entropy
 from rlhfkit.models.trainable import reference_mode
-from rlhfkit.policy_losses import entropy_from_logits, logprobs_from_logits
 
 
 @dataclass(frozen=True)
@@ -216,42 +216,51 @@ def sampler_logprobs(samples: Sequence[Sample], width: int) -> torch.Tensor:
     return out
 
 
-def _next_token_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, T) ids → (B, T − 1, V) fp32 logits / temperature, ``[:, t]`` predicting ``input_ids[:, t + 1]``."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature} (a greedy sampler's log-probs are taken at 1)")
-    # fp32 before the division and the log-softmax: bf16 must never reach the vocabulary's normaliser.
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return logits / temperature
+def _scored_mask(attention_mask: torch.Tensor, scored: torch.Tensor | None) -> torch.Tensor:
+    """The tokens to score, (B, T) bool: ``scored``, or every real token after the first; never token 0."""
+    mask = (attention_mask if scored is None else scored).bool().clone()
+    mask[:, 0] = False
+    return mask
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(x_t | x_<t) at ``temperature`` from a forward pass: (B, T) → (B, T), position 0 is 0.
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   scored: torch.Tensor | None = None) -> torch.Tensor:
+    """log π(x_t | x_<t) at ``temperature`` from a forward pass: (B, T) → (B, T), 0 where not scored.
 
     Aligned with ``input_ids`` so ``response_mask`` applies directly. The one forward for log-probs
     of given tokens: PPO's loss, its reference and its held-out KL all read it, at the sampling
     temperature (log-probs at another temperature make the PPO ratio wrong from the first step).
-    Gradients flow unless the caller is under ``torch.no_grad()``.
+    ``scored`` (B, T): the tokens whose log-probs are read (PPO: the response mask); the output head
+    runs only at the positions predicting them (``models.token_logps``). None: every real token but
+    the first. Token 0 is never scored (its value is 0). Gradients flow unless the caller is under
+    ``torch.no_grad()``.
     """
-    logits = _next_token_logits(model, input_ids, attention_mask, temperature)
-    return torch.nn.functional.pad(logprobs_from_logits(logits, input_ids[:, 1:]), (1, 0))
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (a greedy sampler's log-probs are taken at 1)")
+    mask = _scored_mask(attention_mask, scored)
+    return per_row(scored_logprobs(model, input_ids, mask, temperature, attention_mask=attention_mask), mask)
 
 
 def token_logprobs_and_entropy(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`token_logprobs` and the entropy of π(· | x_<t) at each position, from the same forward:
-    (B, T) → (B, T), (B, T), position 0 is 0 in both."""
-    logits = _next_token_logits(model, input_ids, attention_mask, temperature)
-    logp = torch.nn.functional.pad(logprobs_from_logits(logits, input_ids[:, 1:]), (1, 0))
-    return logp, torch.nn.functional.pad(entropy_from_logits(logits), (1, 0))
+                               temperature: float = 1.0, scored: torch.Tensor | None = None,
+                               entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` and the entropy of π(· | x_<t) at each scored position, from the same forward:
+    (B, T) → (B, T), (B, T), 0 where not scored. The entropy has gradients only with ``entropy_grad``
+    (PPO's entropy bonus, ``entropy_coef > 0``); otherwise it is a diagnostic, computed without autograd."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    mask = _scored_mask(attention_mask, scored)
+    logp, entropy = scored_logprobs_and_entropy(model, input_ids, mask, temperature, entropy_grad,
+                                                attention_mask=attention_mask)
+    return per_row(logp, mask), per_row(entropy, mask)
 
 
 @torch.no_grad()
 def reference_token_logprobs(policy, reference, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                             temperature: float = 1.0) -> torch.Tensor:
+                             temperature: float = 1.0, scored: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`token_logprobs` (B, T) under the frozen reference: ``reference`` itself (a separate copy), or,
     when it is None, ``policy`` with its LoRA adapter disabled (``models.trainable.reference_mode``)."""
     if reference is not None:
-        return token_logprobs(reference, input_ids, attention_mask, temperature)
+        return token_logprobs(reference, input_ids, attention_mask, temperature, scored)
     with reference_mode(policy) as base:
-        return token_logprobs(base, input_ids, attention_mask, temperature)
+        return token_logprobs(base, input_ids, attention_mask, temperature, scored)

@@ -162,34 +162,65 @@ def ppo_value_loss(
 
 # ---------------------------------------------------------------- from logits
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy −Σ p log p of softmax(logits) over the last axis: (…, V) → (…)."""
-    logp = torch.log_softmax(logits, dim=-1)
-    p = logp.exp()
-    # Top-k / top-p filtering leaves −inf logits: p = 0 there and 0 · (−inf) = NaN, in the
-    # forward and the backward pass. Such tokens contribute 0 to the entropy; say so first.
-    logp = logp.masked_fill(torch.isneginf(logp), 0.0)
-    return -(p * logp).sum(-1)
+# Elements of one chunk of the (tokens, V) logits: logsumexp and log-softmax make (chunk, V) temporaries,
+# never (tokens, V) ones (2^24 fp32 = 64 MiB: 340 positions of a 49k vocabulary).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(logits: Tensor) -> tuple[Tensor, ...]:
+    """``logits`` (…, V) as views along its first axis of about CHUNK_ELEMENTS each (the whole of a 1-D one)."""
+    if logits.dim() < 2 or logits.shape[0] == 0:
+        return (logits,)
+    return logits.split(max(1, CHUNK_ELEMENTS // max(1, logits[0].numel())))
+
+
+def _fp32_at(logits: Tensor, temperature: float) -> Tensor:
+    # bf16 has 8 mantissa bits: a logsumexp over ~50k entries then errs by ~1e-2 nats, which the PPO
+    # ratio exp(logp − old) turns into percent-level noise. Compute in fp32; no copy at T = 1 in fp32.
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy −Σ p log p of softmax(logits / temperature) over the last axis: (…, V) → (…), in fp32.
+
+    A chunk of rows at a time (``CHUNK_ELEMENTS``): under ``torch.no_grad()`` (entropy only logged) the
+    log-softmax and p never exist for every position at once.
+    """
+    _check_temperature(temperature)
+    out = []
+    for chunk in _row_chunks(logits):
+        logp = torch.log_softmax(_fp32_at(chunk, temperature), dim=-1)
+        p = logp.exp()
+        # Top-k / top-p filtering leaves −inf logits: p = 0 there and 0 · (−inf) = NaN, in the
+        # forward and the backward pass. Such tokens contribute 0 to the entropy; say so first.
+        logp = logp.masked_fill(torch.isneginf(logp), 0.0)
+        out.append(-(p * logp).sum(-1))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
-    """log softmax(logits / temperature) read at ``labels``: (B, T, V), (B, T) → (B, T).
+    """log softmax(logits / temperature) read at ``labels``: (…, V), (…) → (…), in fp32.
 
     ``logits[:, t]`` must already be the prediction for ``labels[:, t]`` (the caller shifts by
-    one: logits[:, :-1] against input_ids[:, 1:]). Labels must be valid token ids everywhere;
+    one: logits[:, :-1] against input_ids[:, 1:]; or passes the (N, V) logits of the N scored
+    positions, ``models.token_logps``). Labels must be valid token ids everywhere;
     put the pad id, not −100, at padding and mask the result. Use the sampling temperature:
     log-probs at another temperature make the PPO ratio wrong from the first step.
+
+    log p(y) = z_y / T − logsumexp(z / T): the gathered logit minus the normaliser, so no (…, V)
+    tensor of log-probs is ever made, and the logsumexp runs a chunk of rows at a time
+    (``CHUNK_ELEMENTS``); at T = 1 in fp32 the logits are not copied at all.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} must match logits {tuple(logits.shape)} minus V")
-    if temperature != 1.0:
-        logits = logits / temperature
-    # bf16 has 8 mantissa bits: a logsumexp over ~50k entries then errs by ~1e-2 nats, which the
-    # PPO ratio exp(logp − old) turns into percent-level noise. Compute in fp32.
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    # gather − logsumexp: never materializes a second (B, T, V) tensor of log-probs.
-    selected = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return selected - torch.logsumexp(logits, dim=-1)
+    selected = _fp32_at(logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1), temperature)
+    normaliser = [torch.logsumexp(_fp32_at(chunk, temperature), dim=-1) for chunk in _row_chunks(logits)]
+    return selected - (normaliser[0] if len(normaliser) == 1 else torch.cat(normaliser))

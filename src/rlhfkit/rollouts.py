@@ -48,7 +48,7 @@ class Rollout:
     costs: torch.Tensor | None  # (B,)
     old_values: torch.Tensor | None  # (B, T, H)
     samples: list
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: generation, scoring, forward
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: generation, scoring, policy_forward, reference, critic
     rollout_logprobs: torch.Tensor | None = None  # the sampler's log-probs of the same tokens (a diagnostic; TIS)
 
 
@@ -103,8 +103,10 @@ def heldout_figures(policy, reference, tokenizer, prompts, scorer, cfg, device) 
     samples = sample(unwrap(policy), tokenizer, prompts, cfg.sampling, seed=cfg.seed + 12345, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = {k: v.to(device) for k, v in sequences_from_samples(samples, pad, tokenizer.eos_token_id).items()}
-    logp = token_logprobs(policy, batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature)
-    ref = reference_token_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature)
+    scored = batch["response_mask"].bool()
+    logp = token_logprobs(policy, batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature, scored)
+    ref = reference_token_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature,
+                                   scored)
     kl = (kl_k1(logp, ref) * batch["response_mask"]).sum(1)
     figures = {"kl_from_reference": mean_ci(kl.tolist(), cfg.seed)}
     if scorer.cost is not None:

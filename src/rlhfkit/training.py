@@ -25,7 +25,9 @@ from transformers import get_scheduler
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.distributed import Collective
 from rlhfkit.io import JsonlLog
+from rlhfkit.models.token_logps import scored_logprobs
 from rlhfkit.models.trainable import LoRAConfig
+from rlhfkit.models.view_attention import view_attention
 from rlhfkit.nonfinite import NonFiniteGuard
 from rlhfkit.tracking import check_report_to
 
@@ -151,19 +153,24 @@ def shard(indices: Sequence[int], grad_accum_steps: int, rank: int, world_size: 
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over positions whose label is not -100.
+    """Sum of next-token cross-entropy −log p(label_t | x_<t) over positions whose label is not -100.
 
-    batch: input_ids (B, T), attention_mask (B, T), labels (B, T), optional position_ids (B, T).
-    Logits are upcast to float32 before the softmax (bf16 log-softmax loses precision).
+    batch: input_ids (B, T), attention_mask (B, T), labels (B, T), optional position_ids (B, T); or the one
+    unpadded row of ``data.collate.collate_sft_unpadded`` (view_index and view_source, no attention_mask),
+    run with view attention so that each example attends to itself only.
+    The output head runs only at the positions that predict a label (``models.token_logps``: no logits
+    for prompt tokens or padding); log-probs in fp32 (bf16 log-softmax loses precision). Label 0 of a
+    row is never predicted and never counts.
     """
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-    logits = model(**kwargs).logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
+    labels = batch["labels"]
+    scored = labels != -100
+    scored[:, 0] = False
+    forward = {k: batch[k] for k in ("attention_mask", "position_ids") if k in batch}
+    if "view_index" not in batch:
+        return -scored_logprobs(model, batch["input_ids"], scored, labels=labels, **forward).sum()
+    with view_attention(model):
+        return -scored_logprobs(model, batch["input_ids"], scored, labels=labels,
+                                token_views=(batch["view_index"], batch["view_source"]), **forward).sum()
 
 
 def optimizer_step(guard: NonFiniteGuard, updates: Sequence[tuple], grad_clip: float, step: int | None = None,

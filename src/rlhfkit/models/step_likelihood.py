@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from rlhfkit.models.reward import causal_step_batches, positions_from_mask
+from rlhfkit.models.token_logps import per_row, scored_logprobs
 
 
 class StepLikelihood(nn.Module):
@@ -49,9 +50,12 @@ class StepLikelihood(nn.Module):
     def features(self, input_ids, attention_mask, spans: Sequence[Sequence[tuple[int, int]]]) -> list[torch.Tensor]:
         """(B, T) right-padded ids and mask, and per row the (first, last) token index of each step →
         one (S_i, 3) tensor per row: sum, min and mean of the steps' token log-likelihoods."""
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=positions_from_mask(attention_mask)).logits  # (B, T, V)
-        lp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        scored = torch.zeros_like(input_ids, dtype=torch.bool)  # the steps' tokens: the LM head runs only before them
+        for row, row_spans in enumerate(spans):
+            for first, last in row_spans:
+                scored[row, max(first, 1):max(last, 1) + 1] = True
+        lp = per_row(scored_logprobs(self.lm, input_ids, scored, attention_mask=attention_mask,
+                                     position_ids=positions_from_mask(attention_mask)), scored)[:, 1:]  # (B, T-1)
         out = []
         for row, row_spans in enumerate(spans):
             feats = []

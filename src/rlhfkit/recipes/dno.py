@@ -45,6 +45,7 @@ from rlhfkit.models.trainable import make_trainable, save_trained
 from rlhfkit.pair_training import add_sft_term, train_on_pairs
 from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
 from rlhfkit.preference_losses import dno_loss, dno_soft_loss
+from rlhfkit.rollouts import clock
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.training import TrainConfig
@@ -321,9 +322,11 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
         if t <= done:
             continue
         t0 = time.time()
+        t_start = clock(device)
         prompts = [train_prompts[i] for i in idx]
         # 1. K samples per prompt from π_t (+ the teacher's response)
         samples = sample(policy, tok, prompts, cfg.sampling, seed=cfg.seed * 1000 + t, num_return_sequences=cfg.samples_per_prompt, device=device)
+        t_generated = clock(device)
         pairs: list[DNOPair] = []
         rates_log = []
         k = cfg.samples_per_prompt
@@ -340,6 +343,7 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
                 pairs += select_pairs(prompt, texts, rates, cfg.pair_selection, cfg.min_margin, t)
             else:
                 pairs += soft_pairs(prompt, texts, rates, t)
+        t_judged = clock(device)
         # 4. mix in earlier iterations' pairs
         train = mix_pairs(pairs, history, cfg.mix_fractions, rng)
         history.append(pairs)
@@ -360,7 +364,9 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
             train_cfg = dataclasses.replace(cfg, batch_size=len(train))
         # 5. train from π_t against π_t's own log-probs (computed once, now)
         tokenized = tokenize_pairs(tok, train, max_len)
+        t_reference = clock(device)
         ref = reference_logps(policy, tokenized, tok.pad_token_id, cfg.ref_batch_size, device)
+        t_update = clock(device)
         targets = torch.tensor([p.target for p in train], dtype=torch.float32)
 
         train_ckpt = LoopCheckpoint(ckpt_root / f"train_{t}" if ckpt_root is not None else None, train_cfg, accelerator,
@@ -368,14 +374,23 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
         metrics = train_on_pairs(policy, tokenized, ref, dno_pair_loss(cfg, targets), train_cfg, accelerator, log, tok.pad_token_id,
                                  progress_desc=f"dno {t}/{cfg.iterations}", step_offset=(t - 1) * cfg.total_steps(len(train)),
                                  checkpoint=train_ckpt)
+        t_trained = clock(device)
         policy = accelerator.unwrap_model(policy)
         if accelerator.is_main_process:
             save_trained(policy, tok, it_dir, cfg.lora)
         # 6. validation win rate of the new iterate against the starting policy
+        t_validation = clock(device)
         val = validation_win_rate(pf, val_prompts, _greedy(policy, tok, val_prompts, cfg, device), base_val)
-        per_iteration[f"dno_{t}"] = info | metrics | {"validation_win_rate": val, "iteration_runtime_s": time.time() - t0}
-        log.write({"iteration": t, "validation_win_rate": val, "n_train_pairs": len(train)})
-        print(f"[rlhfkit] dno {t}: {len(pairs)} new pairs, validation win rate vs start {val:.3f}")
+        # where the iteration's time went (this process's clock): sampling, the preference function's comparisons,
+        # π_t's reference log-probs, training, and the validation (greedy samples of the new iterate, judged)
+        timing = {"time_generation_s": t_generated - t_start, "time_scoring_s": t_judged - t_generated,
+                  "time_reference_s": t_update - t_reference, "time_update_s": t_trained - t_update,
+                  "time_validation_s": clock(device) - t_validation}
+        per_iteration[f"dno_{t}"] = info | metrics | {"validation_win_rate": val, "iteration_runtime_s": time.time() - t0,
+                                                      **timing}
+        log.write({"iteration": t, "validation_win_rate": val, "n_train_pairs": len(train), **timing})
+        print(f"[rlhfkit] dno {t}: {len(pairs)} new pairs, validation win rate vs start {val:.3f}; "
+              + ", ".join(f"{k[5:-2]} {v:.1f}s" for k, v in timing.items()))
         if iteration_ckpt.enabled:  # keep the finished iteration: its outputs first, then the state that points past it
             if accelerator.is_main_process:
                 tmp = partial_dir(kept / f"dno_{t}")

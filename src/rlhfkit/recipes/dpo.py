@@ -88,8 +88,9 @@ class DPOConfig(TrainConfig):
     ref_batch_size: int = 64
     """pairs per forward pass when precomputing the reference log-probs"""
     layout: PairLayout = PairLayout.packed
-    """how pairs enter the forward pass: packed (one unpadded row, each prompt once; the fastest measured),
-    prompt_cache or concatenated; the same values in each (see PairLayout)"""
+    """how pairs enter the forward pass: packed (one unpadded row, each prompt once; the fastest measured: about
+    0.6 of concatenated's time, 0.8 of prompt_cache's), prompt_cache or concatenated; the same values in each
+    (see PairLayout for the figures)"""
     epochs: float = 2.0
     """passes over the pairs"""
     lr: float = 1e-4

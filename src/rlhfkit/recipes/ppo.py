@@ -284,14 +284,20 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
     scored = score_samples(scorer, samples, tokenizer, batch["response_mask"], cfg, all_sum=all_sum)
     # --- log-probs and values from forward passes (never from generate)
     t_scored = clock(device)
-    with torch.no_grad():  # the unwrapped models: no DDP bookkeeping outside the update
-        old_logprobs = token_logprobs(unwrap(policy), batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature)
-        ref_logprobs = reference_token_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"],
-                                                cfg.sampling.temperature)
-        old_values = unwrap(critic)(batch["input_ids"], batch["attention_mask"]) if critic is not None else None
     mask = batch["response_mask"].bool()
+    with torch.no_grad():  # the unwrapped models: no DDP bookkeeping outside the update
+        # log-probs of the response tokens only: the output head runs where they are predicted
+        old_logprobs = token_logprobs(unwrap(policy), batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature,
+                                      scored=mask)
+        t_policy = clock(device)
+        ref_logprobs = reference_token_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"],
+                                                cfg.sampling.temperature, scored=mask)
+        t_reference = clock(device)
+        old_values = unwrap(critic)(batch["input_ids"], batch["attention_mask"]) if critic is not None else None
+    t_critic = clock(device)
     kl = torch.where(mask, kl_estimate(old_logprobs, ref_logprobs, cfg.estimator), torch.zeros_like(old_logprobs))
-    timings = {"generation": t_generated - t_start, "scoring": t_scored - t_generated, "forward": clock(device) - t_scored}
+    timings = {"generation": t_generated - t_start, "scoring": t_scored - t_generated, "policy_forward": t_policy - t_scored,
+               "reference": t_reference - t_policy, "critic": t_critic - t_reference}
     # The sampler's own log-probs of the tokens trained on: compared with old_logprobs (the training
     # forward's) every step, and the ratio of the two for truncated importance sampling.
     rollout_logprobs = sampler_logprobs(samples, batch["input_ids"].shape[1]).to(device)
@@ -387,8 +393,10 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 # accumulation gives the gradient of the minibatch's loss exactly. Every term below is
                 # aggregated the same way, or the weight would be wrong for some of them.
                 w = 0.0 if dummy else agg.units(mask) / n_units * world
+                # response tokens only; the entropy has gradients only when it is in the loss (else it is just logged)
                 logp, ent = token_logprobs_and_entropy(policy, batch["input_ids"], batch["attention_mask"],
-                                                       cfg.sampling.temperature)
+                                                       cfg.sampling.temperature, scored=mask.bool(),
+                                                       entropy_grad=cfg.entropy_coef > 0)
                 is_weights = None
                 if cfg.rollout_is_cap > 0:
                     is_weights = truncated_importance_weights(cut(ro.old_logprobs), cut(ro.rollout_logprobs), mask,
@@ -537,10 +545,14 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
                 **rollout_metrics(ro, kl_ctl.value, coll),  # reward, KL, lengths, sampler drift (rl_metrics)
                 "lr": sched.get_last_lr()[0],
                 "step_time_s": time.time() - t_step,
-                # where the step's time went (this process's clock; the rest is advantages and logging)
+                # where the step's time went (this process's clock; the rest is advantages and logging):
+                # time_forward_s is the rollout's three no-grad forwards (policy log-probs, reference, critic),
+                # of which time_reference_s and time_critic_s
                 "time_generation_s": ro.timings["generation"],
                 "time_scoring_s": ro.timings["scoring"],
-                "time_forward_s": ro.timings["forward"],
+                "time_forward_s": ro.timings["policy_forward"] + ro.timings["reference"] + ro.timings["critic"],
+                "time_reference_s": ro.timings["reference"],
+                "time_critic_s": ro.timings["critic"],
                 "time_update_s": update_s,
                 **stats,
             }
@@ -560,7 +572,8 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
                 log.write(rec)
             bar.update(1)
             bar.set_postfix({"reward": f"{rec['reward']:.3f}", "kl": f"{rec['kl']:.3f}",
-                             "gen": f"{rec['time_generation_s']:.2f}s", "update": f"{update_s:.2f}s"})
+                             "gen": f"{rec['time_generation_s']:.2f}s", "score": f"{rec['time_scoring_s']:.2f}s",
+                             "fwd": f"{rec['time_forward_s']:.2f}s", "update": f"{update_s:.2f}s"})
             # every save_every steps and at stop_after_steps; then StoppedEarly at stop_after_steps
             checkpoint.after_step(step + 1, cfg.total_steps, objects, controllers)
     finally:

@@ -1,7 +1,9 @@
 """Supervised fine-tuning recipe: next-token loss on the response tokens of demonstrations only.
 
 The prompt (rendered with the chat template when the tokenizer has one) gets label -100, so
-the model learns to answer, not to write questions.
+the model learns to answer, not to write questions. A batch goes through the model as one unpadded
+row (``padding_free``), each example attending only to itself, and the output head runs only where
+a response token is predicted.
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
-from rlhfkit.data.collate import Truncation, collate_sft, tokenize_demonstrations
+from rlhfkit.data.collate import Truncation, collate_sft, collate_sft_unpadded, tokenize_demonstrations
 from rlhfkit.data.loading import load_demonstrations
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
 from rlhfkit.models.trainable import make_trainable, save_trained
+from rlhfkit.models.view_attention import supports_view_attention
 from rlhfkit.paths import ConfigPath, ModelRef
 from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig, train_lm
@@ -36,6 +39,10 @@ class SFTConfig(TrainConfig):
     """passes over the demonstrations"""
     trust_remote_code: bool = False
     """allow a hub model's own Python code to run when loading it (off unless you trust the source)"""
+    padding_free: bool = True
+    """each batch as one unpadded row, every example attending only to itself (view attention,
+    ``data.collate.collate_sft_unpadded``): no compute on padding, the same loss as padded rows (tested).
+    A model whose attention is not pluggable, or activation checkpointing, takes padded rows"""
 
 
 def run(cfg: SFTConfig, ctx: StageContext) -> dict:
@@ -52,10 +59,19 @@ def run(cfg: SFTConfig, ctx: StageContext) -> dict:
     model = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # the adapters' initialisation under LoRA, as dpo.run seeds it: a rerun (a resume) starts alike
     model = make_trainable(model, cfg.lora, cfg.gradient_checkpointing)
+    unpadded = cfg.padding_free and supports_view_attention(model)
+    if cfg.padding_free and not unpadded:
+        print(f"[rlhfkit] sft: {type(model).__name__}: attention not pluggable or activation checkpointing on "
+              "(see supports_view_attention); padded batches")
+
+    def collate(idx: list[int]) -> dict[str, torch.Tensor]:
+        batch = [examples[i] for i in idx]
+        return collate_sft_unpadded(batch) if unpadded else collate_sft(batch, tokenizer.pad_token_id)
+
     metrics = train_lm(
         model,
         n_examples=len(examples),
-        collate=lambda idx: collate_sft([examples[i] for i in idx], tokenizer.pad_token_id),
+        collate=collate,
         loss_tokens=[e.n_loss_tokens for e in examples],
         cfg=cfg,
         accelerator=accelerator,
@@ -65,5 +81,5 @@ def run(cfg: SFTConfig, ctx: StageContext) -> dict:
     )
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(model), tokenizer, out_dir, cfg.lora)
-    metrics.update(n_demonstrations=len(demos), n_truncated=n_truncated)
+    metrics.update(n_demonstrations=len(demos), n_truncated=n_truncated, padding_free=unpadded)
     return metrics
