@@ -92,8 +92,22 @@ def test_killed_stage_reruns_and_changed_config_is_refused(tiny_run, tmp_path):
     assert run_stage(cfg2, "pretrain", run2) == "ran"
     assert not (run2 / "pretrain" / "junk").exists() and not (run2 / "pretrain.partial").exists()
     changed = load_pipeline_config(None, tiny_pipeline_overrides(run2) + ["pretrain.lr=0.5"])
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match="different config") as err:
         run_stage(changed, "pretrain", run2)
+    # the error names what changed: the stored value, then the one asked for
+    old_lr = cfg2.pretrain.lr
+    assert f"(lr: {old_lr!r} → 0.5)" in str(err.value), str(err.value)
+
+
+def test_config_differences_names_nested_and_missing_keys():
+    from rlhfkit.pipeline import config_differences
+
+    saved = {"lr": 0.1, "lora": {"r": 0, "alpha": 16.0}, "old": 1}
+    now = {"lr": 0.1, "lora": {"r": 8, "alpha": 16.0}, "padding_free": True}
+    assert config_differences(saved, now) == "lora.r: 0 → 8; old: 1 → <absent>; padding_free: <absent> → True"
+    assert config_differences(None, now) == "no saved config"
+    many = config_differences({f"k{i}": i for i in range(7)}, {})
+    assert many.endswith(", and 2 more") and many.count("→") == 5
 
 
 def test_bad_data_fails_before_training_and_leaves_nothing_complete(tiny_run, tmp_path):

@@ -152,6 +152,30 @@ def stage_context(section, name: str, out: Path, stage_dir: Path) -> Iterator[St
         end_tracking(acc)
 
 
+def config_differences(saved, now, limit: int = 5) -> str:
+    """The keys whose values differ between a stage's saved config and the current one, as
+    ``key: saved → now`` (nested keys dotted; a key absent on one side shows as <absent>), at most ``limit``."""
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return "no saved config" if saved is None else "the saved config is not a mapping"
+
+    absent = object()
+
+    def show(v):
+        return "<absent>" if v is absent else repr(v)
+
+    def walk(a, b, prefix):
+        for key in sorted(set(a) | set(b), key=str):
+            x, y = a.get(key, absent), b.get(key, absent)
+            if isinstance(x, dict) and isinstance(y, dict):
+                yield from walk(x, y, f"{prefix}{key}.")
+            elif x != y:
+                yield f"{prefix}{key}: {show(x)} → {show(y)}"
+
+    diffs = list(walk(saved, now, ""))
+    more = f", and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
 def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
     """Run one stage unless its output is complete; returns ``"ran"`` or ``"skipped"``."""
     state = process_state()
@@ -161,10 +185,11 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
     if final.exists():
         saved_path = final / "config.yaml"
         saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
-        if saved != saved_form(section, final):  # both with their paths relative to the stage directory
+        now = saved_form(section, final)
+        if saved != now:  # both with their paths relative to the stage directory
             raise ConfigError(
-                f"{saved_path}: stage '{stage}' already completed with a different config; "
-                f"remove {final} to rerun it, or use another out="
+                f"{saved_path}: stage '{stage}' already completed with a different config "
+                f"({config_differences(saved, now)}); remove {final} to rerun it, or use another out="
             )
         lineage.check_complete(out, stage)
         state.print(f"[rlhfkit] {stage}: complete in {final}, skipped")
