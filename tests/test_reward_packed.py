@@ -4,18 +4,23 @@ Packed is a fast path, so it must be the same function as the padded one: the sa
 token (those of ``models.reward.encode``), the same scores and the same gradients of the Bradley-Terry loss
 (to float32 rounding), with prompts of different lengths, groups of 2 and 3 responses, a sequence cut to
 ``max_len``, either padding side, both pooling rules of a causal model and ODIN's two heads.
+
+Both read their ids from a ``TokenCache`` (each text tokenized once a training run): a filled, reused cache
+collates the same batches as encoding afresh, and training reads it without tokenizing again.
 """
 from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 
 import pytest
 import torch
 
 from rlhfkit.data.collate import collate_shared_prefixes, encode_prompt, encode_response
 from rlhfkit.models.reward import HeadInfo, ScalarModel, collate, encode
-from rlhfkit.models.reward_layout import RewardLayout, collate_texts, effective_layout, pack_texts
+from rlhfkit.models import reward_layout
+from rlhfkit.models.reward_layout import RewardLayout, TokenCache, collate_texts, effective_layout, pack_texts
 
 
 def _net(tok, family="llama", kv_heads=None, pooling="last", max_len=100, **extra):
@@ -56,7 +61,7 @@ def _bt_loss(scores):
 def _scores_and_grads(net, tok, texts, layout, side="right", **forward_kw):
     net.zero_grad()
     if layout == "packed":
-        batch, rows = collate_texts(net, tok, texts, RewardLayout.packed, "cpu")
+        batch, rows = collate_texts(net, TokenCache(tok, net.info), texts, RewardLayout.packed, "cpu")
         assert "token_views" in batch  # really packed
         scores = net(**batch, **forward_kw)[rows]
     else:
@@ -104,19 +109,23 @@ def test_collate_shared_prefixes_by_hand():
             collate_shared_prefixes(empty)
 
 
+def _with_template(tok):
+    """A copy of ``tok`` whose chat template adds BOS and role markers to the prompt, the response outside it."""
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+    return tok
+
+
 @pytest.mark.parametrize("template", [False, True], ids=["plain", "chat-template"])
 def test_packed_views_are_the_sequences_of_encode_each_prompt_once(tiny_tokenizer, template):
     """Prompt A with 2 responses, prompt B with 3: N = |A| + |B| + the 5 responses' tokens (EOS included);
     each view, read through view_index and view_mask, is encode()'s sequence at positions 0, 1, …"""
-    tok = tiny_tokenizer
-    if template:  # a template that adds BOS and role markers to the prompt, the response outside it
-        tok = copy.deepcopy(tok)
-        tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
-                             "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tok = _with_template(tiny_tokenizer) if template else tiny_tokenizer
     info = HeadInfo(max_len=256)
     a, b = "Q: 2 + 3 =", "Q: what is 10 * 10 ?"
     texts = [(a, "Answer: 5"), (b, "Answer: 100"), (a, "Answer: 6 or 7"), (b, "no"), (b, "Answer: 1000")]
-    batch, rows = pack_texts(tok, info, texts)
+    batch, rows = pack_texts(TokenCache(tok, info), texts)
     n_prompts = len(encode_prompt(tok, a)) + len(encode_prompt(tok, b))
     assert batch["input_ids"].shape[1] == n_prompts + sum(len(encode_response(tok, r)) for _, r in texts)
     assert rows.tolist() == [0, 2, 1, 3, 4]  # views group by group: A's responses, then B's
@@ -135,7 +144,7 @@ def test_a_sequence_cut_to_max_len_gets_its_own_copy_of_its_prompt(tiny_tokenize
     texts = _texts()
     cut = [len(encode_prompt(tok, p)) + len(encode_response(tok, r)) > info.max_len for p, r in texts]
     assert cut == [False] * 6 + [True]
-    batch, rows = pack_texts(tok, info, texts)
+    batch, rows = pack_texts(TokenCache(tok, info), texts)
     full = [encode(tok, info, p, r)[0] for p, r in texts]
     prompts = {p: len(encode_prompt(tok, p)) for p, _ in texts[:6]}
     # the 3 prompts once, the 6 uncut responses, and the cut sequence whole (its prompt's start cut off)
@@ -145,6 +154,37 @@ def test_a_sequence_cut_to_max_len_gets_its_own_copy_of_its_prompt(tiny_tokenize
         at = batch["view_index"][v][batch["view_mask"][v].bool()]
         assert batch["input_ids"][0, at].tolist() == ids
         assert batch["position_ids"][0, at].tolist() == list(range(len(ids)))
+
+
+@pytest.mark.parametrize("template", [False, True], ids=["plain", "chat-template"])
+def test_a_filled_reused_cache_collates_the_batches_of_fresh_encoding(tiny_tokenizer, template):
+    """A TokenCache filled with more texts than the batch (in another order) and already read by another batch
+    collates, packed and padded, the same tensors as a fresh one (encode() run on the spot, as every step once
+    did), and those hold encode()'s sequences: a cut one (max_len = 100) and one response under two prompts
+    (the key is the whole text, not the response) among them."""
+    tok = _with_template(tiny_tokenizer) if template else tiny_tokenizer
+    net = _net(tok)
+    texts = _texts() + [(_texts()[1][0], "Answer: 12")]  # "Answer: 12" also answers prompt 0
+    assert len(encode(tok, net.info, *texts[6])[0]) == net.info.max_len  # cut
+    more = [(p, r + " extra") for p, r in texts[:3]] + [("Q: 1 + 1 =", "Answer: 2")]
+    filled = TokenCache(tok, net.info).fill(list(reversed(texts)) + more)
+    assert len(filled) == len(texts) + len(more)
+    collate_texts(net, filled, more + texts[:2], RewardLayout.packed, "cpu")
+    for layout in RewardLayout:
+        fresh_batch, fresh_rows = collate_texts(net, TokenCache(tok, net.info), texts, layout, "cpu")
+        batch, rows = collate_texts(net, filled, texts, layout, "cpu")
+        assert torch.equal(rows, fresh_rows) and batch.keys() == fresh_batch.keys()
+        for k, v in batch.items():
+            for got, want in zip(v, fresh_batch[k]) if k == "token_views" else [(v, fresh_batch[k])]:
+                assert torch.equal(got, want), (layout, k)
+        ids = [encode(tok, net.info, p, r)[0] for p, r in texts]
+        if layout == RewardLayout.padded:
+            assert torch.equal(batch["input_ids"], collate(ids, None, tok.pad_token_id)["input_ids"])
+        else:  # each view, through view_index and view_mask, is encode()'s sequence
+            index, mask = batch["token_views"][0], batch["view_mask"].bool()
+            assert [batch["input_ids"][0, index[v][mask[v]]].tolist() for v in rows.tolist()] == ids
+    with pytest.raises(ValueError, match="TokenCache was made for"):  # a cache of another max_len
+        collate_texts(net, TokenCache(tok, HeadInfo(max_len=64)), texts, RewardLayout.packed, "cpu")
 
 
 @pytest.mark.parametrize("family,kv_heads,pooling", [("llama", None, "last"), ("qwen2", None, "last"),
@@ -187,22 +227,60 @@ def test_a_sliding_window_or_checkpointed_model_falls_back_to_padded_with_a_warn
     net.backbone.activation_checkpointing_enable()
     net.train()  # transformers checkpoints only in training mode (the tiny model has no dropout)
     with pytest.warns(UserWarning, match="falls back to padded"):
-        batch, rows = collate_texts(net, tok, texts, RewardLayout.packed, "cpu")
+        batch, rows = collate_texts(net, TokenCache(tok, net.info), texts, RewardLayout.packed, "cpu")
     assert "attention_mask" in batch and torch.equal(rows, torch.arange(len(texts)))
     torch.testing.assert_close(net(**batch)[rows].detach(), ref, rtol=1e-5, atol=1e-5)
     assert effective_layout(net, RewardLayout.padded) == RewardLayout.padded
 
 
+class _ListLog:
+    def __init__(self):
+        self.rows = []
+
+    def write(self, row):
+        self.rows.append(row)
+
+
+def _spy_on_tokenizing(monkeypatch) -> tuple[Counter, Counter, list]:
+    """(texts given to encode(), prompts given to encode_prompt(), whether each of the recipe's collations
+    packed), as a TokenCache calls the two and recipes.reward calls collate_texts, from now on."""
+    from rlhfkit.recipes import reward
+
+    encoded, prompted, packed = Counter(), Counter(), []
+    real_encode, real_encode_prompt = reward_layout.encode, reward_layout.encode_prompt
+    real_collate = reward.collate_texts
+
+    def counted_encode(tokenizer, info, prompt, response):
+        encoded[(prompt, response)] += 1
+        return real_encode(tokenizer, info, prompt, response)
+
+    def counted_encode_prompt(tokenizer, prompt):
+        prompted[prompt] += 1
+        return real_encode_prompt(tokenizer, prompt)
+
+    def spied_collate(*args, **kwargs):
+        out = real_collate(*args, **kwargs)
+        packed.append("token_views" in out[0])
+        return out
+
+    monkeypatch.setattr(reward_layout, "encode", counted_encode)
+    monkeypatch.setattr(reward_layout, "encode_prompt", counted_encode_prompt)
+    monkeypatch.setattr(reward, "collate_texts", spied_collate)
+    return encoded, prompted, packed
+
+
 def test_train_rm_gives_the_same_loss_gradients_and_scores_in_either_layout(tiny_lm_dir, tmp_path, monkeypatch):
-    """One step of train_rm (rankings of 3 and pairs, ODIN on) records the same loss and gradients packed as
-    padded, and pair_scores of the result agree; the packed run did pack (a spy on the collation)."""
+    """Two steps of train_rm (rankings of 3 and pairs, ODIN on; the batch is every ranking, so step 2 is epoch 2)
+    record the same losses and gradients packed as padded, and pair_scores of the results agree; the packed run
+    did pack (a spy on the collation). Each run tokenizes each distinct text and prompt once (encode and
+    encode_prompt counted); a packed run that tokenizes every text at every step instead, as before the
+    TokenCache, records exactly the same losses and gradients."""
     import json
 
     from accelerate import Accelerator
 
     from rlhfkit import training
     from rlhfkit.data.preferences import load_pairs
-    from rlhfkit.recipes import reward
     from rlhfkit.recipes.reward import RewardConfig, pair_scores, train_rm
 
     rows = []
@@ -213,6 +291,7 @@ def test_train_rm_gives_the_same_loss_gradients_and_scores_in_either_layout(tiny
     path = tmp_path / "rankings.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     pair_set = load_pairs(path)
+    texts = {(p.prompt, r) for p in pair_set.pairs for r in (p.chosen, p.rejected)}
 
     recorded = []
 
@@ -226,25 +305,70 @@ def test_train_rm_gives_the_same_loss_gradients_and_scores_in_either_layout(tiny
     monkeypatch.setattr(training, "make_optimizer_and_scheduler",
                         lambda model, cfg, total: (opt := Recorder(p for p in model.parameters() if p.requires_grad),
                                                    torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)))
-    packed_calls = []
-    real = reward.collate_texts
-    monkeypatch.setattr(reward, "collate_texts",
-                        lambda *a, **k: (out := real(*a, **k), packed_calls.append("token_views" in out[0]))[0])
-    losses, scores = {}, {}
-    for layout in ("padded", "packed"):
-        log = type("Log", (), {"rows": [], "write": lambda self, r: self.rows.append(r)})()
-        cfg = RewardConfig(batch_size=8, max_steps=1, grad_clip=0.0, warmup_steps=0, center_coef=0.1, max_len=64,
+    encoded, prompted, packed_calls = _spy_on_tokenizing(monkeypatch)
+    losses, grads, scores = {}, {}, {}
+    for arm in ("padded", "packed", "packed, tokenized every step"):
+        layout, every_step = arm.split(",")[0], arm.endswith("every step")
+        log = _ListLog()
+        cfg = RewardConfig(batch_size=8, max_steps=2, grad_clip=0.0, warmup_steps=0, center_coef=0.1, max_len=64,
                            log_every=1, length_decorrelation=0.5, layout=layout)
-        packed_calls.clear()
-        net, tok, _ = train_rm(cfg, tiny_lm_dir, pair_set, Accelerator(cpu=True), log)
-        assert packed_calls == [layout == "packed"]
-        losses[layout] = log.rows[-1]["loss"]
-        scores[layout] = pair_scores(net, tok, pair_set.pairs, 5, "cpu", layout)
+        for spy in (packed_calls, encoded, prompted, recorded):
+            spy.clear()
+        with monkeypatch.context() as m:
+            if every_step:  # as before the cache: no fill, encode() and encode_prompt() at every request
+                m.setattr(TokenCache, "fill", lambda self, texts: self)
+                m.setattr(TokenCache, "encode",
+                          lambda self, p, r: reward_layout.encode(self.tokenizer, self.info, p, r))
+                m.setattr(TokenCache, "prompt", lambda self, p: reward_layout.encode_prompt(self.tokenizer, p))
+            net, tok, _ = train_rm(cfg, tiny_lm_dir, pair_set, Accelerator(cpu=True), log)
+        assert packed_calls == [layout == "packed"] * 2
+        assert set(encoded) == texts and set(prompted) == {p.prompt for p in pair_set.pairs}
+        if every_step:  # each text once a step (once in a batch); each prompt once for each of its texts
+            assert set(encoded.values()) == {2} and min(prompted.values()) >= 2
+        else:
+            assert set(encoded.values()) == {1} == set(prompted.values())
+        losses[arm] = [r["loss"] for r in log.rows if "loss" in r]
+        grads[arm] = list(recorded)
+        if not every_step:
+            scores[arm] = pair_scores(net, tok, pair_set.pairs, 5, "cpu", layout)
+    assert len(losses["packed"]) == 2 == len(grads["packed"])
     assert losses["packed"] == pytest.approx(losses["padded"], rel=1e-5)
-    scale = max(g.abs().max().item() for g in recorded[0])
-    assert scale > 0
-    assert max((a - b).abs().max().item() for a, b in zip(*recorded)) / scale < 1e-5
+    for got, want in zip(grads["packed"], grads["padded"]):
+        scale = max(g.abs().max().item() for g in want)
+        assert scale > 0
+        assert max((a - b).abs().max().item() for a, b in zip(got, want)) / scale < 1e-5
     torch.testing.assert_close(torch.tensor(scores["packed"]), torch.tensor(scores["padded"]), rtol=1e-5, atol=1e-5)
+    # the same ids, so the same computation: equal to the bit
+    assert losses["packed, tokenized every step"] == losses["packed"]
+    assert all(torch.equal(a, b) for got, want in zip(grads["packed, tokenized every step"], grads["packed"])
+               for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("kind", ["orm", "cost"])
+def test_orm_and_cost_training_tokenize_each_text_once(tiny_lm_dir, monkeypatch, kind):
+    """Two steps of train_orm / train_cost over the same batch (two epochs) encode each distinct text and prompt
+    once (encode and encode_prompt counted), and both steps collate packed batches from them."""
+    from accelerate import Accelerator
+
+    from rlhfkit.data.preferences import SafetyRecord, StepRecord, safety_pairs
+    from rlhfkit.recipes.reward import RewardConfig, train_cost, train_orm
+
+    prompts = [f"Q{i}: 2 + {i} =" for i in range(4)]
+    if kind == "orm":
+        units = [StepRecord(q, (f"Answer: {2 + i + j}" + " ok" * j,), (None,), correct=j == 0)
+                 for i, q in enumerate(prompts) for j in range(2)]
+        texts = {(r.prompt, r.completion) for r in units}
+    else:
+        units = safety_pairs([SafetyRecord(q, f"Answer: {2 + i + j}" + " no" * j, is_safe=j == 0)
+                              for i, q in enumerate(prompts) for j in range(2)])
+        texts = {(x.prompt, x.response) for pair in units for x in pair}
+    encoded, prompted, packed_calls = _spy_on_tokenizing(monkeypatch)
+    log = _ListLog()
+    cfg = RewardConfig(batch_size=len(units), max_steps=2, warmup_steps=0, max_len=64, log_every=1)
+    (train_orm if kind == "orm" else train_cost)(cfg, tiny_lm_dir, units, Accelerator(cpu=True), log)
+    assert packed_calls == [True, True] and len([r for r in log.rows if "loss" in r]) == 2
+    assert set(encoded) == texts and set(encoded.values()) == {1}
+    assert set(prompted) == set(prompts) and set(prompted.values()) == {1}
 
 
 def test_packed_equals_padded_under_lora(tiny_lm_dir, tiny_tokenizer):

@@ -114,6 +114,8 @@ class ScalarModel(nn.Module):
                       "position_ids": positions_from_mask(attention_mask)}
             if token_type_ids is not None:
                 kwargs["token_type_ids"] = token_type_ids
+            if self.info.causal:  # a decoder would build a KV cache nobody reads; an encoder may not take the flag
+                kwargs["use_cache"] = False
             hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
         values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
         if length_head:
