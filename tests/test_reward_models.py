@@ -156,6 +156,40 @@ def test_left_right_padding_and_pad_equal_eos_give_the_same_scores(tiny_rm):
     assert all(e[0][-1] == tok.eos_token_id for e in enc)
 
 
+def test_a_padded_forward_builds_no_kv_cache_and_an_encoder_is_not_asked_to(tiny_rm):
+    """A causal backbone left to its default (config.use_cache) returns a KV cache nobody reads; the scalar
+    model's padded forward passes use_cache=False to it, and nothing to an encoder (BERT's config has no
+    decoder cache to turn off; other encoders do not take the flag)."""
+    import transformers
+
+    from rlhfkit.models.reward import ScalarModel
+
+    net, tok = tiny_rm
+    prompts, responses = _texts()
+    batch = collate([encode(tok, net.info, p, r)[0] for p, r in zip(prompts, responses)], None, tok.pad_token_id)
+    seen = []
+    hook = lambda module, args, kwargs, out: seen.append((kwargs, len(out.to_tuple())))  # noqa: E731
+    with torch.no_grad():
+        default = net.backbone(**batch)
+        assert len(default.to_tuple()) == 2  # last_hidden_state and a cache: what the flag turns off
+        handle = net.backbone.register_forward_hook(hook, with_kwargs=True)
+        try:
+            net(**batch)
+            net.train()(**batch)
+        finally:
+            net.eval()
+            handle.remove()
+    assert [(kw["use_cache"], n) for kw, n in seen] == [(False, 1), (False, 1)]  # last_hidden_state alone
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32)
+    encoder = ScalarModel(transformers.BertModel(cfg), HeadInfo(causal=False, max_len=16)).eval()
+    encoder.backbone.register_forward_hook(hook, with_kwargs=True)
+    ids = torch.tensor([[2, 5, 6, 3, 7, 3], [2, 8, 3, 9, 3, 0]])
+    with torch.no_grad():
+        out = encoder(ids, (ids > 0).long(), torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]]))
+    assert out.shape == (2,) and "use_cache" not in seen[-1][0]
+
+
 def test_encoder_backbone_padding_invariant():
     transformers = pytest.importorskip("transformers")
     from rlhfkit.models.reward import ScalarModel

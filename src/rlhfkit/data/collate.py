@@ -131,6 +131,44 @@ def collate_sft_unpadded(examples: Sequence[TokenizedExample]) -> dict[str, torc
             "view_source": t(source)}
 
 
+def collate_shared_prefixes(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+                            ) -> dict[str, torch.Tensor]:
+    """Groups (prefix, [suffix₁, suffix₂, …]) in ONE unpadded row ``[prefix₀ s₀₁ s₀₂ … prefix₁ s₁₁ …]`` of N
+    tokens, for view attention (``models.view_attention``): view j = (its group's prefix, its own suffix), each prefix
+    encoded once. Views are numbered in row order (group by group, suffix by suffix); a prefix may be empty.
+
+    - ``input_ids``, ``position_ids`` (1, N): every suffix's positions continue from its prefix's end (each
+      suffix restarts where the one before it did), the positions of the view as its own padded row;
+    - ``view_index`` (V, L): view j's row positions, right-padded with its first position (never attended:
+      causal); ``view_mask`` (V, L): 1 on its real tokens, the attention mask of the views as right-padded rows;
+    - ``view_source`` (N,): where each token reads its attention output, flat (view · L + column): a prefix
+      token from its group's first view, a suffix token from its own.
+    """
+    views = [(len(pre), len(s)) for pre, sufs in groups for s in sufs]
+    if any(not sufs for _, sufs in groups) or any(p + s == 0 for p, s in views):
+        raise ValueError("collate_shared_prefixes: every group needs a suffix and every view a token")
+    length = max(p + s for p, s in views)
+    ids, positions, index, mask, source = [], [], [], [], []
+    for pre, sufs in groups:
+        start, n_p, first = len(ids), len(pre), len(index)
+        ids += pre
+        positions += range(n_p)
+        source += range(first * length, first * length + n_p)
+        for s in sufs:
+            v, rows = len(index), list(range(start, start + n_p)) + list(range(len(ids), len(ids) + len(s)))
+            index.append(rows + [rows[0]] * (length - len(rows)))
+            mask.append([1] * len(rows) + [0] * (length - len(rows)))
+            source += range(v * length + n_p, v * length + n_p + len(s))
+            ids += s
+            positions += range(n_p, n_p + len(s))
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.long)
+
+    return {"input_ids": t([ids]), "position_ids": t([positions]), "view_index": t(index), "view_mask": t(mask),
+            "view_source": t(source)}
+
+
 @dataclass(frozen=True)
 class PackedBlock:
     """A pretraining block: whole documents back to back, each ending with EOS.

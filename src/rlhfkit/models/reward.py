@@ -36,6 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
 from rlhfkit.data.steps import STEP_SEPARATOR, join_steps, split_steps
+from rlhfkit.models.view_attention import view_attention
 
 KINDS = ("reward", "orm", "prm", "cost")
 HEAD_JSON, HEAD_WEIGHTS, REFERENCE_LM = "scalar_head.json", "scalar_head.safetensors", "reference_lm"
@@ -96,27 +97,56 @@ class ScalarModel(nn.Module):
         # set only while training and never saved (save_scalar_model writes ``head``), so r_Q alone is the reward.
         self.length_head = None
 
-    def token_values(self, input_ids, attention_mask, token_type_ids=None, length_head: bool = False):
-        """(B, T) values of ``head``; with ``length_head`` also those of ``length_head``, as a pair."""
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
-                  "position_ids": positions_from_mask(attention_mask)}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
+    def token_values(self, input_ids, attention_mask=None, token_type_ids=None, length_head: bool = False,
+                     position_ids=None, token_views=None):
+        """(B, T) values of ``head``; with ``length_head`` also those of ``length_head``, as a pair.
+
+        With ``token_views = (view_index, view_source)`` the input is one packed row (1, N) with its
+        ``position_ids`` (``data.collate.collate_shared_prefixes``), no attention mask, and the backbone
+        attends by views (``models.view_attention``); the values are then (1, N).
+        """
+        if token_views is not None:
+            with view_attention(self.backbone):
+                hidden = self.backbone(input_ids=input_ids, position_ids=position_ids, token_views=token_views,
+                                       use_cache=False).last_hidden_state  # (1, N, H)
+        else:
+            kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                      "position_ids": positions_from_mask(attention_mask)}
+            if token_type_ids is not None:
+                kwargs["token_type_ids"] = token_type_ids
+            if self.info.causal:  # a decoder would build a KV cache nobody reads; an encoder may not take the flag
+                kwargs["use_cache"] = False
+            hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
         values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
         if length_head:
             return values, self.length_head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
         return values
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, step_spans=None, length_head: bool = False):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, step_spans=None, length_head: bool = False,
+                position_ids=None, token_views=None, view_mask=None):
         """(B,) pooled values; with ``step_spans`` (a causal PRM: per row the (first, last) token index of
         each step, its separator included, as ``encode_step_spans`` gives) one (S_i,) tensor of step
         logits per row: the value at each step's last token, plus the ``likelihood`` term; with
         ``length_head`` (B, 2): the pooled values of ``head`` (r_Q) and ``length_head`` (r_L).
 
+        Packed (a causal backbone that ``supports_view_attention``): ``input_ids`` and ``position_ids``
+        (1, N), ``token_views = (view_index (V, L), view_source (N,))`` and ``view_mask`` (V, L), as
+        ``data.collate.collate_shared_prefixes`` gives them, and no ``attention_mask``: (V,) values (or
+        (V, 2)), one per view, pooled over the view's tokens gathered into a right-padded (V, L) batch
+        exactly as over a padded row (``info.pooling`` last or mean).
+
         Training reaches the model through this method only: DDP and FSDP synchronise gradients
         through the wrapped module's forward, never through a submodule or another method.
         """
+        if token_views is not None:
+            if attention_mask is not None or step_spans is not None or view_mask is None:
+                raise ValueError("a packed forward takes position_ids, token_views and view_mask, "
+                                 "no attention_mask nor step_spans")
+            index = token_views[0]
+            out = self.token_values(input_ids, None, None, length_head, position_ids, token_views)
+            if length_head:  # each head's (1, N) row values gathered by view → (V, L), pooled as padded rows
+                return torch.stack([self._pool(v[0][index], view_mask, None) for v in out], dim=1)  # (V, 2)
+            return self._pool(out[0][index], view_mask, None)  # (V,)
         if length_head:
             quality, length = self.token_values(input_ids, attention_mask, token_type_ids, length_head=True)
             return torch.stack([self._pool(quality, attention_mask, token_type_ids),

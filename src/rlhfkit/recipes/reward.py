@@ -31,11 +31,12 @@ from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_probability, coerce_enums
 from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
 from rlhfkit.losses import bradley_terry_loss, cost_model_loss, length_decorrelation_loss, reward_centering, step_bce_loss
-from rlhfkit.models.reward import RewardModel, collate, encode, step_logits
+from rlhfkit.models.reward import RewardModel, step_logits
 from rlhfkit.models.reward_eval import (
     pair_length_bias, pair_metrics, response_token_lengths, roc_auc, sigmoid, step_metrics,
 )
 from rlhfkit.models.reward_files import build_scalar_model, save_scalar_model
+from rlhfkit.models.reward_layout import RewardLayout, TokenCache, collate_texts
 from rlhfkit.models.step_likelihood import fit_step_likelihood
 from rlhfkit.models.trainable import make_trainable
 from rlhfkit.paths import ConfigPath, ModelRef
@@ -134,6 +135,11 @@ class RewardConfig(TrainConfig):
     """cap on held-out records per model; 0 = all"""
     eval_batch_size: int = 64
     """sequences per forward pass when scoring"""
+    layout: RewardLayout = RewardLayout.packed
+    """how the rm, orm and cost models' sequences enter the forward pass, in training and held-out scoring:
+    packed (one unpadded row, each prompt once a batch, attention by views) or padded (a right-padded row per
+    (prompt, response)); the same values in each (see RewardLayout). An encoder, a model with a sliding window
+    or with gradient checkpointing is always padded, as is the PRM"""
     lr: float = 1e-4
     """peak learning rate (AdamW)"""
     batch_size: int = 16
@@ -223,36 +229,40 @@ def _cap(items: list, n: int, seed: int) -> list:
     return [items[i] for i in sorted(order[:n])]
 
 
-def _score_texts(net, tok, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False, module=None,
-                 **forward_kw):
-    """Scalar values of (prompt, response) pairs, right-padded batches; ``module``: what is called for
-    the forward (``net`` as ``accelerator.prepare`` wrapped it, while training), ``net`` by default;
+def _score_texts(net, tokens: TokenCache, texts: list[tuple[str, str]], batch_size: int, device, grad: bool = False,
+                 module=None, layout: RewardLayout = RewardLayout.packed, **forward_kw):
+    """Scalar values of (prompt, response) pairs, ``batch_size`` texts a forward, in ``layout``
+    (``models.reward_layout``: packed, each prompt once a batch, or right-padded rows), their token ids
+    from ``tokens`` (the training run's, or a ``TokenCache`` of this call's own); ``module``: what is called
+    for the forward (``net`` as ``accelerator.prepare`` wrapped it, while training), ``net`` by default;
     ``forward_kw`` go to the forward (``length_head=True``: (N, 2) values of both heads)."""
     out = []
     ctx = torch.enable_grad() if grad else torch.no_grad()
     with ctx:
         for s in range(0, len(texts), batch_size):
-            enc = [encode(tok, net.info, p, r) for p, r in texts[s:s + batch_size]]
-            b = collate([e[0] for e in enc], None if net.info.causal else [e[1] for e in enc], tok.pad_token_id)
-            out.append((net if module is None else module)(**{k: v.to(device) for k, v in b.items()}, **forward_kw))
+            batch, rows = collate_texts(net, tokens, texts[s:s + batch_size], layout, device)
+            out.append((net if module is None else module)(**batch, **forward_kw)[rows])
     return torch.cat(out) if out else torch.zeros(0)
 
 
 # ------------------------------------------------------------------------------ the four models
 
-def pair_scores(net, tok, pairs, batch_size: int, device) -> tuple[list[float], list[float]]:
+def pair_scores(net, tok, pairs, batch_size: int, device,
+                layout: RewardLayout = RewardLayout.packed) -> tuple[list[float], list[float]]:
     """(r_chosen, r_rejected) for each pair, scoring each distinct (prompt, response) once."""
     uniq: dict[tuple[str, str], int] = {}
     for p in pairs:
         uniq.setdefault((p.prompt, p.chosen), len(uniq))
         uniq.setdefault((p.prompt, p.rejected), len(uniq))
-    s = _score_texts(net, tok, list(uniq), batch_size, device).tolist()
+    s = _score_texts(net, TokenCache(tok, net.info), list(uniq), batch_size, device, layout=layout).tolist()
     return [s[uniq[(p.prompt, p.chosen)]] for p in pairs], [s[uniq[(p.prompt, p.rejected)]] for p in pairs]
 
 
 def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: Path | None = None) -> tuple:
     """Bradley-Terry on rankings: ``train`` is a PairSet; a batch unit is one ranking (all its pairs)."""
     net, tok = _build(cfg, backbone, "reward")
+    # Every step's ids are read from here: each distinct text is tokenized once, now, not once a step and epoch.
+    tokens = TokenCache(tok, net.info).fill((p.prompt, r) for p in train.pairs for r in (p.chosen, p.rejected))
     groups = train.groups
     dev = accelerator.device
     world = accelerator.num_processes
@@ -270,10 +280,12 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: P
             uniq.setdefault((p.prompt, p.chosen), len(uniq))
             uniq.setdefault((p.prompt, p.rejected), len(uniq))
         if odin:  # BT sees r_Q + r_L; the length terms see each head
-            both = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True, module=model, length_head=True)
+            both = _score_texts(net, tokens, list(uniq), len(uniq), dev, grad=True, module=model, layout=cfg.layout,
+                                length_head=True)
             scores = both.sum(1)  # (N,) r_Q + r_L
         else:
-            scores = _score_texts(net, tok, list(uniq), len(uniq), dev, grad=True, module=model)  # each sequence once
+            scores = _score_texts(net, tokens, list(uniq), len(uniq), dev, grad=True, module=model,
+                                  layout=cfg.layout)  # each sequence once
         c = scores[torch.tensor([uniq[(p.prompt, p.chosen)] for p in pairs], device=scores.device)]
         r = scores[torch.tensor([uniq[(p.prompt, p.rejected)] for p in pairs], device=scores.device)]
         w = torch.tensor([p.weight for p in pairs], device=scores.device)
@@ -384,10 +396,12 @@ def train_orm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt
     """Outcome model: BCE of the last-token logit against ``correct`` (step_bce_loss on one position)."""
     net, tok = _build(cfg, backbone, "orm")
     dev = accelerator.device
+    tokens = TokenCache(tok, net.info).fill((r.prompt, r.completion) for r in records)  # each text tokenized once
 
     def batch_loss(model, idx, global_idx):
         recs = [records[i] for i in idx]
-        z = _score_texts(net, tok, [(r.prompt, r.completion) for r in recs], len(recs), dev, grad=True, module=model)
+        z = _score_texts(net, tokens, [(r.prompt, r.completion) for r in recs], len(recs), dev, grad=True,
+                         module=model, layout=cfg.layout)
         y = torch.tensor([float(r.correct) for r in recs], device=z.device)
         loss, metrics = step_bce_loss(z[:, None], y[:, None])
         return loss * (len(idx) * accelerator.num_processes / len(global_idx)), metrics  # its share of the batch
@@ -400,11 +414,12 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt:
     """Safe RLHF cost model on (safer, unsafer) pairs; sign −1 for a safe response, +1 for an unsafe one."""
     net, tok = _build(cfg, backbone, "cost")
     dev = accelerator.device
+    tokens = TokenCache(tok, net.info).fill((x.prompt, x.response) for pair in pairs for x in pair)  # each text once
 
     def batch_loss(model, idx, global_idx):
         ps = [pairs[i] for i in idx]
-        c = _score_texts(net, tok, [(s.prompt, s.response) for s, _ in ps] + [(u.prompt, u.response) for _, u in ps],
-                         2 * len(ps), dev, grad=True, module=model)
+        c = _score_texts(net, tokens, [(s.prompt, s.response) for s, _ in ps] + [(u.prompt, u.response) for _, u in ps],
+                         2 * len(ps), dev, grad=True, module=model, layout=cfg.layout)
         sign = torch.tensor([-1 if s.is_safe else 1 for s, _ in ps] + [-1 if u.is_safe else 1 for _, u in ps], device=c.device)
         n = len(ps)
         loss, metrics = cost_model_loss(c[:n], c[n:], sign[:n], sign[n:])
@@ -467,8 +482,8 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
 
     if cfg.train_rm:
         net, tok, fit = train_rm(cfg, backbone, rm_train, accelerator, log, _ckpt("rm"))
-        c, r = pair_scores(net, tok, rm_eval, cfg.eval_batch_size, dev)
-        tc, tr = pair_scores(net, tok, rm_train.pairs[: len(rm_eval) * 2], cfg.eval_batch_size, dev)
+        c, r = pair_scores(net, tok, rm_eval, cfg.eval_batch_size, dev, cfg.layout)
+        tc, tr = pair_scores(net, tok, rm_train.pairs[: len(rm_eval) * 2], cfg.eval_batch_size, dev, cfg.layout)
         m = {"heldout": pair_metrics(c, r), "train_subset": pair_metrics(tc, tr), **fit,
              "train_pairs": len(rm_train.pairs), "train_rankings": len(rm_train.groups),
              "length_bias": _length_bias(tok, [(p.prompt, p.chosen, p.rejected) for p in rm_eval], c, r)}
@@ -492,7 +507,8 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
         if tr:
             net, tok, fit = train_orm(cfg, backbone, tr, accelerator, log, _ckpt("orm"))
 
-            z = _score_texts(net, tok, [(s.prompt, s.completion) for s in ev], cfg.eval_batch_size, dev).tolist()
+            z = _score_texts(net, TokenCache(tok, net.info), [(s.prompt, s.completion) for s in ev],
+                             cfg.eval_batch_size, dev, layout=cfg.layout).tolist()
             metrics["models"]["orm"] = {"heldout": step_metrics([sigmoid(v) for v in z], [float(s.correct) for s in ev]),
                                         **fit, "train_solutions": len(tr)}
             if accelerator.is_main_process:
@@ -504,7 +520,8 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
         tr = [x for x in safety if (x.prompt, x.response) not in held]
         ev = [x for x in safety if (x.prompt, x.response) in held]
         net, tok, fit = train_cost(cfg, backbone, safety_pairs(tr), accelerator, log, _ckpt("cost"))
-        costs = _score_texts(net, tok, [(x.prompt, x.response) for x in ev], cfg.eval_batch_size, dev).tolist()
+        costs = _score_texts(net, TokenCache(tok, net.info), [(x.prompt, x.response) for x in ev], cfg.eval_batch_size,
+                             dev, layout=cfg.layout).tolist()
 
         metrics["models"]["cost"] = {
             "heldout": {"sign_accuracy": sum((c < 0) == x.is_safe for c, x in zip(costs, ev)) / max(1, len(ev)),
