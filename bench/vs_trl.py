@@ -27,9 +27,11 @@ defaults apart from those shared settings. TRL 1.16 at its fastest:
 - **sft**: ``SFTTrainer`` with ``packing=True`` (best-fit packing, padding-free rows of ``max_len``) and,
   as a second row, without packing; completion-only loss on both sides.
 - **grpo**: ``GRPOTrainer`` against our RL stage with ``algorithm=grpo``: the same prompts, group size,
-  prompts per step, ``max_new_tokens``, temperature 1, β = 0 (TRL's default: no reference model; ours still
-  runs its reference forward), one optimizer step per rollout (``ppo_epochs=1``, one minibatch;
-  ``num_iterations=1``, ``steps_per_generation=1``), and the same cheap reward function (``bench_reward``).
+  prompts per step, ``max_new_tokens``, temperature 1, β = 0 (TRL's default: no reference model; ours with
+  ``log_kl=false``, so it runs no reference forward either and logs no per-step KL), one optimizer step per
+  rollout (``ppo_epochs=1``, one minibatch, so ours takes the old log-probs from the update's own forward as
+  TRL does; ``num_iterations=1``, ``steps_per_generation=1``), and the same cheap reward function
+  (``bench_reward``).
 
 Timing. A global ``torch.optim`` step hook stamps the end of every optimizer step in both arms; the first
 ``warmup`` steps are excluded, the window is end of step ``warmup`` to end of the last step. DPO adds its
@@ -307,7 +309,7 @@ def run_ours(workload: str, model_dir: Path, data: Path, s: dict, tmp: Path) -> 
         args = ["ppo", "algorithm=grpo", f"policy={model_dir}", f"data={data / 'grpo.jsonl'}", "heldout=",
                 "reward_source=callable", "reward_fn=vs_trl:bench_reward", f"total_steps={s['steps']}",
                 f"prompts_per_step={s['batch']}", f"group_size={s['group']}", f"minibatch_size={b}", "ppo_epochs=1",
-                "kl_coef=0", f"sampling.max_new_tokens={s['max_new_tokens']}", "sampling.temperature=1.0",
+                "kl_coef=0", "log_kl=false", f"sampling.max_new_tokens={s['max_new_tokens']}", "sampling.temperature=1.0",
                 "sampling.top_p=1.0"]
     rc = rlhfkit(args + shared)
     if rc:

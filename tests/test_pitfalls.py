@@ -190,8 +190,10 @@ def uneven_rollouts(tiny_lm_dir):
         critic = build_critic(tiny_lm_dir, 1, seed=0) if algorithm == "ppo" else None
         policy = load_causal_lm(tiny_lm_dir)
         scorer = ppo.Scorer(lambda p, r: [float(len(x) % 5) for x in r], None, None)
+        # ppo_epochs=2 for the rollout: the separate old-log-prob pass, which an exactly on-policy config
+        # (PPOConfig.old_logprobs_from_update) leaves to the update; the policy moved below needs them fixed
         ro = ppo.make_rollout(policy, load_causal_lm(tiny_lm_dir), critic, tok, _task_prompts(cfg.prompts_per_step),
-                              scorer, cfg, seed=0, device=CPU)
+                              scorer, dataclasses.replace(cfg, ppo_epochs=2), seed=0, device=CPU)
         for row, keep in enumerate([8, 3, 5, 1, 7, 2, 6, 4]):
             ro.response_mask[row, ro.response_mask[row].nonzero()[keep:, 0]] = 0
         with torch.no_grad():  # a policy moved off the rollout's, so ratios and the KL term are not trivial

@@ -251,6 +251,137 @@ def test_every_variant_runs_a_step(tmp_path, tiny_lm_dir, tiny_scalar_models, va
     assert (stage / "model" / "model.safetensors").exists()
 
 
+# ---------------------------------------------------------------- passes nothing reads are skipped
+
+def _counting(monkeypatch, name: str) -> list:
+    """Replace ``ppo.<name>`` (where the recipe looks it up) by a wrapper that records each call."""
+    calls, real = [], getattr(ppo, name)
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ppo, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+def test_a_kl_without_weight_runs_no_reference_forward_and_trains_the_same(tmp_path, tiny_lm_dir, monkeypatch, algorithm):
+    """β fixed at 0 (GRPO: KL in the loss; PPO: in the reward, with a critic) and ``log_kl: false``: no reference
+    forward at any step, no ``kl`` or ``kl_loss`` in the log (absent, not a made-up 0), and after 2 steps the
+    same weights, bit for bit, as the run that computes the reference log-probs just to log the KL. The
+    held-out KL at the end of the stage is measured in both.
+    Checked to fail: with a kl of 0 logged when the reference pass is skipped.
+    """
+    from accelerate import Accelerator
+
+    from rlhfkit.io import read_jsonl_plain
+
+    _write_prompts(tmp_path)
+    runs = {}
+    for log_kl in (True, False):
+        calls = _counting(monkeypatch, "reference_token_logprobs")
+        stage = tmp_path / f"{algorithm}-{log_kl}.partial"
+        stage.mkdir()
+        cfg = _tiny_cfg(tiny_lm_dir, algorithm=algorithm, group_size=2 if algorithm == "grpo" else 1, total_steps=2,
+                        save_every=0, kl_coef=0.0, log_kl=log_kl)
+        assert cfg.reference_per_step == log_kl and not cfg.old_logprobs_from_update  # 2 epochs: the old pass runs
+        metrics = ppo.run(cfg, StageContext(tmp_path, stage, algorithm, Accelerator(cpu=True)))
+        runs[log_kl] = (len(calls), read_jsonl_plain(stage / "log.jsonl"), _final_state(stage / "model"), metrics)
+    (n_on, rows_on, w_on, m_on), (n_off, rows_off, w_off, m_off) = runs[True], runs[False]
+    assert (n_on, n_off) == (2, 0)
+    assert all("kl" in r for r in rows_on) and not any("kl" in r or "kl_loss" in r for r in rows_off)
+    for a, b in zip(rows_on, rows_off):  # the same rollouts and update: only the logged KL is gone
+        for key in ("reward", "reward_with_kl", "loss", "rollout_logprob_diff_mean"):
+            assert a[key] == b[key], key
+    assert all(torch.equal(w_on[k], w_off[k]) for k in w_on)
+    assert any(not torch.equal(w_on[k], v) for k, v in _final_state(tiny_lm_dir).items() if k in w_on)  # it trained
+    for m in (m_on, m_off):
+        assert m["policies"][algorithm]["kl_from_reference"]["n"] == 16
+
+
+def test_an_exactly_on_policy_update_takes_the_old_logprobs_from_its_own_forward(tmp_path, tiny_lm_dir, monkeypatch):
+    """One epoch, one minibatch (in 2 micro-batches): the rollout runs no old-log-prob pass, and the update, its
+    old log-probs being its own forward's detached (ratio exactly 1), gives the gradient of the update with the
+    separate pass to 1e-6 relative (SGD at lr 1: the weight change is the gradient), the same loss, and leaves
+    the rollout the old log-probs and the KL the separate pass gives, for the step's diagnostics. GRPO with β =
+    0.1 in the loss and truncated importance sampling on, so the KL term and the IS weights read them too.
+    Checked to fail: with the update's log-probs written back in minibatch order instead of to their rows (an
+    old log-prob gap of 5.9), and with the KL term left out of the loss when the old log-probs come from the update.
+    """
+    import copy
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+    _write_prompts(tmp_path)
+    cfg = _tiny_cfg(tiny_lm_dir, algorithm="grpo", group_size=2, prompts_per_step=2, minibatch_size=4, ppo_epochs=1,
+                    grad_accum_steps=2, kl_coef=0.1, rollout_is_cap=2.0, lr=1.0)
+    assert cfg.old_logprobs_from_update and not dataclasses.replace(cfg, ppo_epochs=2).old_logprobs_from_update
+    prompts, scorer = _scorer(cfg, tmp_path)
+    tok = load_tokenizer(tiny_lm_dir)
+    base, reference = load_causal_lm(tiny_lm_dir), load_causal_lm(tiny_lm_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a reference off the policy: at π = π_ref the k3 term and its gradient are 0
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    calls = _counting(monkeypatch, "token_logprobs")
+    lazy = ppo.make_rollout(base, reference, None, tok, prompts[:2], scorer, cfg, seed=0, device=torch.device("cpu"))
+    assert calls == [] and lazy.old_logprobs is None and lazy.kl is None and lazy.ref_logprobs is not None
+    # the same samples with the separate pass (a 2-epoch config runs it; the update below is cfg's)
+    eager = ppo.make_rollout(base, reference, None, tok, prompts[:2], scorer, dataclasses.replace(cfg, ppo_epochs=2),
+                             seed=0, device=torch.device("cpu"))
+    assert calls == [1] and torch.equal(lazy.input_ids, eager.input_ids)
+    adv, _ = ppo.compute_advantages(eager, cfg, kl_coef=0.1, lagrange=None)
+    adv = adv + eager.response_mask * torch.arange(4.0)[:, None]  # advantages far from 0 on every row
+    weights, stats = [], []
+    for ro in (eager, lazy):
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        stats.append(ppo.ppo_update(model, None, opt, None, sched, None, ro, adv, None, cfg, 0.1,
+                                    Accelerator(cpu=True), torch.Generator().manual_seed(0)))
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    mask = eager.response_mask.bool()
+    assert (lazy.old_logprobs - eager.old_logprobs)[mask].abs().max() < 1e-6
+    assert (lazy.kl - eager.kl).abs().max() < 1e-6
+    moved = max((weights[0][k] - base.state_dict()[k]).abs().max().item() for k in weights[0])
+    diff = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0])
+    assert moved > 1e-3 and diff < 1e-6 * moved
+    assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], abs=1e-6)
+    assert stats[1]["kl_loss"] == pytest.approx(stats[0]["kl_loss"], abs=1e-6)
+    assert stats[1]["approx_kl"] == 0.0 and stats[1]["clipfrac"] == 0.0  # ratio exactly 1
+    with pytest.raises(ValueError, match="on-policy"):  # several epochs need the old log-probs fixed first
+        ro = dataclasses.replace(eager, old_logprobs=None, kl=None)
+        ppo.ppo_update(copy.deepcopy(base), None, opt, None, sched, None, ro, adv, None,
+                       dataclasses.replace(cfg, ppo_epochs=2), 0.1, Accelerator(cpu=True), torch.Generator())
+
+
+def test_grpo_without_kl_runs_from_the_cli_and_reports_without_a_kl_series(tmp_path, tiny_lm_dir, monkeypatch):
+    """``rlhfkit ppo algorithm=grpo kl_coef=0 log_kl=false`` as the benchmark runs it (one epoch, one minibatch):
+    neither no-grad pass runs, the log has no ``kl``, and the report is written: no over-optimisation section
+    (it needs the KL of each step), the held-out KL in the policy's row."""
+    from rlhfkit.cli import main
+    from rlhfkit.io import read_jsonl_plain
+    from rlhfkit.report import write_report
+
+    _write_prompts(tmp_path)
+    ref_calls, old_calls = _counting(monkeypatch, "reference_token_logprobs"), _counting(monkeypatch, "token_logprobs")
+    assert main(["ppo", f"out={tmp_path}", "algorithm=grpo", f"policy={tiny_lm_dir}", "reward_source=judge",
+                 "kl_coef=0", "log_kl=false", "prompts_per_step=2", "group_size=2", "minibatch_size=4", "ppo_epochs=1",
+                 "total_steps=2", "save_every=0", "sampling.max_new_tokens=8"]) == 0
+    assert ref_calls == [] and old_calls == []
+    rows = read_jsonl_plain(tmp_path / "ppo" / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and not any("kl" in r for r in rows)
+    assert all(r["rollout_logprob_diff_mean"] < 1e-4 for r in rows)  # sampler vs the update's forward: numerics only
+    summary = write_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Over-optimization" not in md and "## Training curves" in md
+    assert "mean" in summary["policies"]["ppo"]["kl_from_reference"]
+
+
 def test_gradient_accumulation_equals_the_whole_minibatch(tmp_path, tiny_lm_dir):
     """One PPO epoch with the minibatch in 2 micro-batches gives the weights of 1 micro-batch.
 

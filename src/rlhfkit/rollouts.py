@@ -6,7 +6,8 @@ cleanrl's PPO logs and what RLHF adds to it (:func:`rollout_metrics`, :func:`exp
 
 - ``reward``: the mean sequence score as the reward source gave it (the unfinished penalty included);
   ``reward_with_kl``: the mean per-response return the advantages see, Σ_t rewards_t − β·KL;
-- ``kl``: the mean per-response KL estimate Σ_t KL_t from the reference; ``kl_coef``: β;
+- ``kl``: the mean per-response KL estimate Σ_t KL_t from the reference, absent when no reference forward ran
+  (β fixed at 0 and ``log_kl`` off: never a made-up 0); ``kl_coef``: β;
 - ``response_length`` and ``finished_rate`` (responses that emitted EOS);
 - ``rollout_logprob_diff_mean`` / ``_max``: |log π_rollout − log π_train| over response tokens;
 - ``explained_variance`` (critic methods): 1 − Var(R − V_old) / Var(R) over response tokens.
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.generation import reference_token_logprobs, sample, sequences_from_samples, token_logprobs, unwrap
-from rlhfkit.kl import kl_k1
+from rlhfkit.kl import kl_estimate, kl_k1
 from rlhfkit.losses import masked_var
 from rlhfkit.stats import mean_ci
 
@@ -34,14 +35,18 @@ class Rollout:
     Tokens are indexed by the action position t of the right-padded prompt+response batch:
     ``old_logprobs[:, t]`` = log π(x_t | x_<t), ``old_values[:, t]`` = V(x_<t), ``token_rewards[:, t]``
     the reward for emitting x_t, ``response_mask[:, t]`` = 1 on response tokens (EOS included when finished).
+
+    ``old_logprobs`` is None until the update fills it in when it takes them from its own forward (an exactly
+    on-policy update, ``PPOConfig.old_logprobs_from_update``); ``ref_logprobs`` is None when no reference
+    forward ran (``PPOConfig.reference_per_step``); ``kl`` is None while either is.
     """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     response_mask: torch.Tensor
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    kl: torch.Tensor  # per-token estimate with the configured estimator
+    old_logprobs: torch.Tensor | None
+    ref_logprobs: torch.Tensor | None
+    kl: torch.Tensor | None  # per-token estimate with the configured estimator, 0 off the response
     scores: torch.Tensor  # (B,) sequence scores (after penalty / whitening / clipping)
     raw_scores: torch.Tensor  # (B,) as the reward source gave them (penalty for unfinished)
     token_rewards: torch.Tensor  # reward per token, before the KL term
@@ -60,20 +65,33 @@ def clock(device) -> float:
     return time.perf_counter()
 
 
+def token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """The per-token KL estimate (``kl.kl_estimate``) of (B, T) log-probs against the reference's: (B, T), 0 where
+    ``mask`` (bool, the response tokens) is false."""
+    return torch.where(mask, kl_estimate(logprobs, ref_logprobs, estimator), torch.zeros_like(logprobs))
+
+
 def rollout_metrics(ro: Rollout, kl_coef: float, coll) -> dict:
     """The step's figures of a rollout ``ro`` (this process's rows) over the whole batch, in the log line's
-    order; ``kl_coef`` is the β the step's rewards used."""
+    order; ``kl_coef`` is the β the step's rewards used. Called after the update, which may fill in the old
+    log-probs (``Rollout``). Without reference log-probs there is no ``kl`` (β is then 0: ``reward_with_kl``
+    is the reward's return alone)."""
     mask = ro.response_mask.bool()
     every = lambda t: coll.gather(t.float().cpu())  # noqa: E731  (B,): the whole batch, in rank order
-    all_kl = every((ro.kl * mask).sum(1))  # (B,) per-response KL estimate
+    reward_with_kl = every((ro.token_rewards * mask).sum(1)).mean()  # the mean return before the KL term
+    kl = {}
+    if ro.kl is not None:
+        all_kl = every((ro.kl * mask).sum(1))  # (B,) per-response KL estimate
+        reward_with_kl = reward_with_kl - kl_coef * all_kl.mean()
+        kl = {"kl": float(all_kl.mean())}
     # Sampler against training forward, same weights, same tokens: only numerics (kernels, batch
     # shapes, padding, an inference engine) can make them differ; a drift here means the rollouts
     # come from another policy than the one the loss assumes (rollout_is_cap corrects for it).
     lp_diff = torch.where(mask, (ro.rollout_logprobs - ro.old_logprobs).abs(), torch.zeros_like(ro.old_logprobs))
     return {
         "reward": float(every(ro.raw_scores).mean()),
-        "reward_with_kl": float(every((ro.token_rewards * mask).sum(1)).mean() - kl_coef * all_kl.mean()),
-        "kl": float(all_kl.mean()),
+        "reward_with_kl": float(reward_with_kl),
+        **kl,
         "kl_coef": kl_coef,
         "response_length": float(every(mask.sum(1)).mean()),
         "rollout_logprob_diff_mean": float(coll.sum(lp_diff.sum()) / coll.sum(mask.sum()).clamp(min=1)),

@@ -11,7 +11,10 @@ One loop, read top to bottom in ``run``; every step is
     KL        log-probs of the policy and the frozen reference recomputed by a forward pass
               (never taken from ``generate``, whose own log-probs are only compared with them
               and logged), a per-token KL estimate (k1/k2/k3) either subtracted from the
-              reward (β·KL, fixed or adaptive β) or added to the loss
+              reward (β·KL, fixed or adaptive β) or added to the loss. A pass nothing reads is
+              skipped: the reference's when β is fixed at 0 and ``log_kl`` is off, the policy's
+              when the update is exactly on-policy (one epoch, one minibatch: its own forward's
+              detached log-probs are the old ones, as in TRL at ``num_iterations=1``)
     advantage PPO: GAE on per-token rewards with the critic's values; GRPO: group-normalised
               sequence returns; RLOO: leave-one-out baseline. Safe RLHF combines reward and
               cost advantages, (A_r − λ·A_c) / (1 + λ), with λ updated online
@@ -57,7 +60,7 @@ from rlhfkit.policy_losses import (
 )
 from rlhfkit.distributed import Collective
 from rlhfkit.rewards import place_token_rewards
-from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics
+from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics, token_kl
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
@@ -183,6 +186,11 @@ class PPOConfig:
     """target per-sequence KL (nats) of the adaptive controller"""
     kl_horizon: int = 10000
     """adaptive controller horizon, in samples"""
+    log_kl: bool = True
+    """run the reference forward every step to log the rollouts' KL even when the KL has no weight (kl_coef 0,
+    not adaptive): the report's over-optimisation plot needs it. False skips that forward then (TRL at β = 0 runs
+    no reference model) and log.jsonl has no ``kl``; the held-out ``kl_from_reference`` is measured either way.
+    Ignored when the KL has weight: it is computed and logged"""
     critic_init: ModelRef = ""
     """critic backbone: empty means the (first) reward model when the reward is a model, else the policy"""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -254,6 +262,27 @@ class PPOConfig:
         return "k3" if self.kl_uses_loss else "k1"
 
     @property
+    def kl_has_weight(self) -> bool:
+        """The KL can move the update: β > 0, or an adaptive β (fed the measured KL; from 0 it stays 0, but
+        the controller is not second-guessed here)."""
+        return self.kl_coef > 0 or self.adaptive_kl
+
+    @property
+    def reference_per_step(self) -> bool:
+        """Every rollout runs the reference forward: the KL has weight, or ``log_kl`` logs it anyway."""
+        return self.kl_has_weight or self.log_kl
+
+    @property
+    def old_logprobs_from_update(self) -> bool:
+        """The update is exactly on-policy (one epoch, the whole rollout in one optimizer step: gradient
+        accumulation inside it sees unchanged weights) and nothing needs the old log-probs before it (the
+        KL enters the rewards only with weight), so they are the update's own detached log-probs, as TRL
+        takes them at ``num_iterations=1``: the separate no-grad pass would give the same numbers up to
+        float rounding (ratio 1, the clipped objective's gradient the plain policy gradient)."""
+        kl_in_rewards = self.kl_has_weight and not self.kl_uses_loss
+        return self.ppo_epochs == 1 and self.minibatch == self.batch_size and not kl_in_rewards
+
+    @property
     def batch_size(self) -> int:
         return self.prompts_per_step * self.group_size
 
@@ -285,17 +314,24 @@ def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], score
     # --- log-probs and values from forward passes (never from generate)
     t_scored = clock(device)
     mask = batch["response_mask"].bool()
+    # Only the passes something reads: the old log-probs come from the update's own forward when it is
+    # exactly on-policy (cfg.old_logprobs_from_update), and the reference is skipped when the KL has no
+    # weight and log_kl is off (cfg.reference_per_step); both are then None here.
+    old_logprobs = ref_logprobs = kl = None
     with torch.no_grad():  # the unwrapped models: no DDP bookkeeping outside the update
         # log-probs of the response tokens only: the output head runs where they are predicted
-        old_logprobs = token_logprobs(unwrap(policy), batch["input_ids"], batch["attention_mask"], cfg.sampling.temperature,
-                                      scored=mask)
+        if not cfg.old_logprobs_from_update:
+            old_logprobs = token_logprobs(unwrap(policy), batch["input_ids"], batch["attention_mask"],
+                                          cfg.sampling.temperature, scored=mask)
         t_policy = clock(device)
-        ref_logprobs = reference_token_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"],
-                                                cfg.sampling.temperature, scored=mask)
+        if cfg.reference_per_step:
+            ref_logprobs = reference_token_logprobs(policy, reference, batch["input_ids"], batch["attention_mask"],
+                                                    cfg.sampling.temperature, scored=mask)
         t_reference = clock(device)
         old_values = unwrap(critic)(batch["input_ids"], batch["attention_mask"]) if critic is not None else None
     t_critic = clock(device)
-    kl = torch.where(mask, kl_estimate(old_logprobs, ref_logprobs, cfg.estimator), torch.zeros_like(old_logprobs))
+    if old_logprobs is not None and ref_logprobs is not None:  # else ppo_update fills it in, or there is none
+        kl = token_kl(old_logprobs, ref_logprobs, mask, cfg.estimator)
     timings = {"generation": t_generated - t_start, "scoring": t_scored - t_generated, "policy_forward": t_policy - t_scored,
                "reference": t_reference - t_policy, "critic": t_critic - t_reference}
     # The sampler's own log-probs of the tokens trained on: compared with old_logprobs (the training
@@ -323,7 +359,10 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
     """
     alg = Algorithm(cfg.algorithm)
     mask = ro.response_mask
-    rewards = ro.token_rewards - (0.0 if cfg.kl_uses_loss else kl_coef) * ro.kl
+    kl_weight = 0.0 if cfg.kl_uses_loss else kl_coef
+    if kl_weight and ro.kl is None:
+        raise ValueError("β·KL enters the rewards but the rollout has no KL (no reference forward ran)")
+    rewards = ro.token_rewards - kl_weight * ro.kl if kl_weight else ro.token_rewards
     streams = [rewards]
     if ro.costs is not None:
         streams.append(place_token_rewards(mask.cpu(), ro.costs).to(rewards.device))
@@ -357,6 +396,11 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     loss (``cfg.loss_aggregation``: a mean over its tokens or its responses): 2 processes equal 1
     at the same global batch. With ``rollout_is_cap`` each token's policy loss is multiplied by
     min(π_train/π_rollout, cap) (``policy_losses.truncated_importance_weights``).
+
+    A rollout without old log-probs (``PPOConfig.old_logprobs_from_update``) needs an exactly on-policy
+    update, one epoch of one minibatch: each token's old log-prob is then its log-prob in this forward,
+    detached (ratio 1), and they are written to ``ro.old_logprobs`` (with ``ro.kl`` when the rollout has
+    reference log-probs) for the step's diagnostics, as a separate pass would have left them.
     """
     guard = guard or NonFiniteGuard("ppo", 0, accelerator)  # none given: no check, the plain update
 
@@ -367,6 +411,14 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     world, rank = coll.world, coll.rank
     b = ro.input_ids.shape[0]
     B = b * world
+    from_update = ro.old_logprobs is None
+    if from_update and (cfg.ppo_epochs != 1 or cfg.minibatch < B):
+        raise ValueError("a rollout without old log-probs needs an exactly on-policy update (ppo_epochs 1, one "
+                         f"minibatch); got ppo_epochs {cfg.ppo_epochs}, minibatch {cfg.minibatch} of {B} responses")
+    kl_in_loss = cfg.kl_uses_loss and ro.ref_logprobs is not None
+    if cfg.kl_uses_loss and ro.ref_logprobs is None and kl_coef:
+        raise ValueError("the KL term is in the loss with weight but the rollout has no reference log-probs")
+    filled = torch.zeros(ro.input_ids.shape, device=ro.input_ids.device) if from_update else None
     stats: dict[str, list[torch.Tensor]] = {}  # detached 0-d diagnostics, made numbers once at the end
     policy.train()
     if critic is not None:
@@ -397,15 +449,19 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 logp, ent = token_logprobs_and_entropy(policy, batch["input_ids"], batch["attention_mask"],
                                                        cfg.sampling.temperature, scored=mask.bool(),
                                                        entropy_grad=cfg.entropy_coef > 0)
+                if from_update:
+                    old = logp.detach()
+                    if not dummy:
+                        filled[idx, :width] = old
+                else:
+                    old = cut(ro.old_logprobs)
                 is_weights = None
                 if cfg.rollout_is_cap > 0:
-                    is_weights = truncated_importance_weights(cut(ro.old_logprobs), cut(ro.rollout_logprobs), mask,
-                                                              cfg.rollout_is_cap)
-                loss, pm = ppo_policy_loss(logp, cut(ro.old_logprobs), cut(adv), mask, cfg.clip_eps, agg, max_len,
-                                           is_weights)
+                    is_weights = truncated_importance_weights(old, cut(ro.rollout_logprobs), mask, cfg.rollout_is_cap)
+                loss, pm = ppo_policy_loss(logp, old, cut(adv), mask, cfg.clip_eps, agg, max_len, is_weights)
                 if is_weights is not None:
                     pm["rollout_is_weight"] = masked_mean(is_weights, mask)
-                if cfg.kl_uses_loss:
+                if kl_in_loss:
                     kl_loss = aggregate_loss(kl_estimate(logp, cut(ro.ref_logprobs), cfg.estimator), mask, agg, max_len)
                     loss = loss + kl_coef * kl_loss
                     pm["kl_loss"] = kl_loss.detach()
@@ -436,6 +492,10 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     policy.eval()
     if critic is not None:
         critic.eval()
+    if from_update:
+        ro.old_logprobs = filled
+        if ro.ref_logprobs is not None:
+            ro.kl = token_kl(filled, ro.ref_logprobs, ro.response_mask.bool(), cfg.estimator)
     # Diagnostics: one device fetch per key, summed in Python floats; over processes, the mean of their means.
     stats = {key: torch.stack(v).double().tolist() for key, v in stats.items()}
     return coll.mean_of({key: sum(v) / len(v) for key, v in stats.items()})
@@ -546,8 +606,8 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
                 "lr": sched.get_last_lr()[0],
                 "step_time_s": time.time() - t_step,
                 # where the step's time went (this process's clock; the rest is advantages and logging):
-                # time_forward_s is the rollout's three no-grad forwards (policy log-probs, reference, critic),
-                # of which time_reference_s and time_critic_s
+                # time_forward_s is the rollout's no-grad forwards (policy log-probs, reference, critic: each 0
+                # when skipped), of which time_reference_s and time_critic_s
                 "time_generation_s": ro.timings["generation"],
                 "time_scoring_s": ro.timings["scoring"],
                 "time_forward_s": ro.timings["policy_forward"] + ro.timings["reference"] + ro.timings["critic"],
@@ -559,7 +619,8 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             if returns is not None:
                 rec["explained_variance"] = explained_variance(returns[..., 0], ro.old_values[..., 0], ro.response_mask,
                                                                all_sum=coll.sum)
-            kl_ctl.update(rec["kl"], cfg.batch_size)
+            if "kl" in rec:  # absent only without a reference forward: β fixed at 0 (cfg.reference_per_step)
+                kl_ctl.update(rec["kl"], cfg.batch_size)
             if mean_cost is not None:
                 rec.update(cost=mean_cost, **{"lambda": lagrange.value})
             if gold_available:
@@ -571,7 +632,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             if step % cfg.log_every == 0 or step == cfg.total_steps - 1:
                 log.write(rec)
             bar.update(1)
-            bar.set_postfix({"reward": f"{rec['reward']:.3f}", "kl": f"{rec['kl']:.3f}",
+            bar.set_postfix({"reward": f"{rec['reward']:.3f}", **({"kl": f"{rec['kl']:.3f}"} if "kl" in rec else {}),
                              "gen": f"{rec['time_generation_s']:.2f}s", "score": f"{rec['time_scoring_s']:.2f}s",
                              "fwd": f"{rec['time_forward_s']:.2f}s", "update": f"{update_s:.2f}s"})
             # every save_every steps and at stop_after_steps; then StoppedEarly at stop_after_steps
