@@ -68,6 +68,19 @@ def test_overrides_win_and_types_are_coerced(tmp_path):
     assert parse_override("a.b.c=[1, 2]") == {"a": {"b": {"c": [1, 2]}}}
 
 
+def test_yaml_bool_spellings_reach_enum_members(tmp_path):
+    # YAML 1.1 reads unquoted no/off/false as False and yes/on/true as True: an enum field takes its member
+    # spelled that way (mixed_precision: no), or "true"/"false" (kl_in_loss), on the command line and in files.
+    cfg = load_config(PipelineConfig, None, ["sft.mixed_precision=no", "ppo.kl_in_loss=false"])
+    assert cfg.sft.mixed_precision == "no" and cfg.ppo.kl_in_loss == "false"
+    f = tmp_path / "c.yaml"
+    f.write_text("sft:\n  mixed_precision: no\nppo:\n  kl_in_loss: yes\n")
+    cfg = load_config(PipelineConfig, f)
+    assert cfg.sft.mixed_precision == "no" and cfg.ppo.kl_in_loss == "true"
+    with pytest.raises(ConfigError, match="mixed_precision.*'true' is not one of auto, no, bf16, fp16"):
+        load_config(PipelineConfig, None, ["sft.mixed_precision=yes"])
+
+
 def test_configs_are_frozen():
     cfg = PipelineConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):

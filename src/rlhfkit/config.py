@@ -105,7 +105,10 @@ def _coerce(value: Any, tp: Any, key: str, where: str, construct: bool = True) -
         return dict(value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         if isinstance(value, bool):
-            value = "true" if value else "false"  # YAML reads an unquoted true/false as a bool (kl_in_loss)
+            # YAML 1.1 reads an unquoted true/false, yes/no, on/off as a bool (kl_in_loss: false; mixed_precision:
+            # no): take the enum's member spelled one of those ways (at most one per enum here), "true"/"false" else
+            spellings = ("true", "yes", "on") if value else ("false", "no", "off")
+            value = next((m.value for m in tp if str(m.value).lower() in spellings), spellings[0])
         try:
             return tp(value)
         except ValueError:
