@@ -45,7 +45,7 @@ test-e2e: install-test
 	$(BIN)/python -m pytest -q -m slow tests/test_quickstart_e2e.py
 
 # Throughput against TRL's fastest settings (TRL is a bench-only extra): DPO, reward model, SFT and a GRPO step on
-# the tiny model and SmolLM2-135M (its GGUF package, as the judge tests install it); 39 minutes on a loaded 2-core machine.
+# the tiny model and SmolLM2-135M (its GGUF package, as the judge tests install it); 18 minutes on 2 idle cores (SmolLM2 already imported).
 # Prints a table and, on its last line, one JSON object with every ratio (docs/benchmarks.md).
 bench: install
 	$(BIN)/pip install -q -e '.[bench]'

@@ -10,7 +10,8 @@ Each arm (one trainer on one model and workload) runs in its own fresh process (
 ``--arm``), which prints one JSON line back. A round runs, for every model and workload, our arm and the TRL
 arm(s) back to back, ours first in rounds 1, 3, ... and last in rounds 2, 4, ..., so machine load and warm
 caches hit both alike. Both arms get the same model directory, data, batch, learning rate, maximum length and
-optimizer steps, fp32, constant learning rate, no gradient checkpointing, one process with ``--threads`` torch
+optimizer steps, fp32, constant learning rate, torch's fused AdamW (TRL: ``optim="adamw_torch_fused"``, its default with torch ≥ 2.8;
+torch's own default loops over the parameters in Python, ``bench/adamw.py``), no gradient checkpointing, one process with ``--threads`` torch
 threads and ``OMP_WAIT_POLICY=PASSIVE`` (on a machine shared with other jobs OpenMP's default spin at barriers
 waits out their time slices: a small matmul took 20x longer).
 
@@ -244,7 +245,8 @@ def run_trl(arm: str, workload: str, model_dir: Path, data: Path, s: dict, tmp: 
     common = dict(output_dir=str(tmp / "trl"), per_device_train_batch_size=s["batch"], max_steps=s["steps"],
                   learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, seed=s["seed"],
                   use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
-                  logging_steps=10**6, disable_tqdm=True, dataloader_pin_memory=False)
+                  logging_steps=10**6, disable_tqdm=True, dataloader_pin_memory=False,
+                  optim="adamw_torch_fused")  # its default with torch >= 2.8, said explicitly; ours is fused too
     extra = {}
     if workload == "dpo":
         precompute = {"s": 0.0}

@@ -114,9 +114,17 @@ class TrainConfig:
         return max(1, math.ceil(self.epochs * n_examples / self.batch_size))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+"""devices where torch's fused AdamW kernel runs (one kernel per parameter group instead of a Python loop over
+parameters); on a 2-core CPU its step over a 148M-parameter model took a fraction of the default's (bench/adamw.py)"""
+
+
 def make_optimizer_and_scheduler(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    """AdamW (β = 0.9, 0.95; fused where every trainable parameter is a float tensor on a CPU or CUDA device, the
+    same update to float rounding) and the config's learning-rate schedule over ``total_steps``."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
     name = "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler
     sched = get_scheduler(name, opt, num_warmup_steps=min(cfg.warmup_steps, total_steps), num_training_steps=total_steps)
     return opt, sched
