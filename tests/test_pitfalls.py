@@ -885,7 +885,8 @@ def test_reward_score_does_not_depend_on_batch_composition(tiny_lm_dir, tiny_gpt
     pad = EOS the pad after the EOS has the same token, position and keys as the EOS, so it
     reads the same value), and with position ids 0..T−1 whatever the mask (GPT-2, left padding).
     """
-    from rlhfkit.models.reward import RewardModel, collate, encode
+    from rlhfkit.models.reward import collate, encode
+    from rlhfkit.models.reward_scorers import RewardModel
     from rlhfkit.models.reward_files import build_scalar_model
 
     net, tok = build_scalar_model(tiny_lm_dir if backbone == "llama" else tiny_gpt2_dir, kind="reward", seed=1)

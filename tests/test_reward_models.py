@@ -11,8 +11,9 @@ import torch
 from rlhfkit.data.loading import DataError
 from rlhfkit.data.preferences import SafetyRecord, load_pairs, load_safety, load_steps, safety_pairs
 from rlhfkit.models.reward import (
-    HeadInfo, RewardEnsemble, collate, encode, encode_steps, last_token_index, positions_from_mask, step_logits,
+    HeadInfo, collate, encode, encode_steps, last_token_index, positions_from_mask, step_logits,
 )
+from rlhfkit.models.reward_scorers import RewardEnsemble
 from rlhfkit.models.reward_files import load_reward_model, save_scalar_model
 from rlhfkit.models.reward_eval import expected_calibration_error, pair_metrics, roc_auc, step_metrics
 
@@ -282,7 +283,8 @@ def test_step_values_build_no_autograd_graph(tiny_rm, monkeypatch):
 
 
 def test_save_load_roundtrip_scores_and_step_scores(tiny_rm, tmp_path):
-    from rlhfkit.models.reward import RewardModel, ScalarModel
+    from rlhfkit.models.reward import ScalarModel
+    from rlhfkit.models.reward_scorers import RewardModel
 
     net, tok = tiny_rm
     prm = ScalarModel(net.backbone, HeadInfo(kind="prm", max_len=128)).eval()
@@ -357,7 +359,8 @@ def test_roc_auc_by_hand():
 
 def test_eval_rm_and_eval_prm_print_one_json_object_last(tiny_rm, tmp_path, capsys):
     from rlhfkit.cli import main
-    from rlhfkit.models.reward import RewardModel, ScalarModel
+    from rlhfkit.models.reward import ScalarModel
+    from rlhfkit.models.reward_scorers import RewardModel
 
     net, tok = tiny_rm
     save_scalar_model(net, tok, tmp_path / "rm")
@@ -392,7 +395,7 @@ def test_eval_rm_prints_the_length_bias_of_the_model(tiny_rm, tmp_path, capsys):
     distinct (prompt, response)s, so r1 under prompt 1 counts once though it is in three pairs."""
     from rlhfkit.bias import length_baselines, length_split_accuracy, spearman
     from rlhfkit.cli import main
-    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.models.reward_scorers import RewardModel
 
     net, tok = tiny_rm
     save_scalar_model(net, tok, tmp_path / "rm")
@@ -498,7 +501,7 @@ def test_step_likelihood_prm_saves_and_loads(tiny_lm_dir, tmp_path):
         net.likelihood.mean.copy_(torch.tensor([-4.0, -2.0, -1.0]))
         net.head.weight.normal_()
     prompts, responses = ["Question: q\n", "Question: r\n"], ["1 + 2 = 3\nAnswer: 3", "Answer: 9"]
-    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.models.reward_scorers import RewardModel
 
     before = RewardModel(net.eval(), tok).step_scores(prompts, responses)
     save_scalar_model(net, tok, tmp_path / "prm")

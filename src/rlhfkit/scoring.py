@@ -4,7 +4,7 @@ A :class:`Scorer` holds up to three functions of (prompts, responses), each retu
 per response:
 
 - ``outcome``: the sequence score: a reward model, an ensemble of them (mean − k·std,
-  ``models.reward.RewardEnsemble``), the embedded task's oracle (``judges.from_spec("oracle")``:
+  ``models.reward_scorers.RewardEnsemble``), the embedded task's oracle (``judges.from_spec("oracle")``:
   an experiment control, never what the quickstart trains on) or any Python callable;
 - ``steps``: instead of ``outcome``, a process reward model's step rewards, r_k = log q_k − log q_{k−1}
   per step (``rewards.prm_step_rewards``), which sum to the sequence score log q_K;
@@ -28,7 +28,7 @@ from rlhfkit.advantages import whiten
 from rlhfkit.data.steps import step_end_positions
 from rlhfkit.config import ConfigError
 from rlhfkit.judges.spec import TaskJudges, from_spec
-from rlhfkit.models.reward import RewardEnsemble
+from rlhfkit.models.reward_scorers import RewardEnsemble
 from rlhfkit.models.reward_files import load_reward_model
 from rlhfkit.paths import run_path, stage_hint
 from rlhfkit.rewards import length_adjusted_scores, penalize_unfinished, place_token_rewards, prm_step_rewards

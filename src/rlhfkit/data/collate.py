@@ -106,7 +106,8 @@ def collate_sft(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, 
 
 def collate_sft_unpadded(examples: Sequence[TokenizedExample]) -> dict[str, torch.Tensor]:
     """Every example in ONE unpadded row ``[example₀ example₁ …]`` of N tokens, for view attention
-    (``models.view_attention``): each example is a view that attends causally to itself only.
+    (``models.view_attention``): each example is a view that attends causally to itself only
+    (``collate_shared_prefixes`` with empty prefixes).
 
     - ``input_ids``, ``labels``, ``position_ids`` (1, N): positions restart at 0 for each example, and
       each example's first label is IGNORE (the row's previous token belongs to another example);
@@ -114,21 +115,10 @@ def collate_sft_unpadded(examples: Sequence[TokenizedExample]) -> dict[str, torc
     - ``view_index`` (B, L): view i's row positions, right-padded with its first position (never
       attended: causal); ``view_source`` (N,): token j of example i reads its output at i · L + j.
     """
-    length = max(len(e.input_ids) for e in examples)
-    ids, labels, positions, views, source = [], [], [], [], []
-    for i, e in enumerate(examples):
-        n, start = len(e.input_ids), len(ids)
-        ids += e.input_ids
-        labels += [IGNORE] + e.labels[1:]
-        positions += range(n)
-        views.append(list(range(start, start + n)) + [start] * (length - n))
-        source += range(i * length, i * length + n)
-
-    def t(x):
-        return torch.tensor(x, dtype=torch.long)
-
-    return {"input_ids": t([ids]), "labels": t([labels]), "position_ids": t([positions]), "view_index": t(views),
-            "view_source": t(source)}
+    batch = collate_shared_prefixes([((), [e.input_ids]) for e in examples])
+    labels = [label for e in examples for label in [IGNORE, *e.labels[1:]]]
+    return {"input_ids": batch["input_ids"], "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": batch["position_ids"], "view_index": batch["view_index"], "view_source": batch["view_source"]}
 
 
 def collate_shared_prefixes(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]

@@ -21,8 +21,8 @@ On disk (a normal Hugging Face directory plus two small files)::
     DIR/reference_lm/                                    a PRM with ``step_likelihood``: the frozen reference LM
 
 An ensemble directory holds ``ensemble.json`` (``{"members": [...], "reduce", "k"}``) and member
-directories; ``models.reward_files.load_reward_model`` loads either (``build_scalar_model``, saving,
-loading and ensembles are there).
+directories; ``models.reward_files.load_reward_model`` loads either (``build_scalar_model``, saving and
+loading are there) as a ``models.reward_scorers.RewardModel`` or ``RewardEnsemble``.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
-from rlhfkit.data.steps import STEP_SEPARATOR, join_steps, split_steps
+from rlhfkit.data.steps import STEP_SEPARATOR, join_steps
 from rlhfkit.models.view_attention import view_attention
 
 KINDS = ("reward", "orm", "prm", "cost")
@@ -245,40 +245,7 @@ def collate(seqs: Sequence[Sequence[int]], types: Sequence[Sequence[int]] | None
     return batch
 
 
-# ------------------------------------------------------------------------------ the loaded model
-
-class RewardModel:
-    """A trained scalar model in eval mode: ``score`` for reward/orm/cost, ``step_scores`` for a PRM."""
-
-    def __init__(self, net: ScalarModel, tokenizer, device=None, batch_size: int = 32):
-        self.net, self.tokenizer, self.info = net, tokenizer, net.info
-        self.device = device or next(net.parameters()).device
-        self.batch_size = batch_size
-        self.name = f"{self.info.kind}-model"
-
-    def _types(self, types):
-        return None if self.info.causal else types
-
-    @torch.no_grad()
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """One scalar per (prompt, response): reward, ORM log-odds, or cost (negative = safe)."""
-        self.net.eval()  # dropout off
-        out: list[float] = []
-        for s in range(0, len(prompts), self.batch_size):
-            enc = [encode(self.tokenizer, self.info, p, r)
-                   for p, r in zip(prompts[s:s + self.batch_size], responses[s:s + self.batch_size])]
-            b = collate([e[0] for e in enc], self._types([e[1] for e in enc]), self.tokenizer.pad_token_id)
-            out.extend(self.net(**{k: v.to(self.device) for k, v in b.items()}).tolist())
-        return out
-
-    @torch.no_grad()
-    def step_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> list[list[float]]:
-        """P(steps 1..k are right) for each step k of each response (``data.steps.split_steps``: a step is a line)."""
-        self.net.eval()
-        steps = [split_steps(r) for r in responses]
-        logits = step_logits(self.net, self.tokenizer, prompts, steps, self.batch_size, self.device)
-        return [[1.0 / (1.0 + math.exp(-z)) for z in row] for row in logits]
-
+# ------------------------------------------------------------------------------ step logits
 
 def step_logits(net: ScalarModel, tokenizer, prompts, steps, batch_size: int, device, grad: bool = False,
                 needed: Sequence[Sequence[bool]] | None = None, module=None):
@@ -332,28 +299,3 @@ def _step_logit_tensors(net: ScalarModel, tokenizer, prompts, steps, batch_size:
             v = torch.where(keep, allv[idx], torch.zeros((), device=allv.device))
         out.append(v)
     return out
-
-
-class RewardEnsemble:
-    """k reward models as one reward: mean, min, or mean − k·std (an uncertainty penalty)."""
-
-    def __init__(self, members: Sequence[RewardModel], reduce: str = "mean", k: float = 1.0):
-        if reduce not in ("mean", "min", "mean_minus_std"):
-            raise ValueError(f"reduce must be mean, min or mean_minus_std, got {reduce!r}")
-        self.members, self.reduce, self.k = list(members), reduce, k
-        self.info = self.members[0].info
-        self.name = f"ensemble-{reduce}"
-
-    def member_scores(self, prompts, responses) -> torch.Tensor:
-        # float64: the members' scores are Python floats; reducing them in float32 would round them first.
-        return torch.tensor([m.score(prompts, responses) for m in self.members], dtype=torch.float64)  # (M, N)
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        s = self.member_scores(prompts, responses)
-        if self.reduce == "mean":
-            return s.mean(0).tolist()
-        if self.reduce == "min":
-            return s.min(0).values.tolist()
-        # Uncertainty penalty: members disagree most where the reward model is extrapolating.
-        std = s.std(0, unbiased=True) if len(self.members) > 1 else torch.zeros(s.shape[1], dtype=s.dtype)
-        return (s.mean(0) - self.k * std).tolist()

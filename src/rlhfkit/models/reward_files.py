@@ -18,9 +18,9 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from rlhfkit.io import atomic_write_json, partial_dir, replace_dir
 from rlhfkit.models.loading import load_tokenizer
 from rlhfkit.models.reward import (
-    HEAD_JSON, HEAD_WEIGHTS, KINDS, REFERENCE_LM, HeadInfo, RewardEnsemble, RewardModel, ScalarModel, is_encoder,
-    separator_tokens,
+    HEAD_JSON, HEAD_WEIGHTS, KINDS, REFERENCE_LM, HeadInfo, ScalarModel, is_encoder, separator_tokens,
 )
+from rlhfkit.models.reward_scorers import RewardEnsemble, RewardModel
 from rlhfkit.models.step_likelihood import StepLikelihood
 from rlhfkit.models.trainable import is_peft, merged_copy
 

@@ -31,7 +31,8 @@ from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_probability, coerce_enums
 from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
 from rlhfkit.losses import bradley_terry_loss, cost_model_loss, length_decorrelation_loss, reward_centering, step_bce_loss
-from rlhfkit.models.reward import RewardModel, step_logits
+from rlhfkit.models.reward import step_logits
+from rlhfkit.models.reward_scorers import RewardModel
 from rlhfkit.models.reward_eval import (
     pair_length_bias, pair_metrics, response_token_lengths, roc_auc, sigmoid, step_metrics,
 )
