@@ -46,6 +46,10 @@ def test_summary_and_report(tiny_run):
             assert lo <= v["mean"] <= hi
     # The SFT policy against itself: every comparison a tie.
     assert s["policies"]["sft"]["win_rate_vs_sft"]["mean"] == 0.5
+    # Where base's wins and losses against SFT come from: the shares add up to its win rate − ½.
+    assert set(s["win_sources"]) == {"base"}
+    assert sum(s["win_sources"]["base"].values()) == pytest.approx(s["policies"]["base"]["win_rate_vs_sft"]["mean"] - 0.5)
+    assert "Where the wins come from" in (out / "report.md").read_text()
     assert set(s["stages"]) == {"data", "pretrain", "sft", "eval"}
     md = (out / "report.md").read_text()
     assert "| sft |" in md and "plots/pretrain.png" in md

@@ -35,6 +35,12 @@ SECTIONS = {
                       "safe response) and AUC for unsafe responses."),
     "reranking": ("Best-of-n reranking", "method", "Accuracy of the response each method picks from n samples "
                   "per prompt, mean [95% CI]; oracle_best_of_n: the share of prompts with any right sample."),
+    "win_sources": ("Where the wins come from", "policy", "Each policy's win rate against SFT minus ½, split by the "
+                    "first property on which its response and SFT's differ (tasks/win_sources.py): (wins − losses) "
+                    "decided by that property / (2 · prompts); a row sums to win rate − 0.5. finished: one response "
+                    "never ended; abstention: abstaining vs giving a number; accuracy: a right vs a wrong final answer; "
+                    "invented: a number never given; arithmetic: wrong equation lines; style: other lines the oracle "
+                    "labels 0 (filler such as \"So the answer is N.\"); other: the rest."),
     "intransitive": ("Intransitive preferences", "", "The cyclic judge's labels and how each learned preference "
                      "function reads the cycle (mean P(style x ≻ style y) on restyled gold responses)."),
 }

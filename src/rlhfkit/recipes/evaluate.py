@@ -43,6 +43,7 @@ from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import Problem
 from rlhfkit.tasks.arith_judge import judge as oracle_verdict
 from rlhfkit.tasks.oracle import TaskOracle
+from rlhfkit.tasks.win_sources import win_sources
 
 
 def _greedy() -> SamplingConfig:
@@ -146,6 +147,23 @@ def length_control(wins: list[float], rows: list[dict], ref_rows: list[dict], se
             "reference_length": mean_ci([b["length"] for b in ref_rows], seed)}
 
 
+def task_win_sources(problems, rows_by_policy: dict[str, list[dict]], reference: str, judge: TaskOracle) -> dict:
+    """The eval's ``win_sources`` summary section: for each policy but the reference, each task property's
+    share of its win rate above ½ (``tasks.win_sources``); empty without the reference among the policies."""
+    ref = rows_by_policy.get(reference)
+    if ref is None:
+        return {}
+    ref_verdicts = [oracle_verdict(p, r["response"]) for p, r in zip(problems, ref)]
+    sources = {}
+    for name, rows in rows_by_policy.items():
+        if name == reference:
+            continue
+        wins = [judge.verdict(a["prompt"], a["response"], b["response"], a["score"], b["score"]) for a, b in zip(rows, ref)]
+        verdicts = [oracle_verdict(p, r["response"]) for p, r in zip(problems, rows)]
+        sources[name] = win_sources(problems, rows, ref, wins, verdicts, ref_verdicts)
+    return {"win_sources": sources, "summary_sections": ["win_sources"]}
+
+
 def sample_rows(prompts, samples) -> list[dict]:
     """Plain records of samples aligned with their prompts (the general path: no task verdicts)."""
     return [{"prompt": prompt_to_json(p), "response": s.text, "finished": s.finished, "length": len(s.response_ids)}
@@ -220,7 +238,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict:
         ref = rows_by_policy.get(cfg.reference)
         results = {name: policy_metrics(rows, ref, cfg.seed, judge)
                    for name, rows in rows_by_policy.items()}
-        extra = {}
+        extra = task_win_sources(problems, rows_by_policy, cfg.reference, judge) if cfg.judge == "oracle" else {}
     else:
         rows_by_policy = judge_rows(judge, prompts, {name: sample_rows(prompts, samples)
                                                      for name, samples in samples_by_policy.items()}, cfg.reference)
