@@ -208,6 +208,21 @@ def test_problem_numbers_stay_small_and_match_the_text():
             assert re.search(r"\b(some|a few|several)\b", p.question)
 
 
+def test_max_number_bounds_every_amount_of_problems_and_pretraining():
+    for p in make_problems(300, 11, 0.3, max_number=30):
+        known = [v for v in p.operands if v is not None]
+        assert all(0 <= int(n) <= 30 for step in p.steps for n in re.findall(r"\d+", step)), p
+        assert all(0 <= v <= 30 for v in known) and (p.answer is None or 0 <= p.answer <= 30)
+    text = "\n".join(pretrain_corpus(300, 0, max_number=30))
+    assert all(0 <= int(n) <= 30 for n in re.findall(r"\d+", text))
+    # the default range is the old one: the same problems as without the argument
+    assert make_problems(50, 11, 0.3) == make_problems(50, 11, 0.3, max_number=200)
+    with pytest.raises(ValueError, match="max_number"):
+        make_problems(5, 0, 0.2, max_number=19)  # a start amount (up to 20) would not fit
+    with pytest.raises(ValueError, match="max_number"):
+        TaskConfig(max_number=10)
+
+
 def test_gold_responses_are_judged_perfect():
     for p in make_problems(400, 5, 0.3):
         v = judge(p, gold_response(p))

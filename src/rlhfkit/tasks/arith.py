@@ -30,6 +30,7 @@ MAX_NUMBER = 200
 START_RANGE = range(2, 21)
 ADDEND_RANGE = range(1, 10)
 FACTOR_RANGE = range(2, 5)
+MIN_MAX_NUMBER = START_RANGE[-1]  # every start amount must fit
 
 
 @dataclass(frozen=True)
@@ -74,20 +75,20 @@ def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
 
-def _random_chain(rng: random.Random, max_steps: int) -> tuple[list[str], list[int]]:
-    """Ops and operands whose running amount stays within 0..MAX_NUMBER."""
+def _random_chain(rng: random.Random, max_steps: int, max_number: int = MAX_NUMBER) -> tuple[list[str], list[int]]:
+    """Ops and operands whose running amount stays within 0..max_number."""
     x = rng.choice(START_RANGE)
     ops, operands = [], [x]
     for _ in range(rng.randint(1, max_steps)):
-        allowed = [op for op, ok in (("+", x + 1 <= MAX_NUMBER), ("-", x >= 1),
-                                     ("*", 1 <= x and 2 * x <= MAX_NUMBER)) if ok]
+        allowed = [op for op, ok in (("+", x + 1 <= max_number), ("-", x >= 1),
+                                     ("*", 1 <= x and 2 * x <= max_number)) if ok]
         op = rng.choice(allowed)
         if op == "+":
-            b = rng.randint(1, min(ADDEND_RANGE[-1], MAX_NUMBER - x))
+            b = rng.randint(1, min(ADDEND_RANGE[-1], max_number - x))
         elif op == "-":
             b = rng.randint(1, min(ADDEND_RANGE[-1], x))
         else:
-            b = rng.randint(FACTOR_RANGE[0], min(FACTOR_RANGE[-1], MAX_NUMBER // x))
+            b = rng.randint(FACTOR_RANGE[0], min(FACTOR_RANGE[-1], max_number // x))
         ops.append(op)
         operands.append(b)
         x = _apply(x, op, b)
@@ -132,10 +133,10 @@ def _solve(ops: Sequence[str], operands: Sequence[int]) -> tuple[list[str], list
     return steps, results
 
 
-def _random_problem(rng: random.Random, pid: str, answerable: bool, max_steps: int) -> Problem:
+def _random_problem(rng: random.Random, pid: str, answerable: bool, max_steps: int, max_number: int) -> Problem:
     name, pron = rng.choice(NAMES)
     item = rng.choice(ITEMS)
-    ops, full = _random_chain(rng, max_steps)
+    ops, full = _random_chain(rng, max_steps, max_number)
     operands: list[int | None] = list(full)
     vague, missing = "", ""
     if not answerable:
@@ -150,14 +151,17 @@ def _random_problem(rng: random.Random, pid: str, answerable: bool, max_steps: i
 
 
 def make_problems(n: int, seed: int, unanswerable_frac: float, max_steps: int = 3, *,
-                  exclude: Collection[str] = (), id_prefix: str | None = None) -> list[Problem]:
-    """``n`` problems with distinct questions, none of them in ``exclude`` (question texts).
+                  exclude: Collection[str] = (), id_prefix: str | None = None,
+                  max_number: int = MAX_NUMBER) -> list[Problem]:
+    """``n`` problems with distinct questions, none of them in ``exclude`` (question texts), every amount in
+    their stories within 0..``max_number``.
 
     Exactly ``round(n * unanswerable_frac)`` are unanswerable, at random positions, so a
     held-out metric always has the same denominator. Ids are ``f"{id_prefix}-{i}"``.
     """
-    if not 0.0 <= unanswerable_frac <= 1.0 or max_steps < 1 or n < 0:
-        raise ValueError(f"bad arguments: n={n} unanswerable_frac={unanswerable_frac} max_steps={max_steps}")
+    if not 0.0 <= unanswerable_frac <= 1.0 or max_steps < 1 or n < 0 or max_number < MIN_MAX_NUMBER:
+        raise ValueError(f"bad arguments: n={n} unanswerable_frac={unanswerable_frac} max_steps={max_steps} "
+                         f"max_number={max_number} (at least {MIN_MAX_NUMBER})")
     rng = random.Random(seed)
     prefix = f"arith{seed}" if id_prefix is None else id_prefix
     n_unanswerable = round(n * unanswerable_frac)
@@ -166,7 +170,7 @@ def make_problems(n: int, seed: int, unanswerable_frac: float, max_steps: int = 
     seen, problems = set(exclude), []
     for i, answerable in enumerate(flags):
         for _ in range(1000):
-            p = _random_problem(rng, f"{prefix}-{i}", answerable, max_steps)
+            p = _random_problem(rng, f"{prefix}-{i}", answerable, max_steps, max_number)
             if p.question not in seen:
                 break
         else:  # the question space is far larger than any sensible n; say so rather than loop
@@ -265,25 +269,25 @@ def demonstration(p: Problem, rng: random.Random, hallucination_rate: float, sli
 
 
 # ----------------------------------------------------------------------------- pretraining
-def _random_equation(rng: random.Random) -> str:
+def _random_equation(rng: random.Random, max_number: int) -> str:
     op = rng.choice("+-*")
     if op == "+":
-        a = rng.randint(0, MAX_NUMBER)
-        b = rng.randint(0, MAX_NUMBER - a)
+        a = rng.randint(0, max_number)
+        b = rng.randint(0, max_number - a)
     elif op == "-":
-        a = rng.randint(0, MAX_NUMBER)
+        a = rng.randint(0, max_number)
         b = rng.randint(0, a)
     else:
         b = rng.randint(2, 9)
-        a = rng.randint(0, MAX_NUMBER // b)
+        a = rng.randint(0, max_number // b)
     return f"{a} {op} {b} = {_apply(a, op, b)}"
 
 
-def pretrain_corpus(n_docs: int, seed: int, *, exclude: Collection[str] = ()) -> list[str]:
+def pretrain_corpus(n_docs: int, seed: int, *, exclude: Collection[str] = (), max_number: int = MAX_NUMBER) -> list[str]:
     """Documents that teach the stories' language and arithmetic, but not the Q→A format.
 
     A third are stories (sometimes vague, sometimes with the question sentence or the final
-    amount in prose), a third equation lines with numbers in 0..200, some chained like a
+    amount in prose), a third equation lines with numbers in 0..``max_number``, some chained like a
     solution, and a third worked stories: a story, the equations that follow its amounts, and
     the result in prose (capability — reading numbers off a story and computing — belongs to
     pretraining, as it does for real models). Neither ``Question:`` nor ``Answer:`` ever
@@ -295,19 +299,19 @@ def pretrain_corpus(n_docs: int, seed: int, *, exclude: Collection[str] = ()) ->
     while len(docs) < n_docs:
         kind = rng.random()
         if kind < 1 / 3:
-            docs.append(_worked_stories(rng, exclude))
+            docs.append(_worked_stories(rng, exclude, max_number))
             continue
         if kind < 2 / 3:
-            lines = [_random_equation(rng) for _ in range(rng.randint(2, 6))]
+            lines = [_random_equation(rng, max_number) for _ in range(rng.randint(2, 6))]
             if rng.random() < 0.5:  # chained steps: the running amount carries to the next line
-                lines = _solve(*_random_chain(rng, 4))[0] + lines[:2]
+                lines = _solve(*_random_chain(rng, 4, max_number))[0] + lines[:2]
             docs.append("\n".join(lines))
             continue
         stories = []
         for _ in range(rng.randint(1, 3)):
             name, pron = rng.choice(NAMES)
             item = rng.choice(ITEMS)
-            ops, full = _random_chain(rng, 3)
+            ops, full = _random_chain(rng, 3, max_number)
             operands: list[int | None] = list(full)
             vague = _make_vague(rng, ops, operands)[1] if rng.random() < 0.2 else ""
             sentences = _story(name, pron, item, ops, operands, vague)
@@ -324,14 +328,14 @@ def pretrain_corpus(n_docs: int, seed: int, *, exclude: Collection[str] = ()) ->
     return docs
 
 
-def _worked_stories(rng: random.Random, exclude: Collection[str]) -> str:
+def _worked_stories(rng: random.Random, exclude: Collection[str], max_number: int) -> str:
     """One or two answerable stories, each followed by its step lines and the amount in prose."""
     parts = []
     while not parts:
         for _ in range(rng.randint(1, 2)):
             name, pron = rng.choice(NAMES)
             item = rng.choice(ITEMS)
-            ops, full = _random_chain(rng, 3)
+            ops, full = _random_chain(rng, 3, max_number)
             sentences = _story(name, pron, item, ops, list(full), "")
             question = f"How many {item} does {name} have now?"
             if " ".join(sentences + [question]) in exclude:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.io import atomic_write_jsonl
-from rlhfkit.tasks.arith import demonstration, format_prompt, make_problems, pretrain_corpus, restate
+from rlhfkit.tasks.arith import MIN_MAX_NUMBER, demonstration, format_prompt, make_problems, pretrain_corpus, restate
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,9 @@ class TaskConfig:
     """share of problems in every split whose needed number is vague"""
     max_steps: int = 3
     """most operations in a story (each problem has 1..max_steps)"""
+    max_number: int = 200
+    """largest amount in a story or a pretraining equation (at least 20): the arithmetic's range, what sets how
+    often a small model slips"""
     hallucination_rate: float = 0.5
     """chance a demonstrator invents the missing number of an unanswerable problem"""
     slip_rate: float = 0.1
@@ -50,6 +53,8 @@ class TaskConfig:
             raise ValueError("counts must be non-negative")
         if self.max_steps < 1 or self.judge_beta < 0:
             raise ValueError("max_steps must be >= 1 and judge_beta >= 0")
+        if self.max_number < MIN_MAX_NUMBER:
+            raise ValueError(f"max_number must be >= {MIN_MAX_NUMBER} (the largest start amount), got {self.max_number}")
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -69,7 +74,7 @@ def write_task_data(out_dir: Path, cfg: TaskConfig) -> dict[str, Path]:
     splits = {}
     for split, n in (("heldout", cfg.n_heldout), ("sft", cfg.n_sft), ("prompts", cfg.n_prompts)):
         splits[split] = make_problems(n, split_seed(cfg.seed, split), cfg.unanswerable_frac,
-                                      cfg.max_steps, exclude=taken, id_prefix=split)
+                                      cfg.max_steps, exclude=taken, id_prefix=split, max_number=cfg.max_number)
         taken |= {p.question for p in splits[split]}
     demo_rng = random.Random(split_seed(cfg.seed, "demonstrations"))
     style_rng = random.Random(split_seed(cfg.seed, "style"))
@@ -81,7 +86,8 @@ def write_task_data(out_dir: Path, cfg: TaskConfig) -> dict[str, Path]:
     heldout_questions = {p.question for p in splits["heldout"]}
     rows = {
         "pretrain": [{"text": t} for t in pretrain_corpus(
-            cfg.n_pretrain_docs, split_seed(cfg.seed, "pretrain"), exclude=heldout_questions)],
+            cfg.n_pretrain_docs, split_seed(cfg.seed, "pretrain"), exclude=heldout_questions,
+            max_number=cfg.max_number)],
         "sft": [{"prompt": format_prompt(p), "meta": p.to_meta(),
                  "response": demo(p)}
                 for p in splits["sft"]],
