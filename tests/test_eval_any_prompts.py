@@ -91,7 +91,7 @@ def test_eval_cli_on_prompts_without_meta_with_a_reward_model_judge(plain_run, m
     noisy, base = m["policies"]["noisy"], m["policies"]["base"]
     assert {"win_rate", "judge_score", "response_length", "hit_token_limit_rate"} <= set(noisy)
     assert "win_rate" not in base and {"judge_score", "response_length", "hit_token_limit_rate"} <= set(base)
-    for metric in noisy.values():
+    for metric in [v for k, v in noisy.items() if k != "sampled"]:  # sampled: the next test
         lo, hi = metric["ci95"]
         # 1e-12: stats.wilson_ci gives 10/10 an upper bound of 0.9999999999999999 (rounding, not width)
         assert metric["n"] == 10 and lo <= metric["mean"] <= hi + 1e-12
@@ -115,12 +115,37 @@ def test_eval_cli_on_prompts_without_meta_with_a_reward_model_judge(plain_run, m
     assert all("win_prob" not in r for r in rows["base"])
 
 
+def test_eval_cli_sampled_figures_pair_sample_j_with_the_references_sample_j(plain_run, models):
+    """4 samples per prompt (T = 0.7): each noisy sample's win probability is σ(r_noisy − r_base) against base's
+    sample with the same index for the same prompt, and the sampled figures average a prompt's samples first."""
+    from rlhfkit.models.reward_files import load_reward_model
+
+    rows: dict[str, list[dict]] = {}
+    for line in (plain_run / "eval" / "samples_sampled.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows.setdefault(r.pop("policy"), []).append(r)
+    noisy, base = rows["noisy"], rows["base"]
+    assert [(r["prompt"], r["sample"]) for r in noisy] == [(t, j) for t in TEXTS for j in range(4)]
+    assert [(r["prompt"], r["sample"]) for r in base] == [(t, j) for t in TEXTS for j in range(4)]
+    rm = load_reward_model(models[1] / "judges" / "rm")
+    assert rm.score([r["prompt"] for r in noisy], [r["response"] for r in noisy]) == pytest.approx(
+        [r["score"] for r in noisy], abs=1e-5)
+    assert [r["win_prob"] for r in noisy] == pytest.approx(
+        [_sigmoid(a["score"] - b["score"]) for a, b in zip(noisy, base)], abs=1e-5)
+    m = json.loads((plain_run / "eval" / "metrics.json").read_text())["policies"]["noisy"]["sampled"]
+    per_prompt = [sum(r["win_prob"] for r in noisy[i:i + 4]) / 4 for i in range(0, 40, 4)]
+    assert m["win_rate"]["n"] == 10 and m["win_rate"]["mean"] == pytest.approx(sum(per_prompt) / 10)
+    assert m["hit_token_limit_rate"]["n"] == 10 and "lc_win_rate" not in m
+
+
 def test_the_report_renders_the_general_metrics(plain_run):
     from rlhfkit.report import write_report
 
     write_report(plain_run)
     md = (plain_run / "report.md").read_text()
-    assert "| policy | win_rate | judge_score | response_length | hit_token_limit_rate |" in md
+    assert ("| policy | win_rate | win_rate (T=0.7, 4/prompt) | judge_score | judge_score (T=0.7, 4/prompt) | "
+            "response_length | hit_token_limit_rate |") in md
+    assert "Sampled (T=0.7, 4/prompt):" in md
     assert "| noisy | " in md and "by judge reward-model:rm" in md and "≻ base's" in md
     assert "gold_score" not in md  # no empty task columns for a run without the task's judge
     assert "P(≻ reference)" in md and "<table" in (plain_run / "report.html").read_text()

@@ -57,6 +57,37 @@ def test_summary_and_report(tiny_run):
     assert "<table" in (out / "report.html").read_text()
 
 
+def test_eval_reports_sampled_figures_beside_greedy(tiny_run):
+    """eval.sampled's defaults (T = 0.7, 4 per prompt): samples_sampled.jsonl holds 4 responses to each held-out
+    prompt (in order, indexed 0-3) for each policy, and each sampled figure is the mean over prompts of the mean
+    of that prompt's samples, with n counting prompts; the report shows them beside the greedy figures."""
+    out, _ = tiny_run
+    greedy = [json.loads(x) for x in (out / "eval" / "samples.jsonl").read_text().splitlines()]
+    sampled = [json.loads(x) for x in (out / "eval" / "samples_sampled.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())["policies"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    for name in ("base", "sft"):
+        rows = [r for r in sampled if r["policy"] == name]
+        prompts = [r["prompt"] for r in greedy if r["policy"] == name]
+        assert len(rows) == 16 * 4 and [r["sample"] for r in rows] == [0, 1, 2, 3] * 16
+        groups = [rows[i:i + 4] for i in range(0, len(rows), 4)]
+        assert [g[j]["prompt"] for g in groups for j in range(4)] == [p for p in prompts for _ in range(4)]
+        m = metrics[name]["sampled"]
+        assert m["temperature"] == 0.7 and m["samples_per_prompt"] == 4
+        assert m["gold_score"]["n"] == 16 and m["gold_score"]["mean"] == pytest.approx(mean([r["score"] for r in rows]))
+        answerable = [g for g in groups if g[0]["answerable"]]
+        assert m["accuracy"]["n"] == len(answerable)
+        assert m["accuracy"]["mean"] == pytest.approx(mean([mean([r["correct"] for r in g]) for g in answerable]))
+        assert "lc_win_rate_vs_sft" not in m
+    assert any(len({r["response"] for r in g}) > 1 for g in [sampled[i:i + 4] for i in range(0, len(sampled), 4)])
+    assert metrics["sft"]["sampled"]["win_rate_vs_sft"]["mean"] == 0.5  # the reference against itself, sample by sample
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["policies"]["base"]["sampled"]["accuracy"]) == {"mean", "ci95"}
+    assert s["policies"]["base"]["sampled"]["samples_per_prompt"] == 4
+    md = (out / "report.md").read_text()
+    assert "| accuracy | accuracy (T=0.7, 4/prompt) |" in md and "| win_rate_vs_sft | win_rate_vs_sft (T=0.7, 4/prompt) |" in md
+
+
 def test_model_dir_loads_with_plain_transformers_in_a_fresh_process(tiny_run):
     out, _ = tiny_run
     code = (

@@ -264,3 +264,33 @@ def test_the_bias_section_has_a_table_per_group_the_run_measured(tmp_path):
             "12.000 [11.000, 13.000] |") in md
     assert "| llm:judge.gguf | 0.375 | 0.700 | 48 | yes | 0.200 |" in md
     assert "| sft |" not in md.split("## Bias")[1].split("## Stages")[0]  # policies without LC figures have no row
+
+
+def test_the_policy_table_sets_sampled_figures_beside_the_greedy_ones(tmp_path):
+    """Eval's sampled figures (``policies.NAME.sampled``): accuracy and the win rate each get a sampled column
+    right after the greedy one, a second table holds every sampled figure, summary.json keeps them as data.
+    base has none: "–" in its sampled columns and no row in the second table."""
+    out = fake_run(tmp_path / "run")
+    ev = json.loads((out / "eval" / "metrics.json").read_text())
+    for name in ("sft", "ppo", "dno_1", "dno_2"):
+        ev["policies"][name]["sampled"] = {"temperature": 0.7, "samples_per_prompt": 4, "gold_score": _ci(0.3, 0.2, 0.4, 16),
+                                           "accuracy": _ci(0.25, 0.1, 0.4, 12), "win_rate_vs_sft": _ci(0.45, 0.35, 0.55, 16)}
+    _write(out / "eval" / "metrics.json", ev)
+    summary = write_report(out)
+    assert summary["policies"]["sft"]["sampled"] == {"temperature": 0.7, "samples_per_prompt": 4,
+                                                     "gold_score": _ci(0.3, 0.2, 0.4), "accuracy": _ci(0.25, 0.1, 0.4),
+                                                     "win_rate_vs_sft": _ci(0.45, 0.35, 0.55)}
+    md = (out / "report.md").read_text()
+    table = md.split("## Policies on held-out prompts")[1].split("## ")[0]
+    assert ("| policy | gold_score | accuracy | accuracy (T=0.7, 4/prompt) | abstain_rate | invented_number_rate | "
+            "win_rate_vs_sft | win_rate_vs_sft (T=0.7, 4/prompt) | kl_from_reference | false_abstain_rate | finished_rate | "
+            "response_length |") in table
+    assert ("| sft | 0.500 [0.450, 0.550] | 0.400 [0.300, 0.500] | 0.250 [0.100, 0.400] | 0.500 [0.200, 0.800] | "
+            "0.100 [0.000, 0.300] | 0.500 [0.400, 0.600] | 0.450 [0.350, 0.550] | – | 0.000 [0.000, 0.200] | "
+            "1.000 [0.800, 1.000] | 20.000 [18.000, 22.000] |") in table
+    assert "| base | 0.100 [0.050, 0.150] | 0.000 [-0.100, 0.100] | – |" in table
+    sampled = table.split("Sampled (T=0.7, 4/prompt):")[1]
+    assert "| policy | gold_score | accuracy | win_rate_vs_sft |" in sampled
+    assert "| ppo | 0.300 [0.200, 0.400] | 0.250 [0.100, 0.400] | 0.450 [0.350, 0.550] |" in sampled
+    assert "| base |" not in sampled
+    assert "4 responses per prompt sampled at temperature 0.7" in table

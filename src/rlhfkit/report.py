@@ -25,6 +25,8 @@ METRICS = ["gold_score", "accuracy", "abstain_rate", "invented_number_rate", "wi
            "false_abstain_rate", "finished_rate", "response_length"]
 # Eval with any other judge, on prompts without the task's meta (recipes/evaluate.py, general path).
 GENERAL_METRICS = ["win_rate", "judge_score", "response_length", "hit_token_limit_rate", "kl_from_reference"]
+# Shown on sampled responses too, in the column beside the greedy one (eval's ``policies.NAME.sampled``).
+SIDE_BY_SIDE = ["accuracy", "win_rate_vs_sft", "win_rate", "judge_score"]
 # The stages' summary sections (metrics.json "summary_sections"): heading, what a row is, caption.
 SECTIONS = {
     "reward_models": ("Reward models", "model", "Held-out figures of each model; models measured alike share a "
@@ -53,15 +55,20 @@ def build_summary(out: Path) -> dict:
         summary["stages"][d.name] = {"runtime_s": m.get("stage_runtime_s", m.get("train_runtime_s"))}
         for name, metrics in m.get("policies", {}).items():
             # Merged, not replaced: an RL stage adds kl_from_reference (and mean_cost), eval adds the rest.
-            # A plain number (a cost_threshold) is kept as it is.
-            summary["policies"].setdefault(name, {}).update(
-                {k: {"mean": v["mean"], "ci95": v["ci95"]} if isinstance(v, dict) else v for k, v in metrics.items()})
+            summary["policies"].setdefault(name, {}).update(_figures(metrics))
         for key in m.get("summary_sections", []):
             summary[key] = m[key]
         _collect_bias(summary.setdefault("bias", {}), d.name, m)
     if not any(summary["bias"].values()):
         del summary["bias"]
     return summary
+
+
+def _figures(metrics: dict) -> dict:
+    """A stage's figures as the summary keeps them: each {mean, ci95}, a nested group (eval's ``sampled``)
+    likewise, and a plain number (a cost_threshold, a sampling temperature) as it is."""
+    return {k: {"mean": v["mean"], "ci95": v["ci95"]} if _is_ci(v) else _figures(v) if isinstance(v, dict) else v
+            for k, v in metrics.items()}
 
 
 def _collect_bias(bias: dict, stage: str, m: dict) -> None:
@@ -201,8 +208,25 @@ def _policies(out: Path, summary: dict) -> list[str]:
         caption = (f"Mean [95% CI] over the evaluation prompts. win_rate: P(policy's response ≻ {ref}'s) by judge "
                    f"{judge}; judge_score: its reward; response_length in tokens; hit_token_limit_rate: responses cut "
                    f"at the token limit.")
-    rows = [[md_escape(name)] + [_fmt(m.get(k)) for k in cols] for name, m in summary["policies"].items()]
-    return ["## Policies on held-out prompts", "", caption, ""] + _table(["policy", *cols], rows) + [""]
+    shown = [(c, c, False) for c in cols]  # (header, metric, read from the policy's sampled figures)
+    sampled_table = []
+    if sampled := next((m["sampled"] for m in summary["policies"].values() if "sampled" in m), None):
+        t, k = sampled["temperature"], sampled["samples_per_prompt"]
+        tag = f"T={t:g}, {k}/prompt"
+        caption += (f" Columns marked ({tag}): {k} responses per prompt sampled at temperature {t:g}, each prompt's "
+                    f"figure the mean of its {k}, the CI over prompts; the others: one response per prompt as "
+                    f"eval.sampling says (greedy by default). The second table has every figure on the sampled "
+                    f"responses (the win rate pairs the policy's sample j with the reference's sample j).")
+        # a side-by-side figure's sampled column right after its greedy one
+        shown = [col for c in cols for col in [(c, c, False)] + ([(f"{c} ({tag})", c, True)] if c in SIDE_BY_SIDE else [])]
+        sampled_cols = [c for c in cols if any(c in m.get("sampled", {}) for m in summary["policies"].values())]
+        sampled_table = ["", f"Sampled ({tag}):", ""] + _table(["policy", *sampled_cols], [
+            [md_escape(name)] + [_fmt(m["sampled"].get(c)) for c in sampled_cols]
+            for name, m in summary["policies"].items() if "sampled" in m])
+    rows = [[md_escape(name)] + [_fmt((m.get("sampled", {}) if on_sampled else m).get(c)) for _, c, on_sampled in shown]
+            for name, m in summary["policies"].items()]
+    return (["## Policies on held-out prompts", "", caption, ""] + _table(["policy", *(h for h, _, _ in shown)], rows)
+            + sampled_table + [""])
 
 
 def _bias_section(bias: dict) -> list[str]:

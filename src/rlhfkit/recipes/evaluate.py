@@ -21,6 +21,13 @@ one (``lc_win_rate_vs_sft``, ``lc_win_rate``: AlpacaEval 2's, ``bias.length_cont
 the same per-prompt verdicts and the responses' lengths in tokens; with ``length_coef``, the judge's
 logit per standard deviation of length difference, inside it) and ``reference_length``, the mean
 length of the reference's responses to the same prompts (``response_length`` is the policy's).
+
+Beside the greedy figures, sampled ones (``sampled``, :class:`SampledEvalConfig`, on both paths): each policy
+samples ``samples_per_prompt`` responses per prompt at ``temperature``, and every figure above is computed on
+them under ``policies.NAME.sampled``. A prompt's samples are correlated, so each figure is first averaged over
+a prompt's samples and its CI is over prompts (``n`` counts prompts): :func:`per_prompt_means`. The sampled
+win rate pairs sample j of the policy with sample j of the reference for the same prompt. The
+length-controlled win rate is left out of the sampled figures (its regression is on one verdict per prompt).
 """
 from __future__ import annotations
 
@@ -51,6 +58,30 @@ def _greedy() -> SamplingConfig:
 
 
 @dataclass(frozen=True)
+class SampledEvalConfig:
+    """Sampled evaluation beside the greedy one: several responses per prompt at a temperature."""
+
+    enabled: bool = True
+    """also sample each policy and report the figures on those samples (``policies.NAME.sampled``) beside
+    the greedy ones; on the general path the judge sees ``samples_per_prompt`` times as many pairs"""
+    temperature: float = 0.7
+    """softmax temperature (> 0; top-p 1); the length limit is greedy's, ``sampling.max_new_tokens``"""
+    samples_per_prompt: int = 4
+    """responses per prompt; each figure is averaged over a prompt's responses, its 95% CI taken over prompts"""
+    batch_size: int = 200
+    """sequences per generate call (``batch_size // samples_per_prompt`` prompts, at least one)"""
+
+    def __post_init__(self):
+        check_positive(temperature=self.temperature, samples_per_prompt=self.samples_per_prompt,
+                       batch_size=self.batch_size)
+
+    def sampling(self, max_new_tokens: int) -> SamplingConfig:
+        """The sampler's settings, with greedy's length limit so both figures cut responses alike."""
+        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=self.temperature,
+                              batch_size=max(1, self.batch_size // self.samples_per_prompt))
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Evaluation stage."""
 
@@ -63,10 +94,12 @@ class EvalConfig:
     """the policy that win rates are measured against (one of ``policies``)"""
     sampling: SamplingConfig = field(default_factory=_greedy)
     """how responses are sampled for evaluation (greedy by default)"""
+    sampled: SampledEvalConfig = field(default_factory=SampledEvalConfig)
+    """the sampled figures beside ``sampling``'s (several responses per prompt at a temperature)"""
     unfinished_score: float = 0.0
     """task judges: gold score of a response that never emitted EOS"""
     seed: int = 0
-    """sampling and bootstrap seed"""
+    """sampling and bootstrap seed (``sampled``: every policy's sampler starts from it, common random numbers)"""
     judge: JudgeSpec = "oracle"
     """the embedded task's ``oracle`` (higher gold score wins) or ``intransitive`` (the oracle plus the
     answer-style cycle of ``rlhfkit.tasks.intransitive_judge``): judge of ``win_rate_vs_sft``, the other
@@ -111,31 +144,51 @@ def judge_samples(problems, samples, unfinished_score: float) -> list[dict]:
     return rows
 
 
-def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, judge: TaskOracle) -> dict:
-    """The report's metrics for one policy, each ``{"mean", "ci95", "n"}``.
+def per_prompt_means(values, samples_per_prompt: int) -> list[float]:
+    """Prompt-major values, ``samples_per_prompt`` per prompt (prompt i's at i·k … i·k + k − 1), as each
+    prompt's mean: the unit a CI is taken over, since one prompt's samples are correlated. k = 1: the values."""
+    values, k = [float(v) for v in values], samples_per_prompt
+    if len(values) % k:
+        raise ValueError(f"{len(values)} values are not {k} per prompt")
+    return [sum(values[i:i + k]) / k for i in range(0, len(values), k)]
+
+
+def policy_metrics(rows: list[dict], ref_rows: list[dict] | None, seed: int, judge: TaskOracle,
+                   samples_per_prompt: int = 1) -> dict:
+    """The report's metrics for one policy, each ``{"mean", "ci95", "n"}`` over prompts.
 
     With ``ref_rows`` (the reference policy's rows, prompt by prompt), ``win_rate_vs_sft``: the mean of
     ``judge``'s noiseless verdicts (:meth:`~rlhfkit.tasks.oracle.TaskOracle.verdict`: 1, ½ or 0) on this
     policy's response against the reference's, with each row's ``score`` as judged (an unfinished
     response at ``unfinished_score``).
+
+    ``samples_per_prompt`` k > 1 (sampled figures; rows and ``ref_rows`` prompt-major, k per prompt): each
+    figure averages a prompt's k rows first (a rate on a subset, such as accuracy on answerable prompts,
+    within the prompts of that subset), then takes mean and CI over prompts; row j of a prompt is judged
+    against the reference's row j. No length-controlled win rate then.
     """
+    def over_prompts(values):
+        return mean_ci(per_prompt_means(values, samples_per_prompt), seed)
+
+    # answerable is the prompt's: these subsets keep each prompt's k rows together
     answerable = [r for r in rows if r["answerable"]]
     unanswerable = [r for r in rows if not r["answerable"]]
     m = {
-        "gold_score": mean_ci([r["score"] for r in rows], seed),
-        "accuracy": mean_ci([r["correct"] for r in answerable], seed),
-        "abstain_rate": mean_ci([r["abstained"] for r in unanswerable], seed),
-        "false_abstain_rate": mean_ci([r["abstained"] for r in answerable], seed),
-        "invented_number_rate": mean_ci([r["invented"] for r in rows], seed),
-        "unsafe_rate": mean_ci([r["unsafe"] for r in rows], seed),
-        "finished_rate": mean_ci([r["finished"] for r in rows], seed),
-        "response_length": mean_ci([r["length"] for r in rows], seed),
+        "gold_score": over_prompts([r["score"] for r in rows]),
+        "accuracy": over_prompts([r["correct"] for r in answerable]),
+        "abstain_rate": over_prompts([r["abstained"] for r in unanswerable]),
+        "false_abstain_rate": over_prompts([r["abstained"] for r in answerable]),
+        "invented_number_rate": over_prompts([r["invented"] for r in rows]),
+        "unsafe_rate": over_prompts([r["unsafe"] for r in rows]),
+        "finished_rate": over_prompts([r["finished"] for r in rows]),
+        "response_length": over_prompts([r["length"] for r in rows]),
     }
     if ref_rows is not None:
         wins = [judge.verdict(a["prompt"], a["response"], b["response"], a["score"], b["score"])
-                for a, b in zip(rows, ref_rows)]
-        m["win_rate_vs_sft"] = mean_ci(wins, seed)
-        m.update(length_control(wins, rows, ref_rows, seed, "lc_win_rate_vs_sft"))
+                for a, b in zip(rows, ref_rows, strict=True)]
+        m["win_rate_vs_sft"] = over_prompts(wins)
+        if samples_per_prompt == 1:
+            m.update(length_control(wins, rows, ref_rows, seed, "lc_win_rate_vs_sft"))
     return m
 
 
@@ -190,18 +243,24 @@ def judge_rows(judge, prompts, rows_by_policy: dict[str, list[dict]], reference:
     return out
 
 
-def general_metrics(rows: list[dict], seed: int, ref_rows: list[dict] | None = None) -> dict:
+def general_metrics(rows: list[dict], seed: int, ref_rows: list[dict] | None = None,
+                    samples_per_prompt: int = 1) -> dict:
     """One policy's metrics on the general path, each ``{"mean", "ci95", "n"}`` over prompts; with the
-    reference's ``ref_rows`` (prompt by prompt), the length-controlled win rate beside ``win_rate``."""
+    reference's ``ref_rows`` (prompt by prompt), the length-controlled win rate beside ``win_rate``.
+    ``samples_per_prompt`` k > 1: prompt-major rows, each prompt's k averaged first, as in
+    :func:`policy_metrics` (no length-controlled win rate then)."""
+    def over_prompts(values):
+        return mean_ci(per_prompt_means(values, samples_per_prompt), seed)
+
     m = {}
     if rows and all("win_prob" in r for r in rows):
-        m["win_rate"] = mean_ci([r["win_prob"] for r in rows], seed)
-        if ref_rows is not None:
+        m["win_rate"] = over_prompts([r["win_prob"] for r in rows])
+        if ref_rows is not None and samples_per_prompt == 1:
             m.update(length_control([r["win_prob"] for r in rows], rows, ref_rows, seed, "lc_win_rate"))
     if rows and all("score" in r for r in rows):
-        m["judge_score"] = mean_ci([r["score"] for r in rows], seed)
-    m["response_length"] = mean_ci([r["length"] for r in rows], seed)
-    m["hit_token_limit_rate"] = mean_ci([not r["finished"] for r in rows], seed)
+        m["judge_score"] = over_prompts([r["score"] for r in rows])
+    m["response_length"] = over_prompts([r["length"] for r in rows])
+    m["hit_token_limit_rate"] = over_prompts([not r["finished"] for r in rows])
     return m
 
 
@@ -225,28 +284,50 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict:
     # Built before any sampling: a judge that cannot be built fails in seconds, not after the policies ran.
     judge = from_spec(cfg.judge, [{"prompt": r.prompt, "meta": r.meta} for r in records], base_dir=out,
                       device=accelerator.device, beta=cfg.judge_beta, gamma=cfg.judge_gamma, task_judges=TASK_JUDGES)
-    samples_by_policy = {}
+    greedy, sampled, sc = {}, {}, cfg.sampled
     for name, p in paths.items():
         tok = load_tokenizer(p)
         model = load_causal_lm(p).to(accelerator.device)
-        samples_by_policy[name] = sample(model, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
+        greedy[name] = sample(model, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
+        if sc.enabled:
+            # Every policy from the same seed: common random numbers, so the comparison's noise is the policies'.
+            sampled[name] = sample(model, tok, prompts, sc.sampling(cfg.sampling.max_new_tokens), seed=cfg.seed,
+                                   num_return_sequences=sc.samples_per_prompt, device=accelerator.device)
         del model
-    if cfg.task_judge:
-        problems = [Problem.from_meta(r.meta) for r in records]
-        rows_by_policy = {name: judge_samples(problems, samples, cfg.unfinished_score)
-                          for name, samples in samples_by_policy.items()}
-        ref = rows_by_policy.get(cfg.reference)
-        results = {name: policy_metrics(rows, ref, cfg.seed, judge)
-                   for name, rows in rows_by_policy.items()}
-        extra = task_win_sources(problems, rows_by_policy, cfg.reference, judge) if cfg.judge == "oracle" else {}
+    rows_by_policy, results = measure(cfg, judge, records, greedy, 1)
+    if sc.enabled:
+        k = sc.samples_per_prompt
+        sampled_rows, sampled_results = measure(cfg, judge, records, sampled, k)
+        for name, m in sampled_results.items():
+            results[name]["sampled"] = {"temperature": sc.temperature, "samples_per_prompt": k, **m}
+    if cfg.judge == "oracle":  # greedy responses: where each policy's wins come from
+        extra = task_win_sources([Problem.from_meta(r.meta) for r in records], rows_by_policy, cfg.reference, judge)
     else:
-        rows_by_policy = judge_rows(judge, prompts, {name: sample_rows(prompts, samples)
-                                                     for name, samples in samples_by_policy.items()}, cfg.reference)
-        results = {name: general_metrics(rows, cfg.seed, rows_by_policy[cfg.reference])
-                   for name, rows in rows_by_policy.items()}
-        extra = {"judge": getattr(judge, "name", cfg.judge), "reference": cfg.reference}
+        extra = {} if cfg.task_judge else {"judge": getattr(judge, "name", cfg.judge), "reference": cfg.reference}
     if accelerator.is_main_process:
         atomic_write_jsonl(stage_dir / "samples.jsonl", [
             dict(policy=name, **row) for name, rows in rows_by_policy.items() for row in rows
         ])
+        if sc.enabled:
+            atomic_write_jsonl(stage_dir / "samples_sampled.jsonl", [
+                dict(policy=name, sample=i % k, **row) for name, rows in sampled_rows.items() for i, row in enumerate(rows)
+            ])
     return {"policies": results, "n_prompts": len(prompts), **extra}
+
+
+def measure(cfg: EvalConfig, judge, records, samples_by_policy: dict[str, list], samples_per_prompt: int):
+    """Judge each policy's samples (prompt-major, ``samples_per_prompt`` per prompt of ``records``) and
+    compute its figures: (rows by policy, metrics by policy), by the task's oracle or the general judge."""
+    k = samples_per_prompt
+    if cfg.task_judge:
+        problems = [Problem.from_meta(r.meta) for r in records for _ in range(k)]
+        rows_by_policy = {name: judge_samples(problems, samples, cfg.unfinished_score)
+                          for name, samples in samples_by_policy.items()}
+        ref = rows_by_policy.get(cfg.reference)
+        return rows_by_policy, {name: policy_metrics(rows, ref, cfg.seed, judge, k)
+                                for name, rows in rows_by_policy.items()}
+    prompts = [r.prompt for r in records for _ in range(k)]
+    rows_by_policy = judge_rows(judge, prompts, {name: sample_rows(prompts, samples)
+                                                 for name, samples in samples_by_policy.items()}, cfg.reference)
+    return rows_by_policy, {name: general_metrics(rows, cfg.seed, rows_by_policy[cfg.reference], k)
+                            for name, rows in rows_by_policy.items()}
