@@ -35,6 +35,8 @@ SECTIONS = {
                       "safe response) and AUC for unsafe responses."),
     "reranking": ("Best-of-n reranking", "method", "Accuracy of the response each method picks from n samples "
                   "per prompt, mean [95% CI]; oracle_best_of_n: the share of prompts with any right sample."),
+    "policies_per_seed": ("Policies per seed", "", "Each seed's run of a policy evaluated over several seeds, "
+                          "mean [95% CI] over held-out prompts; the policy table shows their mean ± sd."),
     "intransitive": ("Intransitive preferences", "", "The cyclic judge's labels and how each learned preference "
                      "function reads the cycle (mean P(style x ≻ style y) on restyled gold responses)."),
 }
@@ -49,13 +51,18 @@ def build_summary(out: Path) -> dict:
             # Merged, not replaced: an RL stage adds kl_from_reference (and mean_cost), eval adds the rest.
             # A plain number (a cost_threshold) is kept as it is.
             summary["policies"].setdefault(name, {}).update(
-                {k: {"mean": v["mean"], "ci95": v["ci95"]} if isinstance(v, dict) else v for k, v in metrics.items()})
+                {k: _figure(v) if isinstance(v, dict) else v for k, v in metrics.items()})
         for key in m.get("summary_sections", []):
             summary[key] = m[key]
         _collect_bias(summary.setdefault("bias", {}), d.name, m)
     if not any(summary["bias"].values()):
         del summary["bias"]
     return summary
+
+
+def _figure(v: dict) -> dict:
+    """A policy figure as the summary keeps it: mean and 95% CI, and over seeds also sd and each seed's mean."""
+    return {k: v[k] for k in ("mean", "ci95", "sd", "seeds") if k in v}
 
 
 def _collect_bias(bias: dict, stage: str, m: dict) -> None:
@@ -115,6 +122,8 @@ def _is_ci(v) -> bool:
 def _fmt(v: dict | None) -> str:
     if not v or v.get("mean") is None:
         return "–"
+    if "sd" in v:  # over seeds (rlhfkit.seeds.over_seeds)
+        return f"{v['mean']:.3f} ± {v['sd']:.3f} ({len(v['seeds'])} seeds)"
     lo, hi = v["ci95"]
     return f"{v['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -196,6 +205,9 @@ def _policies(out: Path, summary: dict) -> list[str]:
                    f"{judge}; judge_score: its reward; response_length in tokens; hit_token_limit_rate: responses cut "
                    f"at the token limit.")
     rows = [[md_escape(name)] + [_fmt(m.get(k)) for k in cols] for name, m in summary["policies"].items()]
+    if any("sd" in v for m in summary["policies"].values() for v in m.values() if isinstance(v, dict)):
+        caption += (" A policy trained with several seeds: mean ± sample sd over seeds of each seed's figure "
+                    "(n seeds); each seed's figures under Policies per seed.")
     return ["## Policies on held-out prompts", "", caption, ""] + _table(["policy", *cols], rows) + [""]
 
 

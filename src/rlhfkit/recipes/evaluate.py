@@ -21,6 +21,10 @@ one (``lc_win_rate_vs_sft``, ``lc_win_rate``: AlpacaEval 2's, ``bias.length_cont
 the same per-prompt verdicts and the responses' lengths in tokens; with ``length_coef``, the judge's
 logit per standard deviation of length difference, inside it) and ``reference_length``, the mean
 length of the reference's responses to the same prompts (``response_length`` is the policy's).
+
+A policy naming the output of a stage that ran with ``seeds`` is evaluated once per seed (``ppo@seed0``, ...);
+``policies`` then holds its aggregate (each figure's mean over seeds with ``sd``, ``seeds`` and a t interval
+over seeds, ``seeds.over_seeds``) and ``policies_per_seed`` each seed's figures.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ from rlhfkit.judges.reward_model import RewardModelPreference
 from rlhfkit.judges.spec import from_spec
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
+from rlhfkit.seeds import aggregate_policies, expand_policies
 from rlhfkit.stage import StageContext
 from rlhfkit.stats import mean_ci
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
@@ -188,8 +193,10 @@ def general_metrics(rows: list[dict], seed: int, ref_rows: list[dict] | None = N
 
 
 def policy_paths(cfg: EvalConfig, ctx: StageContext) -> dict[str, Path]:
-    """Each policy's model directory: a stage's output, a directory, .gguf, ``package:NAME`` or a hub name."""
-    return {name: ctx.model(ref, f"policies.{name}") for name, ref in cfg.policies.items()}
+    """Each policy's model directory: a stage's output, a directory, .gguf, ``package:NAME`` or a hub name; a
+    seeded stage's output once per seed, as ``name@seed<s>`` (``seeds.expand_policies``)."""
+    refs = expand_policies(cfg.policies, ctx.out, cfg.reference)
+    return {name: ctx.model(ref, f"policies.{name.split('@seed')[0]}") for name, ref in refs.items()}
 
 
 def run(cfg: EvalConfig, ctx: StageContext) -> dict:
@@ -231,4 +238,13 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict:
         atomic_write_jsonl(stage_dir / "samples.jsonl", [
             dict(policy=name, **row) for name, rows in rows_by_policy.items() for row in rows
         ])
-    return {"policies": results, "n_prompts": len(prompts), **extra}
+    return {**seeded_results(results), "n_prompts": len(prompts), **extra}
+
+
+def seeded_results(results: dict[str, dict]) -> dict:
+    """``{"policies": results}``; a seeded policy's seeds (``name@seed<s>``) replaced there by their aggregate,
+    mean ± sd over seeds (``seeds.aggregate_policies``), and kept under ``policies_per_seed``, a report section."""
+    policies, per_seed = aggregate_policies(results)
+    if not per_seed:
+        return {"policies": policies}
+    return {"policies": policies, "policies_per_seed": per_seed, "summary_sections": ["policies_per_seed"]}
