@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -787,13 +788,13 @@ def test_resumed_rl_run_takes_the_bit_identical_next_step(tmp_path, tiny_lm_dir)
         _write_prompts(out)
         net, tok = build_scalar_model(tiny_lm_dir, kind="cost", seed=1)
         save_scalar_model(net, tok, out / "reward" / "cost")
+        stage = out / "ppo.partial"
         if name == "resumed":
-            stage = out / "first.partial"
             stage.mkdir()
             with pytest.raises(ppo.StoppedEarly):
                 ppo.run(PPOConfig(**base, stop_after_steps=1), StageContext(out, stage, "ppo", Accelerator(cpu=True)),
                         reward_fn=score)
-        stage = out / "ppo.partial"
+            shutil.rmtree(stage)  # a restarted stage starts from an empty directory (pipeline.run_stage)
         stage.mkdir()
         metrics = ppo.run(PPOConfig(**base), StageContext(out, stage, "ppo", Accelerator(cpu=True)), reward_fn=score)
         runs[name] = (metrics, read_jsonl_plain(stage / "log.jsonl"), load_file(stage / "model" / "model.safetensors"))

@@ -1,9 +1,9 @@
 """Mid-stage checkpoints: one implementation for every training loop (pretrain, SFT, the reward models,
 DPO, DNO, PPO/GRPO/RLOO).
 
-A stage running in ``OUT/<stage>.partial`` keeps its resume state in ``OUT/<stage>.ckpt``: outside the
-partial directory, which a restarted stage wipes; ``pipeline.run_stage`` removes it once the stage is
-complete. A checkpoint directory holds
+A stage running in ``OUT/<stage>.partial`` keeps its resume state in ``OUT/<stage>.ckpt`` (one seed's run of a
+seeded stage in ``OUT/<stage>.ckpt/seed_<s>``): outside the partial directory, which a restarted stage wipes;
+``pipeline.run_stage`` removes it once the stage is complete. A checkpoint directory holds
 
 - ``meta.json``: the step it was taken after (the data position: ``training.global_batches(start_step=)``
   skips ahead to it), the config it was written under (a checkpoint of another config is refused),
@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -47,9 +48,12 @@ class StoppedEarly(RuntimeError):
 
 
 def checkpoint_dir(stage_dir: str | Path) -> Path | None:
-    """``OUT/<stage>.ckpt`` for a stage running in ``OUT/<stage>.partial``; None for any other directory
-    (a recipe called as a library function, or inside another stage, keeps no checkpoints)."""
+    """``OUT/<stage>.ckpt`` for a stage running in ``OUT/<stage>.partial``, and ``OUT/<stage>.ckpt/seed_<s>``
+    for one seed's run of a seeded stage (``OUT/<stage>.partial/seed_<s>``, ``rlhfkit.seeds``); None for any
+    other directory (a recipe called as a library function, or inside another stage, keeps no checkpoints)."""
     stage_dir = Path(stage_dir)
+    if re.fullmatch(r"seed_-?\d+", stage_dir.name) and stage_dir.parent.name.endswith(".partial"):
+        return checkpoint_dir(stage_dir.parent) / stage_dir.name
     if not stage_dir.name.endswith(".partial"):
         return None
     return stage_dir.with_name(stage_dir.name.removesuffix(".partial") + ".ckpt")

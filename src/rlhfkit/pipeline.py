@@ -7,7 +7,8 @@ and which recipe each stage is; the pipeline treats them all alike.
 Each stage writes ``OUT/<stage>.partial/`` and renames it to ``OUT/<stage>/`` when complete, so
 a directory ``OUT/<stage>/`` is always a finished stage: a killed run resumes by skipping them.
 A finished stage whose saved config differs from the current one is an error (silently reusing
-it would report results of a different experiment).
+it would report results of a different experiment). A stage whose section lists ``seeds`` runs its
+recipe once per seed, each in ``OUT/<stage>/seed_<s>/`` (``rlhfkit.seeds``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from rlhfkit.recipes.pretrain import PretrainConfig
 from rlhfkit.recipes.reward import RewardConfig
 from rlhfkit.recipes.sft import SFTConfig
 from rlhfkit.report import write_report
+from rlhfkit.seeds import check_references, run_seeds
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks.arith_data import TaskConfig
 from rlhfkit.tracking import end_tracking, start_tracking
@@ -100,6 +102,7 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"stages: unknown stage(s) {unknown}; known: {list(STAGES)}")
         map_config_paths(PipelineConfig, to_dict(self), _check_stage_name)
+        check_references({stage: getattr(self, s.section) for stage, s in STAGES.items()})  # stage:ppo/model of a seeded ppo
         if self.label.judge_beta < 0:  # the label section's oracle noise defaults to the task's
             object.__setattr__(self, "label", dataclasses.replace(self.label, judge_beta=self.task.judge_beta))
 
@@ -205,7 +208,8 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
     state.print(f"[rlhfkit] {stage}: running")
     t0 = time.time()
     with stage_context(section, stage, out, partial) as ctx:
-        metrics = STAGES[stage].run(section, ctx)
+        recipe = STAGES[stage].run
+        metrics = run_seeds(recipe, section, ctx) if getattr(section, "seeds", ()) else recipe(section, ctx)
     state.wait_for_everyone()
     if state.is_main_process:
         metrics["stage_runtime_s"] = time.time() - t0

@@ -43,6 +43,8 @@ SECTIONS = {
                     "never ended; abstention: abstaining vs giving a number; accuracy: a right vs a wrong final answer; "
                     "invented: a number never given; arithmetic: wrong equation lines; style: other lines the oracle "
                     "labels 0 (filler such as \"So the answer is N.\"); other: the rest."),
+    "policies_per_seed": ("Policies per seed", "", "Each seed's run of a policy evaluated over several seeds, "
+                          "mean [95% CI] over held-out prompts; the policy table shows their mean ± sd."),
     "intransitive": ("Intransitive preferences", "", "The cyclic judge's labels and how each learned preference "
                      "function reads the cycle (mean P(style x ≻ style y) on restyled gold responses)."),
 }
@@ -65,10 +67,10 @@ def build_summary(out: Path) -> dict:
 
 
 def _figures(metrics: dict) -> dict:
-    """A stage's figures as the summary keeps them: each {mean, ci95}, a nested group (eval's ``sampled``)
-    likewise, and a plain number (a cost_threshold, a sampling temperature) as it is."""
-    return {k: {"mean": v["mean"], "ci95": v["ci95"]} if _is_ci(v) else _figures(v) if isinstance(v, dict) else v
-            for k, v in metrics.items()}
+    """A stage's figures as the summary keeps them: each {mean, ci95} (over seeds also sd and each seed's mean),
+    a nested group (eval's ``sampled``) likewise, and a plain number (a cost_threshold, a sampling temperature) as it is."""
+    return {k: {f: v[f] for f in ("mean", "ci95", "sd", "seeds") if f in v} if _is_ci(v)
+            else _figures(v) if isinstance(v, dict) else v for k, v in metrics.items()}
 
 
 def _collect_bias(bias: dict, stage: str, m: dict) -> None:
@@ -128,6 +130,8 @@ def _is_ci(v) -> bool:
 def _fmt(v: dict | None) -> str:
     if not v or v.get("mean") is None:
         return "–"
+    if "sd" in v:  # over seeds (rlhfkit.seeds.over_seeds)
+        return f"{v['mean']:.3f} ± {v['sd']:.3f} ({len(v['seeds'])} seeds)"
     lo, hi = v["ci95"]
     return f"{v['mean']:.3f} [{lo:.3f}, {hi:.3f}]"
 
@@ -225,6 +229,9 @@ def _policies(out: Path, summary: dict) -> list[str]:
             for name, m in summary["policies"].items() if "sampled" in m])
     rows = [[md_escape(name)] + [_fmt((m.get("sampled", {}) if on_sampled else m).get(c)) for _, c, on_sampled in shown]
             for name, m in summary["policies"].items()]
+    if any("sd" in v for m in summary["policies"].values() for v in m.values() if isinstance(v, dict)):
+        caption += (" A policy trained with several seeds: mean ± sample sd over seeds of each seed's figure "
+                    "(n seeds); each seed's figures under Policies per seed.")
     return (["## Policies on held-out prompts", "", caption, ""] + _table(["policy", *(h for h, _, _ in shown)], rows)
             + sampled_table + [""])
 

@@ -7,6 +7,7 @@ one line per model (the reward stage logs rm, prm, orm and cost to one file, eac
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -26,8 +27,15 @@ def stage_dirs(out: Path) -> list[Path]:
 
 
 def stage_logs(out: Path) -> dict[str, list[dict]]:
-    """``{stage: rows of its log.jsonl}`` for every finished stage that wrote one."""
-    return {d.name: read_jsonl_plain(d / "log.jsonl") for d in stage_dirs(out) if (d / "log.jsonl").exists()}
+    """``{stage: rows of its log.jsonl}`` for every finished stage that wrote one; a stage run with seeds
+    (``rlhfkit.seeds``) has one log per seed, ``OUT/<stage>/seed_<s>/log.jsonl``, named ``<stage>@seed<s>``."""
+    logs = {}
+    for d in stage_dirs(out):
+        seeds = json.loads((d / "metrics.json").read_text()).get("seeds_run", [])
+        for name, log in [(d.name, d / "log.jsonl")] + [(f"{d.name}@seed{s}", d / f"seed_{s}" / "log.jsonl") for s in seeds]:
+            if log.exists():
+                logs[name] = read_jsonl_plain(log)
+    return logs
 
 
 def _is_number(v) -> bool:

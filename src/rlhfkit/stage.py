@@ -14,6 +14,7 @@ from rlhfkit.config import ConfigError
 from rlhfkit.io import JsonlLog
 from rlhfkit.models.local import ModelNotFound, resolve_in_run
 from rlhfkit.paths import STAGE_PREFIX, run_path, stage_hint
+from rlhfkit.seeds import seeded_hint
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class StageContext:
         if key is not None and not path.exists():
             stage = value[len(STAGE_PREFIX):].split("/")[0]
             why = f" (the output of the {stage} stage: run it first)" if value.startswith(STAGE_PREFIX) else ""
-            raise ConfigError(f"{self.name}.{key}: {path}: file not found{why}{stage_hint(value, self.out)}")
+            raise ConfigError(f"{self.name}.{key}: {path}: file not found{why}{stage_hint(value, self.out)}"
+                              f"{seeded_hint(value, self.out)}")
         return path
 
     def model(self, value: str, key: str) -> Path:

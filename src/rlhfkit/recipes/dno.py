@@ -46,6 +46,7 @@ from rlhfkit.pair_training import add_sft_term, train_on_pairs
 from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
 from rlhfkit.preference_losses import dno_loss, dno_soft_loss
 from rlhfkit.rollouts import clock
+from rlhfkit.seeds import check_seeds
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.training import TrainConfig
@@ -126,8 +127,14 @@ class DNOConfig(TrainConfig):
     """linear warm-up steps (per iteration)"""
     batch_size: int = 32
     """pairs per optimizer step"""
+    seeds: tuple[int, ...] = ()
+    """run the stage once per seed, ``seed`` replaced by each, every run a whole output in OUT/<stage>/seed_<s>/
+    (its model, log.jsonl, metrics.json, dno_<t>/) and metrics.json holding each seed's metrics; eval then reports each
+    policy naming this stage's output once per seed and as mean ± sd over seeds (``rlhfkit.seeds``); empty: one
+    run with ``seed``"""
 
     def __post_init__(self):
+        check_seeds(self.seeds)
         super().__post_init__()
         check_positive(eta=self.eta, iterations=self.iterations, prompts_per_iteration=self.prompts_per_iteration)
         check_non_negative(min_margin=self.min_margin, n_validation=self.n_validation)

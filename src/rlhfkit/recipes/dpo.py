@@ -41,6 +41,7 @@ from rlhfkit.models.trainable import make_trainable, reference_mode, save_traine
 from rlhfkit.pair_training import PairLoss, add_sft_term, train_on_pairs
 from rlhfkit.paths import ConfigPath, ModelRef
 from rlhfkit.preference_losses import DPOLossType, dpo_loss
+from rlhfkit.seeds import check_seeds
 from rlhfkit.stage import StageContext
 from rlhfkit.training import TrainConfig
 
@@ -99,8 +100,14 @@ class DPOConfig(TrainConfig):
     """linear warm-up steps"""
     batch_size: int = 32
     """pairs per optimizer step"""
+    seeds: tuple[int, ...] = ()
+    """run the stage once per seed, ``seed`` replaced by each, every run a whole output in OUT/<stage>/seed_<s>/
+    (its model, log.jsonl, metrics.json) and metrics.json holding each seed's metrics; eval then reports each
+    policy naming this stage's output once per seed and as mean ± sd over seeds (``rlhfkit.seeds``); empty: one
+    run with ``seed``"""
 
     def __post_init__(self):
+        check_seeds(self.seeds)
         super().__post_init__()
         coerce_enums(self)
         check_positive(beta=self.beta, ref_batch_size=self.ref_batch_size)

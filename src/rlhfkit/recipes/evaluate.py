@@ -28,6 +28,10 @@ them under ``policies.NAME.sampled``. A prompt's samples are correlated, so each
 a prompt's samples and its CI is over prompts (``n`` counts prompts): :func:`per_prompt_means`. The sampled
 win rate pairs sample j of the policy with sample j of the reference for the same prompt. The
 length-controlled win rate is left out of the sampled figures (its regression is on one verdict per prompt).
+
+A policy naming the output of a stage that ran with ``seeds`` is evaluated once per seed (``ppo@seed0``, ...);
+``policies`` then holds its aggregate (each figure's mean over seeds with ``sd``, ``seeds`` and a t interval
+over seeds, ``seeds.over_seeds``) and ``policies_per_seed`` each seed's figures.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ from rlhfkit.judges.reward_model import RewardModelPreference
 from rlhfkit.judges.spec import from_spec
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
 from rlhfkit.paths import ConfigPath, JudgeSpec, ModelRef
+from rlhfkit.seeds import aggregate_policies, expand_policies
 from rlhfkit.stage import StageContext
 from rlhfkit.stats import mean_ci
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
@@ -265,8 +270,10 @@ def general_metrics(rows: list[dict], seed: int, ref_rows: list[dict] | None = N
 
 
 def policy_paths(cfg: EvalConfig, ctx: StageContext) -> dict[str, Path]:
-    """Each policy's model directory: a stage's output, a directory, .gguf, ``package:NAME`` or a hub name."""
-    return {name: ctx.model(ref, f"policies.{name}") for name, ref in cfg.policies.items()}
+    """Each policy's model directory: a stage's output, a directory, .gguf, ``package:NAME`` or a hub name; a
+    seeded stage's output once per seed, as ``name@seed<s>`` (``seeds.expand_policies``)."""
+    refs = expand_policies(cfg.policies, ctx.out, cfg.reference)
+    return {name: ctx.model(ref, f"policies.{name.split('@seed')[0]}") for name, ref in refs.items()}
 
 
 def run(cfg: EvalConfig, ctx: StageContext) -> dict:
@@ -312,7 +319,9 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict:
             atomic_write_jsonl(stage_dir / "samples_sampled.jsonl", [
                 dict(policy=name, sample=i % k, **row) for name, rows in sampled_rows.items() for i, row in enumerate(rows)
             ])
-    return {"policies": results, "n_prompts": len(prompts), **extra}
+    seeded = seeded_results(results)
+    sections = seeded.get("summary_sections", []) + extra.get("summary_sections", [])
+    return {**seeded, "n_prompts": len(prompts), **extra, **({"summary_sections": sections} if sections else {})}
 
 
 def measure(cfg: EvalConfig, judge, records, samples_by_policy: dict[str, list], samples_per_prompt: int):
@@ -331,3 +340,12 @@ def measure(cfg: EvalConfig, judge, records, samples_by_policy: dict[str, list],
                                                  for name, samples in samples_by_policy.items()}, cfg.reference)
     return rows_by_policy, {name: general_metrics(rows, cfg.seed, rows_by_policy[cfg.reference], k)
                             for name, rows in rows_by_policy.items()}
+
+
+def seeded_results(results: dict[str, dict]) -> dict:
+    """``{"policies": results}``; a seeded policy's seeds (``name@seed<s>``) replaced there by their aggregate,
+    mean ± sd over seeds (``seeds.aggregate_policies``), and kept under ``policies_per_seed``, a report section."""
+    policies, per_seed = aggregate_policies(results)
+    if not per_seed:
+        return {"policies": policies}
+    return {"policies": policies, "policies_per_seed": per_seed, "summary_sections": ["policies_per_seed"]}

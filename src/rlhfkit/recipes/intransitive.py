@@ -126,6 +126,8 @@ class IntransitiveConfig:
 
     def __post_init__(self):
         coerce_enums(self)
+        if self.dno.seeds:  # both arms run inside this one stage; rlhfkit.seeds repeats whole stages
+            raise ValueError("dno.seeds: the intransitive experiment runs DNO once per arm; set its seed instead")
 
 
 def run(cfg: IntransitiveConfig, ctx: StageContext) -> dict:

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhfkit.advantages import Algorithm, gae, scale_by_std, whiten
-from rlhfkit.checkpoints import LoopCheckpoint, StoppedEarly  # noqa: F401  (StoppedEarly: what a stopped run raises)
+from rlhfkit.checkpoints import LoopCheckpoint, StoppedEarly, checkpoint_dir  # noqa: F401  (StoppedEarly: what a stopped run raises)
 from rlhfkit.config import check_non_negative, check_positive, check_probability, coerce_enums
 from rlhfkit.data.loading import load_prompts
 from rlhfkit.generation import (
@@ -62,6 +62,7 @@ from rlhfkit.distributed import Collective
 from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics, token_kl
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
+from rlhfkit.seeds import check_seeds
 from rlhfkit.stage import StageContext
 from rlhfkit.tasks import JUDGES as TASK_JUDGES
 from rlhfkit.tasks.arith import Problem
@@ -209,12 +210,18 @@ class PPOConfig:
     """write a log.jsonl line every this many steps"""
     seed: int = 0
     """seed for sampling, minibatch order and initialisation"""
+    seeds: tuple[int, ...] = ()
+    """run the stage once per seed, ``seed`` replaced by each, every run a whole output in OUT/<stage>/seed_<s>/
+    (its model, log.jsonl, metrics.json) and metrics.json holding each seed's metrics; eval then reports each
+    policy naming this stage's output once per seed and as mean ± sd over seeds (``rlhfkit.seeds``); empty: one
+    run with ``seed``"""
     mixed_precision: MixedPrecision = MixedPrecision.auto
     """``auto`` (bf16 on a GPU, full precision on CPU), ``no``, ``bf16`` or ``fp16``"""
     report_to: tuple[str, ...] = ()
     """trackers every logged metric also goes to: tensorboard, wandb, trackio; empty (or [none]) logs only to log.jsonl"""
 
     def __post_init__(self):
+        check_seeds(self.seeds)
         check_report_to(self.report_to)
         check_positive(lr=self.lr, critic_lr=self.critic_lr, total_steps=self.total_steps, ppo_epochs=self.ppo_epochs,
                        prompts_per_step=self.prompts_per_step, clip_eps=self.clip_eps, log_every=self.log_every)
@@ -507,9 +514,10 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     """Train a policy with ``cfg.algorithm``; writes ``ctx.stage_dir/model`` and returns metrics.
 
     Every RL stage runs this recipe; ``ctx.name`` (``ppo``, ``grpo``, ``ppo_safe``, ...) names its
-    outputs and checkpoints. ``reward_fn`` (prompts, responses) → scores overrides the config's
-    reward source (library use). Checkpoints go to ``ckpt_dir`` (default ``OUT/<name>.ckpt``),
-    outside the stage directory, so a killed stage that is started over still finds them.
+    policy in the metrics and its log lines. ``reward_fn`` (prompts, responses) → scores overrides the config's
+    reward source (library use). Checkpoints go to ``ckpt_dir`` (default ``checkpoints.checkpoint_dir``:
+    ``OUT/<name>.ckpt`` for ``OUT/<name>.partial``, none outside a stage directory), outside the stage
+    directory, so a killed stage that is started over still finds them.
     """
     out, stage_dir, accelerator, name = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.name
     log_path = stage_dir / "log.jsonl"  # this loop's own JsonlLog
@@ -568,7 +576,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     objects = {"policy": policy, "critic": critic, "opt": opt, "critic_opt": critic_opt, "sched": sched, "critic_sched": critic_sched}
     guard = NonFiniteGuard(name, cfg.max_nonfinite_steps, accelerator)
     controllers = {"kl": kl_ctl, "lambda": lagrange, "nonfinite": guard}
-    checkpoint = LoopCheckpoint(ckpt_dir or out / f"{name}.ckpt", cfg, accelerator, log, name)
+    checkpoint = LoopCheckpoint(ckpt_dir or checkpoint_dir(stage_dir), cfg, accelerator, log, name)
     start, _ = checkpoint.resume(objects, controllers)
     # DDP under `accelerate launch`/torchrun (a no-op wrapper in one process); the schedulers stay
     # out of prepare(): accelerate would step them once per process. Checkpoints hold the unwrapped objects.
