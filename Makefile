@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-test quickstart test test-slow test-e2e bench clean
+.PHONY: install install-test quickstart test test-slow test-e2e bench bench-peer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,13 @@ bench: install
 	$(BIN)/pip install -q -r requirements-judge.lock
 	$(BIN)/pip install -q --no-deps -r requirements-judge-nodeps.lock
 	$(BIN)/python bench/vs_trl.py
+
+# The peer on the same work (TRL is a bench-only extra): TRL's DPO and GRPO (the oracle as reward) from the
+# SFT policy and pairs of a finished run (default: the quickstart's, OUT), judged by our eval beside ours. It
+# trains our GRPO too (configs/rl_comparison.yaml's budget); a few minutes on the quickstart (docs/benchmarks.md).
+bench-peer: install
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python bench/peer_quickstart.py $(OUT)
 
 clean:
 	rm -rf $(VENV) runs
