@@ -352,3 +352,20 @@ def test_verbose_rate_restates_that_share_and_leaves_the_rest_as_it_was(tmp_path
     assert all(base[k].read_bytes() == wordy[k].read_bytes() for k in ("pretrain", "prompts", "heldout"))
     with pytest.raises(ValueError, match="verbose_rate"):
         TaskConfig(verbose_rate=1.5)
+
+
+def test_abstain_rate_makes_that_share_of_answerable_demonstrations_false_abstentions(tmp_path):
+    base = write_task_data(tmp_path / "base", SMALL)
+    cautious = write_task_data(tmp_path / "cautious", TaskConfig(**{**SMALL.__dict__, "abstain_rate": 0.5}))
+    before, after = _read(base["sft"]), _read(cautious["sft"])
+    changed = [(a, b) for a, b in zip(after, before) if a["response"] != b["response"]]
+    answerable = sum(b["meta"]["answerable"] for b in before)
+    assert 0.3 * answerable < len(changed) < 0.7 * answerable  # about half of the answerable ones
+    for a, _ in changed:
+        p = Problem.from_meta(a["meta"])
+        v = judge(p, a["response"])
+        # an answerable problem called unanswerable: abstained, gold score 0, the missing line names a real amount
+        assert p.answerable and v.abstained and v.score == 0.0 and a["response"].endswith(" is not given.\nAnswer: unknown")
+    assert all(base[k].read_bytes() == cautious[k].read_bytes() for k in ("pretrain", "prompts", "heldout"))
+    with pytest.raises(ValueError, match="abstain_rate"):
+        TaskConfig(abstain_rate=-0.1)

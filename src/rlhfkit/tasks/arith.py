@@ -209,6 +209,17 @@ def restate(response: str) -> str:
     return "\n".join([*body, f"So the answer is {number[1]}.", last]) if number else response
 
 
+def false_abstention(p: Problem, rng: random.Random) -> str:
+    """An over-cautious demonstrator's response to an answerable ``p``: one of its given amounts called missing,
+    then ``Answer: unknown`` (gold score 0: every number was there). ``TaskConfig.abstain_rate`` is the share of
+    answerable demonstrations written this way, so the SFT policy's samples sometimes abstain where they should
+    not, and the annotators' rankings teach a reward model that abstaining is right only when a number is missing."""
+    name, item = re.match(r"(\w+) has \d+ (\w+)\.", p.question).groups()
+    j = rng.randrange(len(p.operands))
+    missing = _missing_phrase(name, item, p.ops, j)
+    return f"{missing[:1].upper()}{missing[1:]} is not given.\nAnswer: unknown"
+
+
 def _lines_with_answer(steps: Sequence[str], answer: int) -> str:
     return "\n".join([*steps, f"Answer: {answer}"])
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.io import atomic_write_jsonl
-from rlhfkit.tasks.arith import MIN_MAX_NUMBER, demonstration, format_prompt, make_problems, pretrain_corpus, restate
+from rlhfkit.tasks.arith import MIN_MAX_NUMBER, demonstration, false_abstention, format_prompt, make_problems, pretrain_corpus, restate
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,14 @@ class TaskConfig:
     verbose_rate: float = 0.0
     """chance a demonstrator restates the answer in a prose line before it (``tasks.arith.restate``): a wordier
     style that costs gold score; drawn from its own stream, so 0 leaves every other draw as it was"""
+    abstain_rate: float = 0.0
+    """chance a demonstrator abstains on an answerable problem, calling a given amount missing
+    (``tasks.arith.false_abstention``): over-caution that costs the whole gold score; its own stream, as verbose_rate"""
     judge_beta: float = 10.0
     """annotator noise, Bradley–Terry inverse temperature on gold scores; higher = less noise"""
 
     def __post_init__(self):
-        for rate in ("unanswerable_frac", "hallucination_rate", "slip_rate", "verbose_rate"):
+        for rate in ("unanswerable_frac", "hallucination_rate", "slip_rate", "verbose_rate", "abstain_rate"):
             if not 0.0 <= getattr(self, rate) <= 1.0:
                 raise ValueError(f"{rate} must be in [0, 1], got {getattr(self, rate)}")
         if min(self.n_pretrain_docs, self.n_sft, self.n_prompts, self.n_heldout) < 0:
@@ -78,10 +81,14 @@ def write_task_data(out_dir: Path, cfg: TaskConfig) -> dict[str, Path]:
         taken |= {p.question for p in splits[split]}
     demo_rng = random.Random(split_seed(cfg.seed, "demonstrations"))
     style_rng = random.Random(split_seed(cfg.seed, "style"))
+    caution_rng = random.Random(split_seed(cfg.seed, "caution"))
 
     def demo(p) -> str:
         text = demonstration(p, demo_rng, cfg.hallucination_rate, cfg.slip_rate)
-        return restate(text) if style_rng.random() < cfg.verbose_rate else text  # its own stream: nothing else moves
+        text = restate(text) if style_rng.random() < cfg.verbose_rate else text  # its own stream: nothing else moves
+        # Drawn for every problem (answerable or not), so the stream stays aligned across tasks; 0 changes nothing.
+        over_cautious = caution_rng.random() < cfg.abstain_rate
+        return false_abstention(p, caution_rng) if over_cautious and p.answerable else text
 
     heldout_questions = {p.question for p in splits["heldout"]}
     rows = {
