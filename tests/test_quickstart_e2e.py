@@ -40,21 +40,42 @@ def test_every_quickstart_policy_and_stage_is_reported(summary):
         assert lo <= summary["reranking"][name]["accuracy"]["mean"] <= hi
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "one seed, and the embedded task does not hold it: moved by float rounding alone (issue 21 redesigns the task "
-    "so that it holds across seeds); see the docstring"))
-def test_dno_rises_over_its_iterations_and_ends_above_dpo(summary):
-    """Issue 5's figure: DNO's win rate against SFT rises over 3 iterations and ends above offline DPO's.
+def _win(summary, name):
+    return summary["policies"][name]["win_rate_vs_sft"]
 
-    Known not to hold robustly (issue 21). On 2026-12-01, the same machine, back to back: the code before
-    issue 22's speed work gave dpo 0.4425, dno 0.415 / 0.455 / 0.505 (it holds); after it (fused AdamW, the
-    LM head at scored positions, padding-free SFT, packed reward model: the same functions to float rounding,
-    tested), dpo 0.4825, dno 0.4475 / 0.44 / 0.44 (it does not). SFT's accuracy 0.506 and 0.513, PPO's win
-    rate 0.4475 and 0.500: rounding moves sampled tokens, and the figure with them. Reported, not hidden:
-    pytest prints it as xfailed or xpassed."""
-    win = {k: summary["policies"][k]["win_rate_vs_sft"]["mean"] for k in ("dpo", "dno_1", "dno_2", "dno_3")}
-    assert win["dno_1"] < win["dno_2"] < win["dno_3"], win
-    assert win["dno_3"] > win["dpo"], win
+
+def test_sft_accuracy_is_well_above_half_and_below_its_best_of_n_ceiling(summary):
+    """Issue 21: arithmetic within the model's reach (docs/task.md): SFT's greedy accuracy on answerable
+    problems well above half, below the share of prompts where any of 16 samples is right."""
+    sft = summary["policies"]["sft"]["accuracy"]["mean"]
+    ceiling = summary["reranking"]["oracle_best_of_n"]["accuracy"]["mean"]
+    assert 0.65 <= sft < ceiling, (sft, ceiling)
+
+
+def test_dpo_and_dno_beat_sft_and_dno_rises_above_dpo(summary):
+    """Issue 21's figures for the preference-optimisation methods: the 95% CI of the win rate against SFT
+    above 0.5 for dpo and dno_3, dno_3 above dno_1 and above dpo (greedy eval, one seed)."""
+    for name in ("dpo", "dno_3"):
+        assert _win(summary, name)["ci95"][0] > 0.5, (name, _win(summary, name))
+    win = {k: _win(summary, k)["mean"] for k in ("dpo", "dno_1", "dno_3")}
+    assert win["dno_3"] > win["dno_1"] and win["dno_3"] > win["dpo"], win
+
+
+def test_preference_methods_keep_sfts_accuracy(summary):
+    """Issue 21: no DPO/DNO policy's answerable accuracy below SFT's by more than SFT's CI (its lower bound).
+    PPO is left out: see the xfail below."""
+    lo = summary["policies"]["sft"]["accuracy"]["ci95"][0]
+    acc = {k: summary["policies"][k]["accuracy"]["mean"] for k in ("dpo", "dno_1", "dno_2", "dno_3")}
+    assert all(a >= lo for a in acc.values()), (lo, acc)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 21, open: PPO against the BT reward model reaches 0.63 at best (one seed) and loses accuracy; the "
+    "reward model ranks a false abstention far above a right answer on answerable problems (docs/task.md)"))
+def test_ppo_wins_065_against_sft_and_keeps_its_accuracy(summary):
+    ppo = _win(summary, "ppo")
+    assert ppo["ci95"][0] > 0.5 and ppo["mean"] >= 0.65, ppo
+    assert summary["policies"]["ppo"]["accuracy"]["mean"] >= summary["policies"]["sft"]["accuracy"]["ci95"][0]
 
 
 def test_prm_best_of_16_beats_orm_on_the_heldout_prompts(summary):
