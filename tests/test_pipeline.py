@@ -134,6 +134,19 @@ def test_killed_stage_reruns_and_changed_config_is_refused(tiny_run, tmp_path):
     assert f"(lr: {old_lr!r} → 0.5)" in str(err.value), str(err.value)
 
 
+def test_pass_at_k_script_on_a_run(tiny_run):
+    """scripts/pass_at_k.py (docs/task.md's arithmetic table) on the tiny run's SFT policy: one JSON line whose
+    figures are shares, pass@k at least the per-sample accuracy (any of k right ≥ the mean of k)."""
+    out, _ = tiny_run
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "pass_at_k.py")
+    r = subprocess.run([sys.executable, script, str(out), str(out / "sft" / "model"), "2"], capture_output=True,
+                       text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["answerable_problems"] > 0
+    assert 0 <= m["greedy_accuracy"] <= 1 and 0 <= m["per_sample_accuracy_t1"] <= m["pass@2_t1"] <= 1
+
+
 def test_config_differences_names_nested_and_missing_keys():
     from rlhfkit.pipeline import config_differences
 
