@@ -1,7 +1,7 @@
 """The peer on the same work: TRL's DPO and GRPO trained from a finished run's own SFT policy and data, judged
 by the same eval as ours, so that "our figure equals the peer's on the same work" stays checked.
 
-    make bench-peer RUN=runs/quickstart   # = pip install -e '.[bench]', then:
+    make bench-peer OUT=runs/quickstart   # = pip install -e '.[bench]', then:
     python bench/peer_quickstart.py RUN [--work DIR] [--threads 2] [--grpo-steps N] [--grpo-prompts N]
 
 RUN is a completed rlhfkit run with the stages data, sft, label and dpo (a quickstart run). It is only read.
