@@ -70,9 +70,13 @@ def test_preference_methods_keep_sfts_accuracy(summary):
 
 
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 21, open: PPO against the BT reward model reaches 0.63 at best (one seed) and loses accuracy; the "
-    "reward model ranks a false abstention far above a right answer on answerable problems (docs/task.md)"))
+    "issue 21, open: over 3 PPO seeds from the quickstart's own SFT policy and reward model, win 0.574 +- 0.090 "
+    "(0.677, 0.527, 0.517) and answerable accuracy 0.723 +- 0.025 against SFT's 0.831 [0.766, 0.881]; the reward "
+    "model ranks a false abstention far above a right answer on answerable problems (docs/task.md)"))
 def test_ppo_wins_065_against_sft_and_keeps_its_accuracy(summary):
+    """Issue 21's PPO figure: win rate against SFT at least 0.65 with the CI above 0.5, and answerable accuracy
+    not below SFT's CI. The quickstart's seed 0 gives win 0.677 [0.632, 0.720] but accuracy 0.750 (SFT's CI
+    lower bound 0.766), so it fails on accuracy."""
     ppo = _win(summary, "ppo")
     assert ppo["ci95"][0] > 0.5 and ppo["mean"] >= 0.65, ppo
     assert summary["policies"]["ppo"]["accuracy"]["mean"] >= summary["policies"]["sft"]["accuracy"]["ci95"][0]
