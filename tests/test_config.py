@@ -112,6 +112,16 @@ def test_every_config_field_has_a_docstring():
     assert not missing, f"fields without a docstring: {missing}"
 
 
+def test_config_doc_gives_a_nested_section_its_parents_defaults():
+    from rlhfkit.config import describe
+
+    lines = {line.split(" (")[0]: line for line in describe(PipelineConfig)}
+    # eval samples greedily (its default_factory), though a bare SamplingConfig samples at 1.0
+    assert "default 0.0)" in lines["eval.sampling.temperature"], lines["eval.sampling.temperature"]
+    assert "default 1.0)" in lines["ppo.sampling.temperature"], lines["ppo.sampling.temperature"]
+    assert "default 0.7)" in lines["eval.sampled.temperature"]
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "src/rlhfkit/configs").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_every_yaml_config_loads(path):

@@ -268,17 +268,22 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cls: type, prefix: str = "") -> list[str]:
-    """Lines ``key (type, default): doc`` for every field, nested configs flattened."""
+def describe(cls: type, prefix: str = "", defaults=None) -> list[str]:
+    """Lines ``key (type, default): doc`` for every field, nested configs flattened. A nested config's defaults
+    are its parent's (``defaults``: eval's ``sampling`` is greedy, though a bare ``SamplingConfig`` samples at 1)."""
     lines = []
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         if dataclasses.is_dataclass(tp):
-            lines.extend(describe(tp, prefix=f"{prefix}{f.name}."))
+            nested = default if dataclasses.is_dataclass(default) else None
+            lines.extend(describe(tp, prefix=f"{prefix}{f.name}.", defaults=nested))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
         lines.append(f"{prefix}{f.name} ({_type_name(tp)}, default {to_dict(default)!r}): {docs.get(f.name, '')}")
     return lines
