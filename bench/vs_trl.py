@@ -112,7 +112,8 @@ def build_tiny(out: Path) -> Path:
     """The quickstart's architecture, freshly initialised, with a BPE tokenizer trained on the task's text."""
     from rlhfkit.models.loading import TinyModelConfig, build_tiny_causal_lm, save_pretrained_atomic
     from rlhfkit.models.tokenizer import train_bpe_tokenizer
-    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems, pretrain_corpus
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+    from rlhfkit.tasks.arith_pretrain import pretrain_corpus
 
     problems = make_problems(400, seed=1, unanswerable_frac=0.2)
     texts = pretrain_corpus(400, 0) + [format_prompt(p) + gold_response(p) for p in problems]

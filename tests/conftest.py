@@ -20,7 +20,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def task_texts():
-    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems, pretrain_corpus
+    from rlhfkit.tasks.arith import format_prompt, gold_response, make_problems
+    from rlhfkit.tasks.arith_pretrain import pretrain_corpus
 
     problems = make_problems(60, seed=1, unanswerable_frac=0.2)
     return pretrain_corpus(60, seed=1) + [format_prompt(p) + gold_response(p) for p in problems]

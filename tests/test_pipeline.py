@@ -187,7 +187,7 @@ def test_cli_stage_commands_smoke(tiny_run, tmp_path):
 
 def test_report_shows_a_section_of_confidence_intervals_as_a_table():
     """The reranking section ({method: {"accuracy": {mean, ci95}}, "n": 16}) reads as a table; other shapes stay JSON."""
-    from rlhfkit.report import ci_table
+    from rlhfkit.report_tables import ci_table
 
     section = {"prm": {"accuracy": {"mean": 0.57, "ci95": [0.472, 0.663], "n": 100}},
                "majority": {"accuracy": {"mean": 0.51, "ci95": [0.413, 0.606], "n": 100}}, "n": 16}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.report import md_escape, relative_paths, render_html, section_tables, write_report
+from rlhfkit.report import render_html, write_report
+from rlhfkit.report_tables import md_escape, relative_paths, section_tables
 from rlhfkit.report_plots import gold_peak, line_series, overoptimization_points
 
 

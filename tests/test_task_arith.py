@@ -9,8 +9,9 @@ import pytest
 from rlhfkit.judges.base import PreferenceFunction
 from rlhfkit.tasks.oracle import TaskOracle
 from rlhfkit.tasks.arith import (
-    Problem, demonstration, format_prompt, gold_response, make_problems, pretrain_corpus, restate,
+    Problem, demonstration, format_prompt, gold_response, make_problems, restate,
 )
+from rlhfkit.tasks.arith_pretrain import pretrain_corpus
 from rlhfkit.tasks.arith_data import TaskConfig, write_task_data
 from rlhfkit.tasks.arith_judge import judge, preference_prob, sample_preference, sample_ranking
 

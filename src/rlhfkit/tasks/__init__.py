@@ -1,7 +1,6 @@
 """The embedded default task: generated arithmetic word problems and their oracle judge."""
-from rlhfkit.tasks.arith import (
-    Problem, demonstration, format_prompt, gold_response, make_problems, missing_line, pretrain_corpus,
-)
+from rlhfkit.tasks.arith import Problem, demonstration, format_prompt, gold_response, make_problems, missing_line
+from rlhfkit.tasks.arith_pretrain import pretrain_corpus
 from rlhfkit.tasks.arith_data import TaskConfig, write_task_data
 from rlhfkit.tasks.arith_judge import (
     Verdict, judge, preference_prob, sample_preference, sample_ranking,

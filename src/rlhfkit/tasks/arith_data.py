@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhfkit.io import atomic_write_jsonl
-from rlhfkit.tasks.arith import MIN_MAX_NUMBER, demonstration, false_abstention, format_prompt, make_problems, pretrain_corpus, restate
+from rlhfkit.tasks.arith import MIN_MAX_NUMBER, demonstration, false_abstention, format_prompt, make_problems, restate
+from rlhfkit.tasks.arith_pretrain import pretrain_corpus
 
 
 @dataclass(frozen=True)
