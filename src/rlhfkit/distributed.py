@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator, PartialState
 
+from rlhfkit.models.precision import resolve_mixed_precision
 from rlhfkit.tracking import check_trackers_available, trackers_of
 
 
@@ -33,9 +34,7 @@ def make_accelerator(cfg=None, project_dir=None):
     files), the accelerator logs to them once its caller runs ``init_trackers``; without a
     ``project_dir`` the caller tracks nothing and ``report_to`` is not used.
     """
-    mp = getattr(cfg, "mixed_precision", "auto")
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mp = resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto"))
     trackers = trackers_of(cfg) if project_dir is not None else []
     if not trackers:
         return Accelerator(mixed_precision=mp, cpu=_cpu_only())

@@ -16,6 +16,7 @@ their tokens (the math is ``rlhfkit.rewards``'s; step boundaries are ``rlhfkit.d
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from enum import StrEnum
@@ -28,6 +29,7 @@ from rlhfkit.advantages import whiten
 from rlhfkit.data.steps import step_end_positions
 from rlhfkit.config import ConfigError
 from rlhfkit.judges.spec import TaskJudges, from_spec
+from rlhfkit.models.precision import frozen_dtype
 from rlhfkit.models.reward_scorers import RewardEnsemble
 from rlhfkit.models.reward_files import load_reward_model
 from rlhfkit.paths import run_path, stage_hint
@@ -63,23 +65,25 @@ def import_callable(spec: str) -> RewardFn:
     return getattr(importlib.import_module(module), name)
 
 
-def _load(out: Path, rel: str, what: str):
+def _load(out: Path, rel: str, what: str, device=None, dtype: torch.dtype | None = None):
     path = run_path(out, rel)
     if not path.exists():
         raise ConfigError(f"{what}: {path} does not exist (run the reward stage first){stage_hint(rel, out)}")
-    return load_reward_model(path)
+    return load_reward_model(path, device=device, dtype=dtype)
 
 
 def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | None = None,
-                task_judges: TaskJudges | None = None) -> Scorer:
+                task_judges: TaskJudges | None = None, device=None) -> Scorer:
     """The reward (and cost) functions ``cfg`` names.
 
     ``cfg``: an RL stage's config (``recipes.ppo.PPOConfig``): ``reward_source``, ``reward_models``,
     ``ensemble_penalty``, ``prm``, ``prm_floor``, ``reward_fn``, ``cost_model``; model paths resolve
     with ``paths.run_path`` (``stage:`` in the run directory ``out``). ``records``: the prompts (each with
     ``prompt`` and ``meta``), for the oracle's answer key, the judge ``oracle`` of ``task_judges`` (the
-    task's judges, ``rlhfkit.tasks.JUDGES``). ``reward_fn`` overrides the reward source.
+    task's judges, ``rlhfkit.tasks.JUDGES``). ``reward_fn`` overrides the reward source. Reward, PRM and
+    cost models are loaded on ``device``, in bf16 under ``cfg.mixed_precision`` bf16 (``models.precision``).
     """
+    load = functools.partial(_load, out, device=device, dtype=frozen_dtype(getattr(cfg, "mixed_precision", "no")))
     outcome = steps = cost = None
     if reward_fn is not None:
         outcome = lambda p, r: [float(x) for x in reward_fn(p, r)]  # noqa: E731
@@ -95,17 +99,17 @@ def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | No
         oracle = from_spec("oracle", with_meta, task_judges=task_judges)
         outcome = lambda p, r: [oracle.score(x, y).score for x, y in zip(p, r)]  # noqa: E731
     elif cfg.reward_source is RewardSource.model:
-        members = [_load(out, rel, "reward_models") for rel in cfg.reward_models]
+        members = [load(rel, "reward_models") for rel in cfg.reward_models]
         # Several members: mean − ensemble_penalty · std (the uncertainty penalty); one: its own score.
         rm = members[0] if len(members) == 1 else RewardEnsemble(members, "mean_minus_std", cfg.ensemble_penalty)
         outcome = rm.score
     else:  # prm
-        prm = _load(out, cfg.prm, "prm")
+        prm = load(cfg.prm, "prm")
 
         def steps(p, r):
             return [prm_step_rewards(row, cfg.prm_floor) for row in prm.step_scores(p, r)]
     if cfg.cost_model:
-        cost_model = _load(out, cfg.cost_model, "cost_model")
+        cost_model = load(cfg.cost_model, "cost_model")
         cost = lambda p, r: [float(x) for x in cost_model.score(p, r)]  # noqa: E731
     return Scorer(outcome, steps, cost)
 

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel
 
+from rlhfkit.models.precision import fp32_head
 from rlhfkit.models.reward import HEAD_WEIGHTS
 from rlhfkit.models.trainable import LoRAConfig, add_lora, disable_dropout
 
@@ -35,7 +36,7 @@ class Critic(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, h)
-        values = self.head(hidden.float())  # (B, T, n_values): the head in fp32 whatever the backbone's dtype
+        values = fp32_head(self.head, hidden)  # (B, T, n_values): fp32 whatever the backbone's dtype or autocast
         return torch.nn.functional.pad(values[:, :-1], (0, 0, 1, 0))  # shift: V(x_<t) at t
 
 

@@ -36,6 +36,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
 from rlhfkit.data.steps import STEP_SEPARATOR, join_steps
+from rlhfkit.models.precision import fp32_head
 from rlhfkit.models.view_attention import view_attention
 
 KINDS = ("reward", "orm", "prm", "cost")
@@ -117,9 +118,9 @@ class ScalarModel(nn.Module):
             if self.info.causal:  # a decoder would build a KV cache nobody reads; an encoder may not take the flag
                 kwargs["use_cache"] = False
             hidden = self.backbone(**kwargs).last_hidden_state  # (B, T, H)
-        values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()  # (B, T)
+        values = fp32_head(self.head, hidden).squeeze(-1)  # (B, T), fp32 whatever the backbone's dtype or autocast
         if length_head:
-            return values, self.length_head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+            return values, fp32_head(self.length_head, hidden).squeeze(-1)
         return values
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, step_spans=None, length_head: bool = False,

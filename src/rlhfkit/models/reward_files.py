@@ -82,22 +82,26 @@ def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_reward_model(path: str | Path, device=None, batch_size: int = 32):
-    """A :class:`RewardModel` (or :class:`RewardEnsemble`) from a directory, in eval mode."""
+def load_reward_model(path: str | Path, device=None, batch_size: int = 32, dtype: torch.dtype | None = None):
+    """A :class:`RewardModel` (or :class:`RewardEnsemble`) from a directory, in eval mode.
+
+    ``dtype``: the backbone's (and a PRM's reference LM's) dtype, as saved by default; the scalar head
+    stays fp32 whatever it is (``models.precision``)."""
+    loaded_as = {"dtype": dtype} if dtype is not None else {}
     path = Path(path)
     if (path / "ensemble.json").exists():
         spec = json.loads((path / "ensemble.json").read_text())
-        members = [load_reward_model(path / m, device, batch_size) for m in spec["members"]]
+        members = [load_reward_model(path / m, device, batch_size, dtype) for m in spec["members"]]
         return RewardEnsemble(members, spec.get("reduce", "mean"), spec.get("k", 1.0))
     if not (path / HEAD_JSON).exists():
         raise FileNotFoundError(f"{path}: not a reward model directory (no {HEAD_JSON})")
     info = HeadInfo(**json.loads((path / HEAD_JSON).read_text()))
-    net = ScalarModel(AutoModel.from_pretrained(str(path)), info)
+    net = ScalarModel(AutoModel.from_pretrained(str(path), **loaded_as), info)
     tensors = load_file(str(path / HEAD_WEIGHTS))
     net.head.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("likelihood.")})
     tokenizer = load_tokenizer(path)
     if info.step_likelihood:
-        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_LM)),
+        net.likelihood = StepLikelihood(AutoModelForCausalLM.from_pretrained(str(path / REFERENCE_LM), **loaded_as),
                                         separator_tokens(tokenizer, info.separator))
         with torch.no_grad():
             for k in ("weight", "mean", "std"):

@@ -52,6 +52,7 @@ from rlhfkit.kl import AdaptiveKLController, FixedKLController, KLChoice, KLInLo
 from rlhfkit.losses import masked_mean
 from rlhfkit.models.critic import build_critic
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.precision import frozen_dtype
 from rlhfkit.models.trainable import LoRAConfig, disable_dropout, make_trainable, save_trained
 from rlhfkit.nonfinite import NonFiniteGuard
 from rlhfkit.paths import ConfigPath, ModelRef, run_path
@@ -534,7 +535,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     problems = {r.prompt: Problem.from_meta(r.meta) for r in records if r.meta is not None}
     if len(prompts) < cfg.prompts_per_step:
         raise ValueError(f"{records[0].where.rsplit(':', 1)[0]}: {len(prompts)} prompts, fewer than prompts_per_step {cfg.prompts_per_step}")
-    scorer = make_scorer(cfg, out, records, reward_fn, TASK_JUDGES)
+    scorer = make_scorer(cfg, out, records, reward_fn, TASK_JUDGES, device=device)
 
     # --- models: policy (trainable), reference (frozen, eval), critic (PPO only)
     torch.manual_seed(cfg.seed)
@@ -544,7 +545,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     reference = None
     policy = make_trainable(policy, cfg.lora, cfg.gradient_checkpointing)
     if not cfg.lora.enabled:  # under LoRA the reference is this model with the adapter disabled
-        reference = load_causal_lm(policy_path).to(device)
+        reference = load_causal_lm(policy_path, dtype=frozen_dtype(cfg.mixed_precision)).to(device)  # bf16 under bf16
         disable_dropout(reference)
         reference.eval().requires_grad_(False)
     critic = None
