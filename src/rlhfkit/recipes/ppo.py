@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from rlhfkit.advantages import Algorithm, gae, scale_by_std, whiten
 from rlhfkit.checkpoints import LoopCheckpoint, StoppedEarly, checkpoint_dir  # noqa: F401  (StoppedEarly: what a stopped run raises)
 from rlhfkit.config import check_non_negative, check_positive, check_probability, coerce_enums
-from rlhfkit.data.loading import load_prompts
+from rlhfkit.data.collate import Truncation, tokenize_demonstrations
+from rlhfkit.data.loading import load_demonstrations, load_prompts
 from rlhfkit.generation import (
     SamplingConfig, reference_token_logprobs, sample, sampler_logprobs, sequences_from_samples, token_logprobs,
     token_logprobs_and_entropy, unwrap,
@@ -51,7 +52,7 @@ from rlhfkit.io import JsonlLog
 from rlhfkit.kl import AdaptiveKLController, FixedKLController, KLChoice, KLInLoss, LagrangeMultiplier, kl_estimate
 from rlhfkit.losses import masked_mean
 from rlhfkit.models.critic import build_critic
-from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
 from rlhfkit.models.precision import frozen_dtype
 from rlhfkit.models.trainable import LoRAConfig, disable_dropout, make_trainable, save_trained
 from rlhfkit.nonfinite import NonFiniteGuard
@@ -60,6 +61,7 @@ from rlhfkit.policy_losses import (
     LossAggregation, aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights,
 )
 from rlhfkit.distributed import Collective
+from rlhfkit.ptx import PtxTerm
 from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics, token_kl
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
@@ -155,6 +157,14 @@ class PPOConfig:
     """weight of the value loss (the critic has its own optimizer; this scales its gradient)"""
     entropy_coef: float = 0.0
     """entropy bonus weight"""
+    ptx_coef: float = 0.0
+    """γ of PPO-ptx (Ouyang et al. 2022, eq. 2): every optimizer step also minimises γ × the mean NLL of the
+    response tokens of ``ptx_batch_size`` demonstrations drawn from ``ptx_data``, so that what the reward
+    model cannot see (the task's arithmetic) does not drift under RL (the "alignment tax"); 0: off"""
+    ptx_data: ConfigPath = "stage:data/sft.jsonl"
+    """demonstrations for ``ptx_coef`` (``prompt`` + ``response``, or ``messages``): the SFT stage's by default"""
+    ptx_batch_size: int = 32
+    """demonstrations per optimizer step for ``ptx_coef`` (divisible by the number of processes)"""
     gamma: float = 1.0
     """GAE discount"""
     lam: float = 0.95
@@ -225,9 +235,10 @@ class PPOConfig:
         check_seeds(self.seeds)
         check_report_to(self.report_to)
         check_positive(lr=self.lr, critic_lr=self.critic_lr, total_steps=self.total_steps, ppo_epochs=self.ppo_epochs,
-                       prompts_per_step=self.prompts_per_step, clip_eps=self.clip_eps, log_every=self.log_every)
+                       prompts_per_step=self.prompts_per_step, clip_eps=self.clip_eps, log_every=self.log_every,
+                       ptx_batch_size=self.ptx_batch_size)
         check_non_negative(kl_coef=self.kl_coef, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
-                           grad_clip=self.grad_clip, entropy_coef=self.entropy_coef, vf_coef=self.vf_coef,
+                           grad_clip=self.grad_clip, entropy_coef=self.entropy_coef, vf_coef=self.vf_coef, ptx_coef=self.ptx_coef,
                            save_every=self.save_every, lambda_lr=self.lambda_lr,
                            max_nonfinite_steps=self.max_nonfinite_steps)
         check_probability(gamma=self.gamma, lam=self.lam)
@@ -394,7 +405,7 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
 # ============================================================================ update
 
 def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout, adv, returns, cfg: PPOConfig,
-               kl_coef: float, accelerator, generator: torch.Generator, guard=None) -> dict:
+               kl_coef: float, accelerator, generator: torch.Generator, guard=None, ptx: PtxTerm | None = None) -> dict:
     """``ppo_epochs`` passes of shuffled minibatches; returns the mean of each diagnostic.
 
     With several processes (``accelerator``'s DDP) process r holds rows
@@ -409,6 +420,9 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     update, one epoch of one minibatch: each token's old log-prob is then its log-prob in this forward,
     detached (ratio 1), and they are written to ``ro.old_logprobs`` (with ``ro.kl`` when the rollout has
     reference log-probs) for the step's diagnostics, as a separate pass would have left them.
+
+    ``ptx`` (``cfg.ptx_coef`` > 0): each minibatch's optimizer step also gets the gradient of γ × a batch of
+    demonstrations' mean NLL (``rlhfkit.ptx``, drawn from ``generator``); ``ptx_nll`` is logged.
     """
     guard = guard or NonFiniteGuard("ppo", 0, accelerator)  # none given: no check, the plain update
 
@@ -492,6 +506,8 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 if not dummy:
                     for key, v in pm.items():
                         stats.setdefault(key, []).append(v)
+            if ptx is not None:
+                stats.setdefault("ptx_nll", []).append(coll.sum(ptx.backward(policy, accelerator, generator, rank, world)))
             # One decision for both models (nonfinite.NonFiniteGuard, ``guard``): a non-finite gradient norm in
             # either skips both updates. Every term of the loss depends on the parameters, so a non-finite
             # loss shows in the norms, which DDP's all-reduce makes the same on every process.
@@ -540,6 +556,12 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     # --- models: policy (trainable), reference (frozen, eval), critic (PPO only)
     torch.manual_seed(cfg.seed)
     tokenizer = load_tokenizer(policy_path)
+    ptx = None
+    if cfg.ptx_coef > 0:  # the demonstrations validated (file:line on a bad or too long one) before any model loads
+        context = getattr(model_config(policy_path), "max_position_embeddings", None) or 1 << 30
+        examples, _ = tokenize_demonstrations(tokenizer, load_demonstrations(ctx.resolve(cfg.ptx_data, key="ptx_data")),
+                                              context, Truncation.error)
+        ptx = PtxTerm(examples, cfg.ptx_coef, cfg.ptx_batch_size, tokenizer.pad_token_id)
     policy = load_causal_lm(policy_path)
     disable_dropout(policy)
     reference = None
@@ -607,7 +629,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
             t_update = clock(device)
             stats = ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro, adv, returns, cfg,
-                               kl_ctl.value, accelerator, gen, guard)
+                               kl_ctl.value, accelerator, gen, guard, ptx)
             update_s = clock(device) - t_update
             rec = {
                 "step": step + 1,
