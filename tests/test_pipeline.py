@@ -195,3 +195,31 @@ def test_report_shows_a_section_of_confidence_intervals_as_a_table():
                                  "| majority | 0.510 [0.413, 0.606] |", "", "n = 16"]
     assert ci_table({"rm": {"heldout": {"accuracy": 0.6}}}) is None
     assert ci_table({"edges": [0.8, 0.78]}) is None
+
+
+def test_a_setting_newer_than_the_run_at_its_default_is_no_difference(tiny_run):
+    """A run finished before a setting existed (its saved config lacks the key) is still complete when the
+    setting is at its default now, and changed when it is not."""
+    import yaml
+
+    from rlhfkit.pipeline import config_differences
+
+    saved = {"lr": 0.1, "sampling": {"temperature": 1.0}}
+    now = {"lr": 0.1, "ptx_coef": 0.0, "sampling": {"temperature": 1.0, "engine": "hf"}}
+    defaults = {"lr": 0.2, "ptx_coef": 0.0, "sampling": {"temperature": 0.5, "engine": "hf"}}
+    assert config_differences(saved, now, defaults=defaults) == ""
+    assert config_differences(saved, {**now, "ptx_coef": 1.0}, defaults=defaults) == "ptx_coef: <absent> → 1.0"
+    # through run_stage: the finished sft stage's saved config loses a key that is at its default
+    out, cfg = tiny_run
+    path = out / "sft" / "config.yaml"
+    full = path.read_text()
+    try:
+        saved = yaml.safe_load(full)
+        assert saved.pop("padding_free") is True
+        path.write_text(yaml.safe_dump(saved))
+        assert run_stage(cfg, "sft", out) == "skipped"
+        off = load_pipeline_config(None, [*tiny_pipeline_overrides(out), "sft.padding_free=false"])
+        with pytest.raises(ConfigError, match=r"padding_free: <absent> → False"):
+            run_stage(off, "sft", out)
+    finally:
+        path.write_text(full)

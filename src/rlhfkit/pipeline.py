@@ -155,9 +155,11 @@ def stage_context(section, name: str, out: Path, stage_dir: Path) -> Iterator[St
         end_tracking(acc)
 
 
-def config_differences(saved, now, limit: int = 5) -> str:
+def config_differences(saved, now, limit: int = 5, defaults: dict | None = None) -> str:
     """The keys whose values differ between a stage's saved config and the current one, as
-    ``key: saved → now`` (nested keys dotted; a key absent on one side shows as <absent>), at most ``limit``."""
+    ``key: saved → now`` (nested keys dotted; a key absent on one side shows as <absent>), at most ``limit``;
+    "" when none. ``defaults`` (the section's defaults, in the same form): a key the saved config lacks
+    whose value now is its default is no difference (a setting added by a later rlhfkit, left alone)."""
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return "no saved config" if saved is None else "the saved config is not a mapping"
 
@@ -166,15 +168,17 @@ def config_differences(saved, now, limit: int = 5) -> str:
     def show(v):
         return "<absent>" if v is absent else repr(v)
 
-    def walk(a, b, prefix):
+    def walk(a, b, d, prefix):
         for key in sorted(set(a) | set(b), key=str):
-            x, y = a.get(key, absent), b.get(key, absent)
+            x, y, z = a.get(key, absent), b.get(key, absent), d.get(key, absent) if isinstance(d, dict) else absent
             if isinstance(x, dict) and isinstance(y, dict):
-                yield from walk(x, y, f"{prefix}{key}.")
+                yield from walk(x, y, z, f"{prefix}{key}.")
+            elif x is absent and y == z:
+                continue
             elif x != y:
                 yield f"{prefix}{key}: {show(x)} → {show(y)}"
 
-    diffs = list(walk(saved, now, ""))
+    diffs = list(walk(saved, now, defaults or {}, ""))
     more = f", and {len(diffs) - limit} more" if len(diffs) > limit else ""
     return "; ".join(diffs[:limit]) + more
 
@@ -189,10 +193,12 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
         saved_path = final / "config.yaml"
         saved = yaml.safe_load(saved_path.read_text()) if saved_path.exists() else None
         now = saved_form(section, final)
-        if saved != now:  # both with their paths relative to the stage directory
+        # both with their paths relative to the stage directory; a setting newer than the run at its default is no change
+        differences = config_differences(saved, now, defaults=saved_form(type(section)(), final)) if saved != now else ""
+        if differences:
             raise ConfigError(
                 f"{saved_path}: stage '{stage}' already completed with a different config "
-                f"({config_differences(saved, now)}); remove {final} to rerun it, or use another out="
+                f"({differences}); remove {final} to rerun it, or use another out="
             )
         lineage.check_complete(out, stage)
         state.print(f"[rlhfkit] {stage}: complete in {final}, skipped")
