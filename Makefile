@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-test quickstart test test-slow test-e2e bench bench-peer clean
+.PHONY: install install-test quickstart test test-slow test-e2e gpu-check bench bench-peer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,11 @@ test-slow: install-test
 # The quickstart's figures as the end-to-end check (runs the whole bundled quickstart, ~8 minutes).
 test-e2e: install-test
 	$(BIN)/python -m pytest -q -m slow tests/test_quickstart_e2e.py
+
+# On a machine with one CUDA GPU: installs the gpu extra (requirements-gpu.lock) into a fresh venv, runs the
+# GPU-marked tests, GRPO and PPO on SmolLM2-135M with each rollout engine; last line: one JSON object (~10 minutes).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 # Throughput against TRL's fastest settings (TRL is a bench-only extra): DPO, reward model, SFT and a GRPO step on
 # the tiny model and SmolLM2-135M (its GGUF package, as the judge tests install it); 18 minutes on 2 idle cores (SmolLM2 already imported).

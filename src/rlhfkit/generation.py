@@ -1,24 +1,27 @@
 """Sampling responses from a policy, and the log-probabilities of given responses.
 
-Sampling goes through ``transformers`` ``generate`` (KV cache, batched, left padding so every
-prompt ends at the same column). A response is cut after its first EOS; one that hits
-``max_new_tokens`` without EOS is marked ``finished=False`` so callers can penalise it rather than
-score it as if complete. Log-probabilities used by a loss are always recomputed by a training
-forward pass (:func:`token_logprobs`), with the sampling temperature; the ones from generation
-(``sample(return_logprobs=True)``) are never used for gradients, only to measure how far the
-sampler's distribution is from the training forward's (and, optionally, to correct for it).
+:func:`sample` is the one sampling function. It encodes the prompts, draws one seed per chunk of
+``batch_size`` prompts, and hands each chunk's token ids to a rollout engine (``rlhfkit.engines``:
+``hf``, ``transformers`` ``generate`` on the model, the default and the CPU path; ``vllm`` on a GPU).
+A response is cut after its first EOS; one that hits ``max_new_tokens`` without EOS is marked
+``finished=False`` so callers can penalise it rather than score it as if complete. Log-probabilities
+used by a loss are always recomputed by a training forward pass (:func:`token_logprobs`), with the
+sampling temperature; the ones from the engine (``sample(return_logprobs=True)``) are never used for
+gradients, only to measure how far the sampler's distribution is from the training forward's (and,
+optionally, to correct for it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList
 
-from rlhfkit.config import check_non_negative, check_positive
+from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.data.collate import encode_prompt, encode_response, pad_batch
+from rlhfkit.engines import Engine, RolloutEngine, VLLMConfig, make_engine
+from rlhfkit.engines.hf import unwrap  # noqa: F401  (the recipes import it from here)
 from rlhfkit.models.token_logps import per_row, scored_logprobs, scored_logprobs_and_entropy
 from rlhfkit.models.trainable import reference_mode
 
@@ -48,51 +51,20 @@ class SamplingConfig:
     top_p: float = 1.0
     """nucleus sampling mass"""
     batch_size: int = 64
-    """prompts per generate call"""
+    """prompts per engine call (each call draws its own seed); vllm schedules its own batches inside a call, so a
+    larger value only helps it"""
+    engine: Engine = Engine.hf
+    """hf (``transformers`` generate on the training model: any device) or vllm (vLLM colocated on the GPU, the
+    ``gpu`` extra: pip install -e '.[gpu]'; the policy's weights are synced into it after every update)"""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """the vLLM engine's settings (engine: vllm only)"""
 
     def __post_init__(self):
         check_non_negative(temperature=self.temperature)
         check_positive(top_p=self.top_p, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         if self.top_p > 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-def _sampled_logprobs_processor(temperature: float):
-    """A logits processor that records log softmax(logits / T) at each token ``generate`` samples.
-
-    ``generate`` runs the processors it is given before its own temperature and top-p warpers
-    (transformers' ``_get_logits_processor``), so the scores seen here are the model's logits, and
-    only one step's (B, V) log-probs is held at a time: ``output_logits=True`` would keep every
-    step's (B, V) logits until generation ends. The token drawn at step t is the last column of
-    the ids at step t + 1's call; ``finish`` reads the last one from the returned sequences. If a
-    transformers release ran these processors after its warpers, the sampler's log-probs would be
-    divided by T twice: ``test_pitfalls.py`` compares them with the training forward at T ≠ 1.
-    """
-    class SampledLogprobs(LogitsProcessor):
-        def __init__(self):
-            self.pending: torch.Tensor | None = None  # (B, V) log-probs of the step whose token is not yet known
-            self.steps: list[torch.Tensor] = []
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            if self.pending is not None:
-                self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
-            self.pending = torch.log_softmax(scores.float() / temperature, dim=-1)
-            return scores
-
-        def finish(self, sequences: torch.Tensor) -> torch.Tensor:
-            """(B, new tokens) log-probs of the sampled tokens."""
-            if self.pending is not None:
-                self.steps.append(self.pending.gather(-1, sequences[:, -1:]).squeeze(-1))
-                self.pending = None
-            if not self.steps:
-                return torch.zeros(sequences.shape[0], 0)
-            return torch.stack(self.steps, dim=1)
-
-    return SampledLogprobs()
+        coerce_enums(self)
 
 
 @torch.no_grad()
@@ -110,26 +82,26 @@ def sample(
 ) -> list[Sample]:
     """Sample ``num_return_sequences`` responses per prompt (prompt-major order).
 
+    ``model``: a rollout engine (``engines.make_engine``: what a recipe that samples more than once passes),
+    or a model, sampled through the engine ``cfg.engine`` names, built for this call (``device``: where the
+    hf engine puts its inputs; default the model's). Given an engine, ``cfg.engine`` is not read.
+
     ``response_prefixes`` (one per prompt): a start of the response to continue, placed after
     the prompt's own text (after a chat template's assistant turn, not inside the user turn)
     and tokenized on its own as a response is; ``prompt_ids`` then end with the prefix's ids and
     ``text`` is only the continuation.
 
-    Each generate call (``cfg.batch_size`` prompts) is seeded by the next draw of a generator
+    Each engine call (``cfg.batch_size`` prompts) is seeded by the next draw of a generator
     seeded with ``seed``. ``first_chunk`` skips that many draws: a process sampling a shard that
     starts at prompt ``first_chunk · cfg.batch_size`` of a batch draws what one process would.
 
     ``return_logprobs``: each Sample also carries the sampler's log-probs of its tokens, from
-    the logits ``generate`` drew them from, divided by the temperature (1 when greedy) and before
-    top-p (with top_p < 1 the draw is from that distribution renormalised over the nucleus); the
-    samples drawn are the same either way.
+    the logits the tokens were drawn from, divided by the temperature (1 when greedy); the samples
+    drawn are the same either way (top-p: see the engines).
     """
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
+    own_engine = isinstance(model, torch.nn.Module)
+    engine: RolloutEngine = make_engine(cfg, model, tokenizer, device) if own_engine else model
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for _ in range(first_chunk):
         torch.randint(0, 2**31 - 1, (1,), generator=gen)
@@ -141,49 +113,30 @@ def sample(
         encoded = [ids + encode_response(tokenizer, r, add_eos=False) for ids, r in zip(encoded, response_prefixes)]
 
     starts = range(0, len(prompts), cfg.batch_size)
-    for start in tqdm(starts, desc="sampling", disable=len(starts) < 2, leave=False):
-        chunk = encoded[start:start + cfg.batch_size]
-        ids = pad_batch(chunk, pad, side="left").to(device)
-        mask = pad_batch([[1] * len(c) for c in chunk], 0, side="left").to(device)
-        # generate() draws from the global RNG; seed it per chunk from our generator for reproducibility.
-        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        greedy = cfg.temperature <= 0
-        gen_kwargs = dict(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=not greedy,
-            num_return_sequences=num_return_sequences,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )
-        if not greedy:
-            gen_kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
-        recorder = None
-        if return_logprobs:
-            recorder = _sampled_logprobs_processor(cfg.temperature if not greedy else 1.0)
-            gen_kwargs["logits_processor"] = LogitsProcessorList([recorder])
-        seqs = model.generate(**gen_kwargs)
-        new = seqs[:, ids.shape[1]:].tolist()
-        new_logprobs = recorder.finish(seqs).tolist() if recorder is not None else None
-        for j, row in enumerate(new):
-            p_idx = start + j // num_return_sequences
-            # EOS is looked for in the generated tokens only: a prompt (a chat template's end of
-            # turn) may hold the EOS token and says nothing about whether the response ended.
-            if eos in row:
-                resp, finished = row[: row.index(eos)], True
-            else:
-                resp, finished = row, False
-            out.append(Sample(
-                prompt=prompts[p_idx],
-                prompt_ids=encoded[p_idx],
-                response_ids=resp,
-                text=tokenizer.decode(resp, skip_special_tokens=True),
-                finished=finished,
-                logprobs=tuple(new_logprobs[j][:len(resp) + int(finished)]) if new_logprobs is not None else None,
-            ))
-    if was_training:
-        model.train()
+    try:
+        for start in tqdm(starts, desc="sampling", disable=len(starts) < 2, leave=False):
+            chunk_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+            generated = engine.generate(encoded[start:start + cfg.batch_size], cfg, num_return_sequences, chunk_seed,
+                                        return_logprobs)
+            for j, (row, logprobs) in enumerate(generated):
+                p_idx = start + j // num_return_sequences
+                # EOS is looked for in the generated tokens only: a prompt (a chat template's end of
+                # turn) may hold the EOS token and says nothing about whether the response ended.
+                if eos in row:
+                    resp, finished = row[: row.index(eos)], True
+                else:
+                    resp, finished = row, False
+                out.append(Sample(
+                    prompt=prompts[p_idx],
+                    prompt_ids=encoded[p_idx],
+                    response_ids=resp,
+                    text=tokenizer.decode(resp, skip_special_tokens=True),
+                    finished=finished,
+                    logprobs=tuple(logprobs[:len(resp) + int(finished)]) if logprobs is not None else None,
+                ))
+    finally:
+        if own_engine:
+            engine.close()
     return out
 
 

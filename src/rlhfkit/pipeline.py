@@ -25,6 +25,7 @@ import yaml
 from rlhfkit import lineage
 from rlhfkit.config import ConfigError, load_config, save_config, saved_form, to_dict
 from rlhfkit.distributed import make_accelerator, process_state
+from rlhfkit.engines import check_stage_engines
 from rlhfkit.io import JsonlLog, RunLock, atomic_write_json, commit_dir
 from rlhfkit.paths import STAGE_PREFIX, ConfigPath, map_config_paths
 from rlhfkit.recipes import data, dno, dpo, evaluate, intransitive, label, ppo, pretrain, reward, sft
@@ -203,6 +204,7 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
         lineage.check_complete(out, stage)
         state.print(f"[rlhfkit] {stage}: complete in {final}, skipped")
         return "skipped"
+    check_stage_engines(section, stage)  # a rollout engine that cannot run here fails now, not after loading models
     inputs = lineage.check_checkpoint(out, stage)
     partial = final.with_name(stage + ".partial")
     if state.is_main_process:
@@ -241,6 +243,9 @@ def run_pipeline(cfg: PipelineConfig, force_rerun: str | None = None) -> Path:
             for p in lineage.force_rerun(out, cfg.stages, force_rerun):
                 print(f"[rlhfkit] --force-rerun {force_rerun}: removed {p}")
         state.wait_for_everyone()
+        for stage in cfg.stages:  # every stage still to run: an engine that cannot run here fails before the first
+            if not (out / stage).exists():
+                check_stage_engines(getattr(cfg, STAGES[stage].section), stage)
         if state.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")  # paths relative to OUT: `rlhfkit run OUT/config.yaml` reruns it

@@ -8,7 +8,8 @@ cleanrl's PPO logs and what RLHF adds to it (:func:`rollout_metrics`, :func:`exp
   ``reward_with_kl``: the mean per-response return the advantages see, Σ_t rewards_t − β·KL;
 - ``kl``: the mean per-response KL estimate Σ_t KL_t from the reference, absent when no reference forward ran
   (β fixed at 0 and ``log_kl`` off: never a made-up 0); ``kl_coef``: β;
-- ``response_length`` and ``finished_rate`` (responses that emitted EOS);
+- ``response_length`` and ``finished_rate`` (responses that emitted EOS); ``batch_tokens``: the batch's prompt and
+  response tokens (the update's throughput is ppo_epochs · batch_tokens / time_update_s);
 - ``rollout_logprob_diff_mean`` / ``_max``: |log π_rollout − log π_train| over response tokens;
 - ``explained_variance`` (critic methods): 1 − Var(R − V_old) / Var(R) over response tokens.
 
@@ -94,6 +95,7 @@ def rollout_metrics(ro: Rollout, kl_coef: float, coll) -> dict:
         **kl,
         "kl_coef": kl_coef,
         "response_length": float(every(mask.sum(1)).mean()),
+        "batch_tokens": int(coll.sum(ro.attention_mask.sum())),
         "rollout_logprob_diff_mean": float(coll.sum(lp_diff.sum()) / coll.sum(mask.sum()).clamp(min=1)),
         "rollout_logprob_diff_max": float(every(lp_diff.amax(1)).max()),
         "finished_rate": float(every(torch.tensor([s.finished for s in ro.samples])).mean()),
@@ -112,13 +114,14 @@ def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.
 
 
 @torch.no_grad()
-def heldout_figures(policy, reference, tokenizer, prompts, scorer, cfg, device) -> dict:
+def heldout_figures(policy, reference, tokenizer, prompts, scorer, cfg, device, engine=None) -> dict:
     """KL(π ‖ π_ref) per response (k1 summed over tokens, on samples from π) and the mean cost, with 95% CIs.
 
     ``cfg`` (``recipes.ppo.PPOConfig``) gives ``sampling`` and ``seed``; ``reference`` None means
     ``policy`` with its adapter disabled; ``scorer.cost`` (``scoring.Scorer``), when set, scores the samples.
+    ``engine``: the rollout engine serving ``policy`` (None: one is built for this call).
     """
-    samples = sample(unwrap(policy), tokenizer, prompts, cfg.sampling, seed=cfg.seed + 12345, device=device)
+    samples = sample(engine or unwrap(policy), tokenizer, prompts, cfg.sampling, seed=cfg.seed + 12345, device=device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     batch = {k: v.to(device) for k, v in sequences_from_samples(samples, pad, tokenizer.eos_token_id).items()}
     scored = batch["response_mask"].bool()

@@ -12,6 +12,7 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -104,6 +105,35 @@ def reference_mode(model):
 def merged_copy(model):
     """A plain model equal to ``model`` (adapter merged into a copy; ``model`` itself keeps training)."""
     return copy.deepcopy(model).merge_and_unload() if is_peft(model) else model
+
+
+def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of each entry of the plain model's state dict that ``model`` stands for, for an inference
+    engine holding its own copy of the policy (``engines.vllm``). Under LoRA an adapted weight is W + (alpha / r)·B·A
+    (peft's ``get_delta_weight``, what ``merged_copy`` adds), made one module at a time without touching ``model``
+    (no deep copy, no merge and unmerge drifting the trained weights); the adapter's own tensors are left out and
+    the names are those of ``merged_copy(model).state_dict()``."""
+    if not is_peft(model):
+        yield from model.state_dict().items()
+        return
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    adapted = {name: m for name, m in base.named_modules() if isinstance(m, LoraLayer)}
+    with torch.no_grad():
+        for key, tensor in base.state_dict().items():
+            if ".lora_" in key:
+                continue
+            if ".base_layer." not in key:
+                yield key, tensor
+                continue
+            name, leaf = key.rsplit(".base_layer.", 1)
+            layer = adapted[name]
+            if leaf == "weight":
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+            yield f"{name}.{leaf}", tensor
 
 
 def save_trained(model, tokenizer, stage_dir: str | Path, lora: LoRAConfig, name: str = "model") -> Path:

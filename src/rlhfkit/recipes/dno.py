@@ -36,6 +36,7 @@ from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
 from rlhfkit.data.pairs import tokenize_pairs
+from rlhfkit.engines import make_engine
 from rlhfkit.generation import SamplingConfig, sample
 from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir
 from rlhfkit.judges.spec import from_spec
@@ -241,9 +242,9 @@ def _prompt_slices(n_train: int, per_iter: int, iterations: int) -> list[list[in
     return [[(t * per_iter + i) % n_train for i in range(min(per_iter, n_train))] for t in range(iterations)]
 
 
-def _greedy(model, tok, prompts, cfg: DNOConfig, device):
+def _greedy(engine, tok, prompts, cfg: DNOConfig, device):
     greedy = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, batch_size=cfg.sampling.batch_size)
-    return sample(model, tok, prompts, greedy, seed=cfg.seed, device=device)
+    return sample(engine, tok, prompts, greedy, seed=cfg.seed, device=device)
 
 
 def validation_win_rate(pf, prompts, policy_samples, base_samples) -> float:
@@ -306,7 +307,8 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
     torch.manual_seed(cfg.seed)
     policy = make_trainable(load_causal_lm(model_path), cfg.lora, cfg.gradient_checkpointing).to(device)
     rng = random.Random(cfg.seed)
-    base_val = _greedy(policy, tok, val_prompts, cfg, device)
+    engine = make_engine(cfg.sampling, policy, tok, device)  # sleeps while π_t trains, then takes its weights
+    base_val = _greedy(engine, tok, val_prompts, cfg, device)
     history: list[list[DNOPair]] = []
     per_iteration: dict[str, dict] = {}
     ckpt_root = checkpoint_dir(out_dir)
@@ -315,6 +317,7 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
                                     "dno", unit="iteration")
     done, extra = iteration_ckpt.resume({"policy": policy}, {})  # π_{done+1}, the RNGs, and the log as they were
     if done:
+        engine.sync_weights(policy)
         history = [[DNOPair(**p) for p in earlier] for earlier in extra["history"]]
         per_iteration = extra["per_iteration"]
         version, internal, gauss = extra["mix_rng"]
@@ -332,7 +335,8 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
         t_start = clock(device)
         prompts = [train_prompts[i] for i in idx]
         # 1. K samples per prompt from π_t (+ the teacher's response)
-        samples = sample(policy, tok, prompts, cfg.sampling, seed=cfg.seed * 1000 + t, num_return_sequences=cfg.samples_per_prompt, device=device)
+        samples = sample(engine, tok, prompts, cfg.sampling, seed=cfg.seed * 1000 + t, num_return_sequences=cfg.samples_per_prompt, device=device)
+        engine.sleep()  # vllm: its GPU memory goes to the judge and to training until the new weights come
         t_generated = clock(device)
         pairs: list[DNOPair] = []
         rates_log = []
@@ -383,11 +387,12 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
                                  checkpoint=train_ckpt)
         t_trained = clock(device)
         policy = accelerator.unwrap_model(policy)
+        engine.sync_weights(policy)  # π_{t+1}
         if accelerator.is_main_process:
             save_trained(policy, tok, it_dir, cfg.lora)
         # 6. validation win rate of the new iterate against the starting policy
         t_validation = clock(device)
-        val = validation_win_rate(pf, val_prompts, _greedy(policy, tok, val_prompts, cfg, device), base_val)
+        val = validation_win_rate(pf, val_prompts, _greedy(engine, tok, val_prompts, cfg, device), base_val)
         # where the iteration's time went (this process's clock): sampling, the preference function's comparisons,
         # π_t's reference log-probs, training, and the validation (greedy samples of the new iterate, judged)
         timing = {"time_generation_s": t_generated - t_start, "time_scoring_s": t_judged - t_generated,
@@ -409,6 +414,7 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
                 "history": [[p.__dict__ for p in earlier] for earlier in history], "per_iteration": per_iteration,
                 "mix_rng": rng.getstate()})
             train_ckpt.remove()
+    engine.close()
     best = max(per_iteration, key=lambda name: (per_iteration[name]["validation_win_rate"], name))
     if accelerator.is_main_process:
         if (out_dir / "model").exists():

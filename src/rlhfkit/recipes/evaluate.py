@@ -42,6 +42,7 @@ from rlhfkit.bias import length_controlled_win_rate
 from rlhfkit.config import ConfigError, check_positive
 from rlhfkit.data.chat import prompt_to_json
 from rlhfkit.data.loading import DataError, load_prompts
+from rlhfkit.engines import make_engine
 from rlhfkit.generation import SamplingConfig, sample
 from rlhfkit.io import atomic_write_jsonl
 from rlhfkit.judges.reward_model import RewardModelPreference
@@ -294,13 +295,14 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict:
     greedy, sampled, sc = {}, {}, cfg.sampled
     for name, p in paths.items():
         tok = load_tokenizer(p)
-        model = load_causal_lm(p).to(accelerator.device)
-        greedy[name] = sample(model, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
+        engine = make_engine(cfg.sampling, load_causal_lm(p).to(accelerator.device), tok, accelerator.device)
+        greedy[name] = sample(engine, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
         if sc.enabled:
             # Every policy from the same seed: common random numbers, so the comparison's noise is the policies'.
-            sampled[name] = sample(model, tok, prompts, sc.sampling(cfg.sampling.max_new_tokens), seed=cfg.seed,
+            sampled[name] = sample(engine, tok, prompts, sc.sampling(cfg.sampling.max_new_tokens), seed=cfg.seed,
                                    num_return_sequences=sc.samples_per_prompt, device=accelerator.device)
-        del model
+        engine.close()  # the policy's model (and vllm's memory) goes before the next policy loads
+        del engine
     rows_by_policy, results = measure(cfg, judge, records, greedy, 1)
     if sc.enabled:
         k = sc.samples_per_prompt

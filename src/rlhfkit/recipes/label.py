@@ -40,6 +40,7 @@ from rlhfkit.checkpoints import checkpoint_dir
 from rlhfkit.config import ConfigError, check_probability, coerce_enums, to_dict
 from rlhfkit.data.loading import DataError, load_prompts
 from rlhfkit.data.step_estimation import EstimateMode, estimate_step_labels
+from rlhfkit.engines import make_engine
 from rlhfkit.generation import SamplingConfig, sample
 from rlhfkit.io import atomic_write_json, atomic_write_text
 from rlhfkit.judges.spec import from_spec
@@ -145,7 +146,8 @@ def _seed(*parts) -> int:
 def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: LabelConfig, beta: float,
                 policy_name: str, device) -> dict[str, list[dict]]:
     """Sample, judge and label one chunk; returns {"rankings": [...], "pairs": [...], "steps": [...], "orders": [...]}
-    (``orders``: [P(a ≻ b) asked a first, P(b ≻ a) asked b first] of each judged pair, for the position bias)."""
+    (``orders``: [P(a ≻ b) asked a first, P(b ≻ a) asked b first] of each judged pair, for the position bias).
+    ``lm``: the label policy's rollout engine (``engines.make_engine``), or the model itself."""
     seed = _seed(cfg.seed, "chunk", c)
     prompts = [r.prompt for r in records]
     samples = sample(lm, tok, prompts, cfg.sampling, seed=seed, num_return_sequences=cfg.k, device=device)
@@ -278,7 +280,7 @@ def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = Non
                           device=accelerator.device, beta=beta, task_judges=TASK_JUDGES)
         judge_name = getattr(judge, "name", cfg.judge)
     tok = load_tokenizer(policy)
-    lm = load_causal_lm(policy).to(accelerator.device)
+    lm = make_engine(cfg.sampling, load_causal_lm(policy).to(accelerator.device), tok, accelerator.device)
     n_chunks = (len(records) + cfg.chunk_size - 1) // cfg.chunk_size
     kinds = ("rankings", "pairs", "steps")
     done_now = reused = 0
@@ -289,6 +291,7 @@ def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = Non
             reused += 1
             continue
         if stop_after_chunks is not None and done_now >= stop_after_chunks:
+            lm.close()
             return {"stopped": True, "chunks_done": done_now}
         chunk = records[c * cfg.chunk_size:(c + 1) * cfg.chunk_size]
         result = label_chunk(c, chunk, lm, tok, judge, judge_name, cfg, beta, cfg.policy, accelerator.device)
@@ -297,6 +300,7 @@ def run(cfg: LabelConfig, ctx: StageContext, stop_after_chunks: int | None = Non
         if accelerator.is_main_process:
             atomic_write_json(path, result)  # the chunk is on disk whole, or not at all
         done_now += 1
+    lm.close()
     merged: dict[str, list[dict]] = {k: [] for k in kinds}
     orders: list[list[float]] = []
     for c in range(n_chunks):

@@ -2,8 +2,9 @@
 
 One loop, read top to bottom in ``run``; every step is
 
-    rollout   sample K responses per prompt (``generation.sample``: KV cache, temperature,
-              top-p), cut after the first EOS; a response that never ends is unfinished
+    rollout   sample K responses per prompt (``generation.sample`` through the rollout engine,
+              ``sampling.engine``: hf generate, or vLLM on a GPU, given the new weights after every
+              update), cut after the first EOS; a response that never ends is unfinished
     score     a sequence score from the reward source (reward model, ensemble − penalty·std,
               PRM, the task judge, or any Python callable), the unfinished penalty in place
               of the score of an unfinished response; optionally PRM step rewards at the
@@ -61,6 +62,7 @@ from rlhfkit.policy_losses import (
     LossAggregation, aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights,
 )
 from rlhfkit.distributed import Collective
+from rlhfkit.engines import make_engine
 from rlhfkit.ptx import PtxTerm
 from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics, token_kl
@@ -319,11 +321,13 @@ class PPOConfig:
 # ============================================================================ rollout
 
 def make_rollout(policy, reference, critic, tokenizer, prompts: list[str], scorer: Scorer, cfg: PPOConfig,
-                 seed: int, device, all_sum=None, first_chunk: int = 0) -> Rollout:
+                 seed: int, device, all_sum=None, first_chunk: int = 0, engine=None) -> Rollout:
     """This process's share of a rollout batch; ``all_sum`` (a sum over processes) makes score
-    whitening use the whole batch, ``first_chunk`` is passed to ``generation.sample``."""
+    whitening use the whole batch, ``first_chunk`` is passed to ``generation.sample``. ``engine``: the
+    rollout engine serving ``policy``'s current weights (``engines.make_engine``); None samples ``policy``
+    with ``cfg.sampling.engine``."""
     t_start = clock(device)
-    samples = sample(unwrap(policy), tokenizer, prompts, cfg.sampling, seed=seed,
+    samples = sample(engine or unwrap(policy), tokenizer, prompts, cfg.sampling, seed=seed,
                      num_return_sequences=cfg.group_size, device=device, first_chunk=first_chunk, return_logprobs=True)
     t_generated = clock(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -609,6 +613,8 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     # This process's share of each step's prompts, and where its sampling chunks fall in one process's draw.
     per_rank = cfg.prompts_per_step // coll.world
     first_chunk = coll.rank * -(-per_rank // cfg.sampling.batch_size)
+    # The rollout engine, given the (resumed) weights now and the policy's after every update.
+    engine = make_engine(cfg.sampling, accelerator.unwrap_model(policy), tokenizer, device)
 
     # --- the loop
     gold_available = bool(problems) and len(problems) == len(prompts)
@@ -620,7 +626,9 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             t_step = time.time()
             mine = idx[coll.rank * per_rank:(coll.rank + 1) * per_rank]
             ro = make_rollout(policy, reference, critic, tokenizer, [prompts[i] for i in mine], scorer, cfg,
-                              seed=cfg.seed * 1_000_003 + step, device=device, all_sum=coll.sum, first_chunk=first_chunk)
+                              seed=cfg.seed * 1_000_003 + step, device=device, all_sum=coll.sum, first_chunk=first_chunk,
+                              engine=engine)
+            engine.sleep()  # vllm: its GPU memory goes to the update
             every = lambda t: coll.gather(t.float().cpu())  # noqa: E731  (B,): the whole batch, in rank order
             mean_cost = float(every(ro.costs).mean()) if ro.costs is not None else None
             if lagrange is not None:
@@ -631,6 +639,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             stats = ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro, adv, returns, cfg,
                                kl_ctl.value, accelerator, gen, guard, ptx)
             update_s = clock(device) - t_update
+            engine.sync_weights(accelerator.unwrap_model(policy))  # the next rollout samples the updated policy
             rec = {
                 "step": step + 1,
                 **rollout_metrics(ro, kl_ctl.value, coll),  # reward, KL, lengths, sampler drift (rl_metrics)
@@ -677,7 +686,8 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     held_path = ctx.resolve(cfg.heldout) if cfg.heldout else None
     if held_path is not None and held_path.exists() and accelerator.is_main_process:
         final = heldout_figures(accelerator.unwrap_model(policy), reference, tokenizer,
-                                [r.prompt for r in load_prompts(held_path)], scorer, cfg, device)
+                                [r.prompt for r in load_prompts(held_path)], scorer, cfg, device, engine)
+    engine.close()
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(policy), tokenizer, stage_dir, cfg.lora)
     runtime = time.time() - t0
