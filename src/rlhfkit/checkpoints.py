@@ -22,6 +22,10 @@ at any moment leaves a ``meta.json`` that names complete files. (Renaming a whol
 over the old one cannot do that: between moving the old one aside and the new one in there is none.)
 
 A resumed run ends with the weights of an uninterrupted one, bit for bit on CPU (tests/test_resume.py).
+
+Not under an engine that shards the model or optimizer state (FSDP, DeepSpeed): the state dicts above would
+be the first process's shards. There no checkpoint is written (``save_every`` is ignored, with a note), and a
+checkpoint found on disk or ``stop_after_steps`` is refused with an error rather than half-restored.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate.utils import DistributedType
 
 from rlhfkit.config import ConfigError, to_dict
 from rlhfkit.io import atomic_write_json
@@ -155,11 +160,26 @@ class LoopCheckpoint:
         self.stop_after = getattr(cfg, "stop_after_steps", 0)
         self.config = checkpoint_config(cfg, **identity)
         self.accelerator, self.log, self.name, self.unit, self.keep_done = accelerator, log, name, unit, keep_done
+        # FSDP and DeepSpeed shard the state dicts a checkpoint holds (module docstring): none is written there.
+        self.sharded = getattr(accelerator, "distributed_type", None) in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
     @property
     def enabled(self) -> bool:
-        """Whether checkpoints are written (a stage's directory, and ``save_every`` > 0)."""
-        return self.path is not None and self.every > 0
+        """Whether checkpoints are written (a stage's directory, ``save_every`` > 0, no sharding engine)."""
+        return self.path is not None and self.every > 0 and not self.sharded
+
+    def _refuse_sharded(self) -> None:
+        """Under FSDP / DeepSpeed: an error for a checkpoint on disk or ``stop_after_steps``, a note that none is written."""
+        engine = self.accelerator.distributed_type.value
+        if read_meta(self.path) is not None:
+            raise ConfigError(f"{self.name}: {self.path} holds a checkpoint, and resuming under {engine} is not "
+                              f"supported; resume without it, or remove {self.path} to start the stage over")
+        if self.stop_after:
+            raise ConfigError(f"{self.name}: stop_after_steps needs mid-stage checkpoints, which are not written "
+                              f"under {engine}")
+        if self.every and self.accelerator.is_main_process:
+            print(f"[rlhfkit] {self.name}: no mid-stage checkpoints under {engine} (save_every ignored): "
+                  "an interrupted stage starts over", flush=True)
 
     def _log_path(self) -> Path | None:
         return self.log.path if self.log is not None and self.log.enabled else None
@@ -167,6 +187,9 @@ class LoopCheckpoint:
     def resume(self, objects: dict, controllers: dict) -> tuple[int, dict]:
         """(steps done, the checkpoint's ``extra``) after restoring the checkpoint, or (0, {}) without one."""
         if self.path is None:
+            return 0, {}
+        if self.sharded:
+            self._refuse_sharded()
             return 0, {}
         start = load_checkpoint(self.path, objects, controllers, self._log_path(), self.config)
         if not start:
@@ -188,7 +211,7 @@ class LoopCheckpoint:
                    extra: Callable[[], dict] | None = None) -> None:
         """After optimizer step ``done`` of ``total``: a checkpoint every ``save_every`` steps (and at
         ``stop_after_steps``), then ``StoppedEarly`` at ``stop_after_steps``. ``extra`` is called only to save."""
-        if self.path is None or done >= total:
+        if self.path is None or self.sharded or done >= total:
             return
         if self.every and (done % self.every == 0 or done == self.stop_after):
             self.save(done, objects, controllers, extra() if extra else None)

@@ -218,9 +218,12 @@ def run_stage(cfg: PipelineConfig, stage: str, out: Path) -> str:
     with stage_context(section, stage, out, partial) as ctx:
         recipe = STAGES[stage].run
         metrics = run_seeds(recipe, section, ctx) if getattr(section, "seeds", ()) else recipe(section, ctx)
+        # which engine ran it: a run meant for FSDP that fell back to DDP says so here
+        engine = {"type": ctx.accelerator.distributed_type.value, "processes": ctx.accelerator.num_processes}
     state.wait_for_everyone()
     if state.is_main_process:
         metrics["stage_runtime_s"] = time.time() - t0
+        metrics["distributed"] = engine
         atomic_write_json(partial / "metrics.json", metrics)
         save_config(section, partial / "config.yaml", base=final)  # its paths relative to where it will be
         lineage.record_complete(partial, cfg_now, inputs)

@@ -23,10 +23,10 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
-from rlhfkit.distributed import Collective
+from rlhfkit.distributed import Collective, is_sharded
 from rlhfkit.io import JsonlLog
 from rlhfkit.models.token_logps import scored_logprobs
-from rlhfkit.models.trainable import LoRAConfig
+from rlhfkit.models.trainable import LoRAConfig, is_peft
 from rlhfkit.models.view_attention import view_attention
 from rlhfkit.nonfinite import NonFiniteGuard
 from rlhfkit.tracking import check_report_to
@@ -220,11 +220,19 @@ def fit(model, n_examples: int, batch_loss: BatchLoss, cfg: TrainConfig, acceler
     elapsed_s}``; returns ``final_<loss, metrics>``, ``train_steps``, ``train_<unit>``, [``train_tokens``,]
     ``train_runtime_s``, ``train_<unit>_per_s``, ``resumed_from_step`` and the guard's counts.
     """
+    if is_sharded(accelerator) and any(is_peft(m) for m in model.modules()):
+        # The adapter and the merged model are saved from the unsharded peft model (models.trainable.save_trained).
+        raise NotImplementedError(f"{name}: LoRA under FSDP or DeepSpeed ZeRO-3 is not supported yet; "
+                                  "train every weight (lora.r: 0) or run under DDP")
     total = cfg.total_steps(n_examples)
     opt, sched = make_optimizer_and_scheduler(model, cfg, total)
     # The scheduler is not passed to prepare(): accelerate would step it once per process per
     # step (it assumes sharded dataloaders), running the schedule N times too fast on N processes.
     objects = {"model": model, "opt": opt, "sched": sched}  # unwrapped: what a checkpoint holds
+    # accelerate keeps every model and optimizer it prepared: a stage training several (the reward models) would
+    # hold each one's optimizer state to the end, and under FSDP its clip_grad_norm_ compares the parameters of
+    # each kept model with this one's (an error for two models of one shape). Dropped before this training.
+    accelerator.free_memory()
     prepared, opt = accelerator.prepare(model, opt)
     prepared.train(train_mode)
     guard = NonFiniteGuard(name, cfg.max_nonfinite_steps, accelerator)

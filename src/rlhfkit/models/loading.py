@@ -114,17 +114,37 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None, trust_rem
     return model
 
 
-def save_pretrained_atomic(model, tokenizer, out_dir: str | Path) -> Path:
-    """Save a model and its tokenizer as a Hugging Face directory, atomically."""
+def save_pretrained_atomic(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Save a model and its tokenizer as a Hugging Face directory, atomically.
+
+    ``state_dict``: the weights to write instead of the model's own (the full weights gathered from a
+    model sharded by FSDP or ZeRO-3, ``distributed.gathered_state_dict``); the model gives the config.
+    """
     out_dir = Path(out_dir)
     tmp = partial_dir(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    if state_dict is not None:
+        state_dict = without_aliases(model, state_dict)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     replace_dir(tmp, out_dir)
     return out_dir
+
+
+def without_aliases(model, state_dict: dict) -> dict:
+    """``state_dict`` less the second name of each parameter ``model`` holds under two (tied embeddings:
+    ``lm_head.weight`` is ``model.embed_tokens.weight``). A gathered state dict holds such a weight under both
+    names, as separate tensors; ``save_pretrained`` drops the alias only when it sees one storage, so the file
+    would differ from the one an unsharded model writes. Names as the gather gives them (no activation
+    checkpointing wrapper in them)."""
+    def clean(name: str) -> str:
+        return name.replace("._checkpoint_wrapped_module", "")
+
+    first = {clean(n) for n, _ in model.named_parameters()}
+    aliases = {clean(n) for n, _ in model.named_parameters(remove_duplicate=False)} - first
+    return {k: v for k, v in state_dict.items() if k not in aliases}
 
 
 def model_config(path: str | Path):

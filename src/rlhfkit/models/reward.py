@@ -98,6 +98,12 @@ class ScalarModel(nn.Module):
         # set only while training and never saved (save_scalar_model writes ``head``), so r_Q alone is the reward.
         self.length_head = None
 
+    @property
+    def _no_split_modules(self):
+        """The backbone's layer classes (transformers' ``_no_split_modules``), which FSDP's transformer-based auto
+        wrap reads from the model it prepares: each decoder layer then becomes a unit of its own."""
+        return getattr(self.backbone, "_no_split_modules", None)
+
     def token_values(self, input_ids, attention_mask=None, token_type_ids=None, length_head: bool = False,
                      position_ids=None, token_views=None):
         """(B, T) values of ``head``; with ``length_head`` also those of ``length_head``, as a pair.

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from rlhfkit.io import atomic_write_json, partial_dir, replace_dir
-from rlhfkit.models.loading import load_tokenizer
+from rlhfkit.models.loading import load_tokenizer, without_aliases
 from rlhfkit.models.reward import (
     HEAD_JSON, HEAD_WEIGHTS, KINDS, REFERENCE_LM, HeadInfo, ScalarModel, is_encoder, separator_tokens,
 )
@@ -60,22 +60,38 @@ def build_scalar_model(backbone_path: str | Path, kind: str = "reward", max_len:
     return net, tokenizer
 
 
-def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path) -> Path:
-    """Atomically: backbone + tokenizer as a HF directory, head as safetensors + json."""
+def save_scalar_model(net: ScalarModel, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Atomically: backbone + tokenizer as a HF directory, head as safetensors + json.
+
+    ``state_dict``: ``net``'s full weights gathered from a sharded ``net`` (``distributed.gathered_state_dict``:
+    keys ``backbone.*``, ``head.*``, ``likelihood.*``), written in place of the modules' own.
+    """
     out_dir = Path(out_dir)
     tmp = partial_dir(out_dir)
     if tmp.exists():
         shutil.rmtree(tmp)
 
+    def part(module, prefix: str) -> dict:
+        """save_pretrained's arguments for ``module``: its share of ``state_dict`` (``prefix`` cut), if given."""
+        if state_dict is None:
+            return {}
+        return {"state_dict": without_aliases(module, {k[len(prefix):]: v for k, v in state_dict.items()
+                                                       if k.startswith(prefix)})}
+
+    if is_peft(net.backbone) and state_dict is not None:
+        raise NotImplementedError("saving a LoRA backbone from gathered weights (FSDP, ZeRO-3) is not supported")
     # Under LoRA the backbone is saved merged (loads without peft) and the adapter beside it in adapter/.
-    merged_copy(net.backbone).save_pretrained(tmp, safe_serialization=True)
+    merged_copy(net.backbone).save_pretrained(tmp, safe_serialization=True, **part(net.backbone, "backbone."))
     if is_peft(net.backbone):
         net.backbone.save_pretrained(tmp / "adapter")
     tokenizer.save_pretrained(tmp)
-    tensors = dict(net.head.state_dict())
+    own = {f"head.{k}": v for k, v in net.head.state_dict().items()}
     if net.likelihood is not None:
-        net.likelihood.lm.save_pretrained(tmp / REFERENCE_LM, safe_serialization=True)
-        tensors.update({f"likelihood.{k}": getattr(net.likelihood, k) for k in ("weight", "mean", "std")})
+        net.likelihood.lm.save_pretrained(tmp / REFERENCE_LM, safe_serialization=True,
+                                          **part(net.likelihood.lm, "likelihood.lm."))
+        own.update({f"likelihood.{k}": getattr(net.likelihood, k) for k in ("weight", "mean", "std")})
+    # the file's keys: the head's without its prefix, the likelihood's with theirs
+    tensors = {k.removeprefix("head."): state_dict[k] if state_dict is not None else v for k, v in own.items()}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / HEAD_WEIGHTS))
     atomic_write_json(tmp / HEAD_JSON, asdict(net.info))
     replace_dir(tmp, out_dir)

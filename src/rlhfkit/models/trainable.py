@@ -136,15 +136,19 @@ def merged_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             yield f"{name}.{leaf}", tensor
 
 
-def save_trained(model, tokenizer, stage_dir: str | Path, lora: LoRAConfig, name: str = "model") -> Path:
+def save_trained(model, tokenizer, stage_dir: str | Path, lora: LoRAConfig, name: str = "model",
+                 state_dict: dict | None = None) -> Path:
     """Save a trained causal LM as ``stage_dir/<name>`` (atomic), and under LoRA its adapter as ``stage_dir/adapter``.
 
     With ``lora.merge`` (default) ``<name>/`` is the merged plain model; without, it is the adapter
-    (``models.loading.load_causal_lm`` loads either).
+    (``models.loading.load_causal_lm`` loads either). ``state_dict``: the full weights gathered from a sharded
+    ``model`` (``distributed.gathered_state_dict``), written in place of the model's own.
     """
     stage_dir = Path(stage_dir)
     if not is_peft(model):
-        return save_pretrained_atomic(model, tokenizer, stage_dir / name)
+        return save_pretrained_atomic(model, tokenizer, stage_dir / name, state_dict=state_dict)
+    if state_dict is not None:
+        raise NotImplementedError("saving a LoRA model from gathered weights (FSDP, ZeRO-3) is not supported")
     adapter = stage_dir / ("adapter" if name == "model" else f"{name}_adapter")
     tmp = partial_dir(adapter)
     model.save_pretrained(tmp)

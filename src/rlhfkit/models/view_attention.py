@@ -72,7 +72,7 @@ def _unwrap(model):
 
 def supports_view_attention(model) -> bool:
     """Whether ``model`` can run view attention: its attention goes through ``AttentionInterface``, activation
-    checkpointing is off (a checkpointed layer re-runs its forward during backward, after ``view_attention``
+    checkpointing is off, transformers' or torch's (a checkpointed layer re-runs its forward during backward, after ``view_attention``
     has restored the model's own attention, which would attend across views), and its attention is plain
     causal attention: no logit soft-capping (Gemma-2), no sliding window (Mistral, Gemma-2) and no attention
     sinks (gpt-oss). Any other model takes the concatenated path."""
@@ -85,7 +85,10 @@ def supports_view_attention(model) -> bool:
     sliding = ("sliding_attention" in layer_types if layer_types else
                getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True) is not False)
     sinks = any(hasattr(m, "sinks") for m in inner.modules())
-    return getattr(cfg, "attn_logit_softcapping", None) is None and not sliding and not sinks
+    # torch's checkpoint_wrapper (FSDP's activation checkpointing, applied by ``accelerator.prepare``) re-runs a
+    # layer in backward just as transformers' own does; ``is_activation_checkpointing`` does not see it.
+    wrapped = any(hasattr(m, "_checkpoint_wrapped_module") for m in inner.modules())
+    return getattr(cfg, "attn_logit_softcapping", None) is None and not sliding and not sinks and not wrapped
 
 
 @contextlib.contextmanager

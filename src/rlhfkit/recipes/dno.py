@@ -36,6 +36,7 @@ from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_positive, coerce_enums
 from rlhfkit.data.loading import DataError, iter_records, load_prompts, require
 from rlhfkit.data.pairs import tokenize_pairs
+from rlhfkit.distributed import refuse_sharded
 from rlhfkit.engines import make_engine
 from rlhfkit.generation import SamplingConfig, sample
 from rlhfkit.io import atomic_write_json, atomic_write_jsonl, partial_dir, replace_dir
@@ -281,6 +282,7 @@ def run(cfg: DNOConfig, ctx: StageContext, pf=None) -> dict:
     (the iterate, the pair history, the mixing RNG, its ``dno_t/`` outputs) and a rerun starts after
     it; inside an iteration, training checkpoints every ``save_every`` steps as DPO does.
     """
+    refuse_sharded(ctx.accelerator, "dno")  # it samples from, and copies, the policy outside its training forward
     model_path, prompts_path = ctx.model(cfg.model, "model"), ctx.resolve(cfg.prompts, key="prompts")
     out, out_dir, accelerator, log = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.log
     records = load_prompts(prompts_path)

@@ -35,6 +35,7 @@ from rlhfkit.data.collate import Truncation
 from rlhfkit.data.loading import DataError
 from rlhfkit.data.pairs import tokenize_pairs
 from rlhfkit.data.preferences import load_pairs
+from rlhfkit.distributed import gathered_state_dict
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
 from rlhfkit.models.sequence_logps import PairLayout, precompute_logps
 from rlhfkit.models.trainable import make_trainable, reference_mode, save_trained
@@ -187,7 +188,8 @@ def run(cfg: DPOConfig, ctx: StageContext) -> dict:
     metrics = train_on_pairs(model, pairs, ref, dpo_pair_loss(cfg, weights), cfg, accelerator, log,
                              tokenizer.pad_token_id, progress_desc=f"dpo ({cfg.loss_type.value})", layout=cfg.layout,
                              checkpoint=LoopCheckpoint(checkpoint_dir(out_dir), cfg, accelerator, log, "dpo"))
+    state_dict = gathered_state_dict(accelerator, model)  # FSDP / ZeRO-3: every process takes part in the gather
     if accelerator.is_main_process:
-        save_trained(accelerator.unwrap_model(model), tokenizer, out_dir, cfg.lora)
+        save_trained(accelerator.unwrap_model(model), tokenizer, out_dir, cfg.lora, state_dict=state_dict)
     return metrics | {"n_pairs": len(pairs), "n_pairs_in_file": len(pair_set.pairs), "reference_logps_s": ref_s,
                       "n_truncated": counts["truncated"]}

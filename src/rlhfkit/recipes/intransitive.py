@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from rlhfkit.config import coerce_enums
 from rlhfkit.data.loading import load_demonstrations, load_prompts
-from rlhfkit.distributed import Collective, make_accelerator
+from rlhfkit.distributed import Collective, make_accelerator, refuse_sharded
 from rlhfkit.generation import SamplingConfig, sample
 from rlhfkit.io import JsonlLog, atomic_write_json, atomic_write_jsonl
 from rlhfkit.judges.preference_model import MARKER, pair_text_ids
@@ -131,6 +131,7 @@ class IntransitiveConfig:
 
 
 def run(cfg: IntransitiveConfig, ctx: StageContext) -> dict:
+    refuse_sharded(ctx.accelerator, "intransitive")  # its DNO arms sample from and copy the policy
     stage_dir = ctx.stage_dir
     data = ctx.resolve("stage:data")
     # 1. styled demonstrations → SFT

@@ -61,7 +61,7 @@ from rlhfkit.paths import ConfigPath, ModelRef, run_path
 from rlhfkit.policy_losses import (
     LossAggregation, aggregate_loss, ppo_policy_loss, ppo_value_loss, truncated_importance_weights,
 )
-from rlhfkit.distributed import Collective
+from rlhfkit.distributed import Collective, refuse_sharded
 from rlhfkit.engines import make_engine
 from rlhfkit.ptx import PtxTerm
 from rlhfkit.rewards import place_token_rewards
@@ -541,6 +541,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     directory, so a killed stage that is started over still finds them.
     """
     out, stage_dir, accelerator, name = ctx.out, ctx.stage_dir, ctx.accelerator, ctx.name
+    refuse_sharded(accelerator, name)  # generation, the reference and the critic read the policy outside its forward
     log_path = stage_dir / "log.jsonl"  # this loop's own JsonlLog
     coll = Collective(accelerator)
     if cfg.prompts_per_step % coll.world:

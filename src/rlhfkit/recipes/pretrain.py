@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.data.collate import collate_packed, pack_documents
 from rlhfkit.data.loading import load_texts
+from rlhfkit.distributed import gathered_state_dict
 from rlhfkit.models.loading import (
     TinyModelConfig, build_tiny_causal_lm, load_causal_lm, load_tokenizer, save_pretrained_atomic,
 )
@@ -62,7 +63,8 @@ def run(cfg: PretrainConfig, ctx: StageContext) -> dict:
         progress_desc="pretrain",
         checkpoint=LoopCheckpoint(checkpoint_dir(out_dir), cfg, accelerator, log, "pretrain"),
     )
+    state_dict = gathered_state_dict(accelerator, model)  # FSDP / ZeRO-3: every process takes part in the gather
     if accelerator.is_main_process:
-        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, out_dir / "model")
+        save_pretrained_atomic(accelerator.unwrap_model(model), tokenizer, out_dir / "model", state_dict=state_dict)
     metrics.update(n_documents=len(texts), n_blocks=len(blocks), n_parameters=sum(p.numel() for p in model.parameters()))
     return metrics

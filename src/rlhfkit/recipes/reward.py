@@ -30,6 +30,7 @@ import torch
 from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.config import check_non_negative, check_probability, coerce_enums
 from rlhfkit.data.preferences import PairSet, load_pairs, load_safety, load_steps, safety_pairs
+from rlhfkit.distributed import full_tensor, gathered_state_dict, is_sharded
 from rlhfkit.losses import bradley_terry_loss, cost_model_loss, length_decorrelation_loss, reward_centering, step_bce_loss
 from rlhfkit.models.reward import step_logits
 from rlhfkit.models.reward_scorers import RewardModel
@@ -268,6 +269,9 @@ def train_rm(cfg: RewardConfig, backbone: Path, train, accelerator, log, ckpt: P
     dev = accelerator.device
     world = accelerator.num_processes
     odin = cfg.length_decorrelation > 0
+    if odin and is_sharded(accelerator):
+        # its loss reads both heads' weights outside the forward, where FSDP does not gather them
+        raise NotImplementedError("reward: length_decorrelation (ODIN) under FSDP or ZeRO-3 is not supported yet")
     if odin:  # ODIN's length head, r_L: trained with the net, dropped before the model is saved or scored
         net.length_head = _length_head(net, cfg.seed)
         texts = sorted({r for p in train.pairs for r in (p.chosen, p.rejected)})
@@ -374,7 +378,7 @@ def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt
 
     fit = _fit(net, len(records), batch_loss, replace(cfg, lr=cfg.prm_lr) if cfg.prm_lr > 0 else cfg, accelerator, log, "prm", ckpt)
     if start is not None:
-        fit["step_likelihood"] = {"start": start, "weight": net.likelihood.weight.tolist()}
+        fit["step_likelihood"] = {"start": start, "weight": full_tensor(net.likelihood.weight).tolist()}
     return net, tok, fit
 
 
@@ -428,6 +432,13 @@ def train_cost(cfg: RewardConfig, backbone: Path, pairs, accelerator, log, ckpt:
 
     fit = _fit(net, len(pairs), batch_loss, cfg, accelerator, log, "cost", ckpt)
     return net, tok, fit
+
+
+def _save(net, tok, out_dir: Path, accelerator) -> None:
+    """``save_scalar_model`` on the main process; under FSDP / ZeRO-3 from the full weights, which every process gathers."""
+    state_dict = gathered_state_dict(accelerator, net)
+    if accelerator.is_main_process:
+        save_scalar_model(net, tok, out_dir, state_dict=state_dict)
 
 
 def _length_bias(tok, pairs: list[tuple], chosen: list[float], rejected: list[float]) -> dict:
@@ -492,15 +503,13 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
         if metas:
             m["judge_agreement"] = judge_agreement(rm_eval, c, r, metas)
         metrics["models"]["rm"] = m
-        if accelerator.is_main_process:
-            save_scalar_model(net, tok, stage_dir / "rm")
+        _save(net, tok, stage_dir / "rm", accelerator)
         trained["rm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
     if cfg.train_prm:
         net, tok, fit = train_prm(cfg, backbone, steps_train, accelerator, log, _ckpt("prm"))
         metrics["models"]["prm"] = {"heldout": prm_eval(net, tok, steps_eval, cfg.eval_batch_size, dev), **fit,
                                     "train_solutions": len(steps_train)}
-        if accelerator.is_main_process:
-            save_scalar_model(net, tok, stage_dir / "prm")
+        _save(net, tok, stage_dir / "prm", accelerator)
         trained["prm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
     if cfg.train_orm:
         tr = [s for s in steps_train if s.correct is not None]
@@ -512,8 +521,7 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
                              cfg.eval_batch_size, dev, layout=cfg.layout).tolist()
             metrics["models"]["orm"] = {"heldout": step_metrics([sigmoid(v) for v in z], [float(s.correct) for s in ev]),
                                         **fit, "train_solutions": len(tr)}
-            if accelerator.is_main_process:
-                save_scalar_model(net, tok, stage_dir / "orm")
+            _save(net, tok, stage_dir / "orm", accelerator)
             trained["orm"] = RewardModel(net, tok, dev, cfg.eval_batch_size)
     if cfg.train_cost:
         safety = load_safety(ctx.resolve(cfg.steps_data, key="steps_data"))
@@ -535,8 +543,7 @@ def run(cfg: RewardConfig, ctx: StageContext) -> dict:
         if held_pairs:
             metrics["models"]["cost"]["length_bias"] = _length_bias(
                 tok, held_pairs, [-cost_of[(q, a)] for q, a, _ in held_pairs], [-cost_of[(q, b)] for q, _, b in held_pairs])
-        if accelerator.is_main_process:
-            save_scalar_model(net, tok, stage_dir / "cost")
+        _save(net, tok, stage_dir / "cost", accelerator)
     # The report's view: held-out figures of each model (and agreement with the judge), then reranking.
     metrics["reward_models"] = {name: {k: v for k, v in m.items() if k in ("heldout", "judge_agreement")}
                                 for name, m in metrics["models"].items()}

@@ -14,6 +14,7 @@ import torch
 from rlhfkit.checkpoints import LoopCheckpoint, checkpoint_dir
 from rlhfkit.data.collate import Truncation, collate_sft, collate_sft_unpadded, tokenize_demonstrations
 from rlhfkit.data.loading import load_demonstrations
+from rlhfkit.distributed import engine_checkpoints_activations, gathered_state_dict
 from rlhfkit.models.loading import load_causal_lm, load_tokenizer, model_config
 from rlhfkit.models.trainable import make_trainable, save_trained
 from rlhfkit.models.view_attention import supports_view_attention
@@ -59,10 +60,11 @@ def run(cfg: SFTConfig, ctx: StageContext) -> dict:
     model = load_causal_lm(model_path, trust_remote_code=cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # the adapters' initialisation under LoRA, as dpo.run seeds it: a rerun (a resume) starts alike
     model = make_trainable(model, cfg.lora, cfg.gradient_checkpointing)
-    unpadded = cfg.padding_free and supports_view_attention(model)
+    # FSDP's activation checkpointing wraps the layers only in ``prepare``: asked here, before it.
+    unpadded = cfg.padding_free and supports_view_attention(model) and not engine_checkpoints_activations(accelerator)
     if cfg.padding_free and not unpadded:
         print(f"[rlhfkit] sft: {type(model).__name__}: attention not pluggable or activation checkpointing on "
-              "(see supports_view_attention); padded batches")
+              "(see supports_view_attention; FSDP's activation_checkpointing); padded batches")
 
     def collate(idx: list[int]) -> dict[str, torch.Tensor]:
         batch = [examples[i] for i in idx]
@@ -79,7 +81,8 @@ def run(cfg: SFTConfig, ctx: StageContext) -> dict:
         progress_desc="sft",
         checkpoint=LoopCheckpoint(checkpoint_dir(out_dir), cfg, accelerator, log, "sft"),
     )
+    state_dict = gathered_state_dict(accelerator, model)  # FSDP / ZeRO-3: every process takes part in the gather
     if accelerator.is_main_process:
-        save_trained(accelerator.unwrap_model(model), tokenizer, out_dir, cfg.lora)
+        save_trained(accelerator.unwrap_model(model), tokenizer, out_dir, cfg.lora, state_dict=state_dict)
     metrics.update(n_demonstrations=len(demos), n_truncated=n_truncated, padding_free=unpadded)
     return metrics
