@@ -80,3 +80,18 @@ def test_accelerate_launch_takes_each_file_as_it_is(path, monkeypatch):
     assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True and plugin.activation_checkpointing
     assert plugin.state_dict_type.name == "FULL_STATE_DICT"
     assert isinstance(plugin.cpu_offload, CPUOffloadPolicy) is detail["fsdp_offload_params"]
+
+
+def test_deepspeed_is_refused_with_a_clear_error():
+    """The loops do not run under DeepSpeed yet: an accelerator that says DEEPSPEED is refused naming the way out;
+    any other passes through unchanged."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rlhfkit.distributed import refuse_deepspeed
+
+    with pytest.raises(NotImplementedError, match="fsdp2.yaml"):
+        refuse_deepspeed(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU)
+    assert refuse_deepspeed(ddp) is ddp

@@ -42,10 +42,22 @@ def make_accelerator(cfg=None, project_dir=None):
     mp = resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto"))
     trackers = trackers_of(cfg) if project_dir is not None else []
     if not trackers:
-        return _fsdp_on_cpu(Accelerator(mixed_precision=mp, cpu=_cpu_only()))
-    acc = Accelerator(mixed_precision=mp, cpu=_cpu_only(), log_with=trackers, project_dir=str(project_dir))
+        return _fsdp_on_cpu(refuse_deepspeed(Accelerator(mixed_precision=mp, cpu=_cpu_only())))
+    acc = refuse_deepspeed(Accelerator(mixed_precision=mp, cpu=_cpu_only(), log_with=trackers, project_dir=str(project_dir)))
     check_trackers_available(trackers, acc.log_with)
     return _fsdp_on_cpu(acc)
+
+
+def refuse_deepspeed(acc):
+    """``acc``, unless ``accelerate launch`` asked for DeepSpeed, which rlhfkit's loops do not run yet: a clear error
+    at the stage's start instead of a wrong or crashing run. DeepSpeed steps and rescales inside its own
+    ``backward`` (bypassing the loop's accumulation weights and the non-finite guard), its ``prepare`` wants a
+    micro-batch size from a dataloader the loops do not give it, and ZeRO-3's gather needs its engine object.
+    ``configs/accelerate/zero{2,3}.yaml`` are shipped and parsed for when it does (docs/scale.md)."""
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise NotImplementedError("DeepSpeed (accelerate launch with a deepspeed config) is not supported by rlhfkit's "
+                                  "training loops yet; use configs/accelerate/fsdp2.yaml (sharded) or ddp.yaml (docs/scale.md)")
+    return acc
 
 
 def _fsdp_on_cpu(acc):
@@ -120,7 +132,7 @@ def refuse_sharded(accelerator, stage: str) -> None:
     if is_sharded(accelerator):
         raise NotImplementedError(f"{stage}: not supported under FSDP or DeepSpeed ZeRO-3 yet (it generates with "
                                   "or copies the model outside its training forward); run it under DDP "
-                                  "(configs/accelerate/ddp.yaml) or ZeRO-2")
+                                  "(configs/accelerate/ddp.yaml), with LoRA and bf16 for a large model (docs/scale.md)")
 
 
 class Collective:
