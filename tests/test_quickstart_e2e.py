@@ -62,24 +62,33 @@ def test_dpo_and_dno_beat_sft_and_dno_rises_above_dpo(summary):
 
 
 def test_preference_methods_keep_sfts_accuracy(summary):
-    """Issue 21: no DPO/DNO policy's answerable accuracy below SFT's by more than SFT's CI (its lower bound).
-    PPO is left out: see the xfail below."""
+    """Issue 21: no DPO/DNO policy's answerable accuracy below SFT's by more than SFT's CI (its lower bound);
+    PPO's below."""
     lo = summary["policies"]["sft"]["accuracy"]["ci95"][0]
     acc = {k: summary["policies"][k]["accuracy"]["mean"] for k in ("dpo", "dno_1", "dno_2", "dno_3")}
     assert all(a >= lo for a in acc.values()), (lo, acc)
 
 
+def test_ppo_keeps_sfts_accuracy(summary):
+    """Issue 21: PPO's answerable accuracy not below SFT's CI (its lower bound). With PPO-ptx (``ptx_coef`` 3) the
+    quickstart's PPO gave 0.806 (0.806, 0.806, 0.781 over seeds 0-2) against SFT's 0.831 [0.766, 0.881]; without
+    it 0.750 on seed 0 (0.723 +- 0.025 over 3 seeds): its arithmetic drifted (docs/task.md)."""
+    lo = summary["policies"]["sft"]["accuracy"]["ci95"][0]
+    assert summary["policies"]["ppo"]["accuracy"]["mean"] >= lo, (summary["policies"]["ppo"]["accuracy"], lo)
+
+
+def test_ppo_beats_sft(summary):
+    """PPO's win rate against SFT with the 95% CI above 0.5 (seed 0: 0.573 [0.537, 0.610])."""
+    assert _win(summary, "ppo")["ci95"][0] > 0.5, _win(summary, "ppo")
+
+
 @pytest.mark.xfail(strict=False, reason=(
-    "issue 21, open: over 3 PPO seeds from the quickstart's own SFT policy and reward model, win 0.574 +- 0.090 "
-    "(0.677, 0.527, 0.517) and answerable accuracy 0.723 +- 0.025 against SFT's 0.831 [0.766, 0.881]; the reward "
-    "model ranks a false abstention far above a right answer on answerable problems (docs/task.md)"))
-def test_ppo_wins_065_against_sft_and_keeps_its_accuracy(summary):
-    """Issue 21's PPO figure: win rate against SFT at least 0.65 with the CI above 0.5, and answerable accuracy
-    not below SFT's CI. The quickstart's seed 0 gives win 0.677 [0.632, 0.720] but accuracy 0.750 (SFT's CI
-    lower bound 0.766), so it fails on accuracy."""
-    ppo = _win(summary, "ppo")
-    assert ppo["ci95"][0] > 0.5 and ppo["mean"] >= 0.65, ppo
-    assert summary["policies"]["ppo"]["accuracy"]["mean"] >= summary["policies"]["sft"]["accuracy"]["ci95"][0]
+    "issue 21, open: over 3 PPO seeds from the quickstart's own SFT policy and reward model, with ptx_coef 3 win "
+    "0.539 +- 0.030 (0.573, 0.530, 0.515), without it 0.574 +- 0.090 (0.677, 0.527, 0.517) at the cost of accuracy "
+    "(docs/task.md)"))
+def test_ppo_wins_065_against_sft(summary):
+    """Issue 21's PPO figure: win rate against SFT at least 0.65."""
+    assert _win(summary, "ppo")["mean"] >= 0.65, _win(summary, "ppo")
 
 
 def test_prm_best_of_16_beats_orm_on_the_heldout_prompts(summary):
