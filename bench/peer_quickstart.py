@@ -87,14 +87,15 @@ def dpo_settings(run: Path):
 
 def grpo_settings(source: Path, steps: int, prompts: int, group: int, max_new_tokens: int):
     """The GRPO section both arms train with: ``source``'s ``grpo`` section (configs/rl_comparison.yaml), the
-    oracle as reward, no score whitening, no advantage std scaling, no held-out pass; budgets overridable."""
+    oracle as reward, no score whitening, no advantage std scaling, no held-out pass, one seed (the section's
+    ``seed``; its ``seeds`` list, 3 seeds since issue 21, dropped: TRL's arm is one seed too); budgets overridable."""
     from rlhfkit.pipeline import load_pipeline_config
 
     g = load_pipeline_config(source).grpo
     budget = {k: v for k, v in (("total_steps", steps), ("prompts_per_step", prompts), ("group_size", group)) if v}
     sampling = dataclasses.replace(g.sampling, max_new_tokens=max_new_tokens) if max_new_tokens else g.sampling
     g = dataclasses.replace(g, reward_source="judge", score_whiten=False, whiten_advantages=False, heldout="",
-                            save_every=0, sampling=sampling, **budget)
+                            save_every=0, sampling=sampling, seeds=(), **budget)
     if g.batch_size % g.minibatch:  # a reduced budget: keep the rollout / minibatch ratio an integer
         g = dataclasses.replace(g, minibatch_size=g.batch_size)
     return g
