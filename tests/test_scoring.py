@@ -86,7 +86,7 @@ def test_several_reward_models_score_mean_minus_penalty_times_std(tmp_path, monk
     """Members score [1, 4] and [3, 4], ensemble_penalty 2: mean − 2·std (unbiased) = [2 − 2·√2, 4 − 0].
     One member alone gives its own scores, unchanged."""
     fixed = {"a": [1.0, 4.0], "b": [3.0, 4.0]}
-    monkeypatch.setattr(scoring, "load_reward_model", lambda path: _Fixed(fixed[Path(path).name]))
+    monkeypatch.setattr(scoring, "load_reward_model", lambda path, **where: _Fixed(fixed[Path(path).name]))
     for name in fixed:
         (tmp_path / name).mkdir()
     cfg = PPOConfig(reward_source="model", reward_models=("stage:a", "stage:b"), ensemble_penalty=2.0)
