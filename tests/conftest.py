@@ -58,3 +58,22 @@ def tiny_pipeline_overrides(out) -> list[str]:
         "sft.max_steps=4", "sft.batch_size=8", "sft.log_every=1",
         "eval.sampling.max_new_tokens=16",
     ]
+
+
+def scramble_step_labels(steps_file) -> None:
+    """Rewrite a tiny run's label-stage steps file for the reward stage's equivalence tests: the tiny SFT policy
+    writes no right step (its labels are all 0, which the PRM would fit at once), so every other solution becomes
+    the gold one and the labels alternate, unrelated to the text: no model fits them and every step has a
+    gradient to synchronise."""
+    import json
+
+    from rlhfkit.data.steps import split_steps
+    from rlhfkit.tasks.arith import Problem, gold_response
+
+    rows = [json.loads(x) for x in steps_file.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        if i % 2 == 0:
+            r["completion"] = gold_response(Problem.from_meta(r["meta"]))
+        r.update(labels=[(i + k) % 2 for k in range(len(split_steps(r["completion"])))],
+                 correct=i % 3 == 0, is_safe=i % 4 < 2)
+    steps_file.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 
-from conftest import tiny_pipeline_overrides
+from conftest import scramble_step_labels, tiny_pipeline_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp2.yaml"),
@@ -44,20 +44,11 @@ def _overrides(out: Path) -> list[str]:
 def upstream(tmp_path_factory):
     """data → pretrain → sft → label in one process; the step labels rewritten as the DDP reward test does
     (alternating, unrelated to the text: every step has a gradient to synchronise)."""
-    from rlhfkit.data.steps import split_steps
     from rlhfkit.pipeline import load_pipeline_config, run_pipeline
-    from rlhfkit.tasks.arith import Problem, gold_response
 
     out = tmp_path_factory.mktemp("fsdp") / "one"
     run_pipeline(load_pipeline_config(None, [*_overrides(out), "stages=[data, pretrain, sft, label]"]))
-    steps_file = out / "label" / "steps.jsonl"
-    rows = [json.loads(x) for x in steps_file.read_text().splitlines()]
-    for i, r in enumerate(rows):
-        if i % 2 == 0:
-            r["completion"] = gold_response(Problem.from_meta(r["meta"]))
-        r.update(labels=[(i + k) % 2 for k in range(len(split_steps(r["completion"])))],
-                 correct=i % 3 == 0, is_safe=i % 4 < 2)
-    steps_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scramble_step_labels(out / "label" / "steps.jsonl")
     return out
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_pipeline_overrides
+from conftest import scramble_step_labels, tiny_pipeline_overrides
 from rlhfkit.training import global_batches, shard
 
 
@@ -263,20 +263,7 @@ def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path
     for stage in ("pretrain", "sft", "label"):
         r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", stage, *ov], env=_env(), capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-2000:]
-    # The tiny SFT policy writes no right step: its labels are all 0 and the PRM would fit them at
-    # once. Every other solution becomes the gold one, and labels alternate, unrelated to the text,
-    # so no model fits them and every step has a gradient to synchronise.
-    from rlhfkit.tasks.arith import Problem, gold_response
-    from rlhfkit.data.steps import split_steps
-
-    steps_file = out1 / "label" / "steps.jsonl"
-    rows = [json.loads(x) for x in steps_file.read_text().splitlines()]
-    for i, r in enumerate(rows):
-        if i % 2 == 0:
-            r["completion"] = gold_response(Problem.from_meta(r["meta"]))
-        r.update(labels=[(i + k) % 2 for k in range(len(split_steps(r["completion"])))],
-                 correct=i % 3 == 0, is_safe=i % 4 < 2)
-    steps_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scramble_step_labels(out1 / "label" / "steps.jsonl")  # every step has a gradient to synchronise
     out2 = tmp_path / "two"
     shutil.copytree(out1, out2)
     _one_and_two("reward", ov, [o.replace(str(out1), str(out2)) for o in ov])

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils import DistributedType
 
 from rlhfkit.config import ConfigError, to_dict
+from rlhfkit.distributed import is_sharded
 from rlhfkit.io import atomic_write_json
 
 # Keys that say when to stop or save, not what is computed: a rerun that changes them still resumes.
@@ -160,8 +160,8 @@ class LoopCheckpoint:
         self.stop_after = getattr(cfg, "stop_after_steps", 0)
         self.config = checkpoint_config(cfg, **identity)
         self.accelerator, self.log, self.name, self.unit, self.keep_done = accelerator, log, name, unit, keep_done
-        # FSDP and DeepSpeed shard the state dicts a checkpoint holds (module docstring): none is written there.
-        self.sharded = getattr(accelerator, "distributed_type", None) in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        # a sharding engine holds each process's shard in the state dicts (module docstring): none is written there
+        self.sharded = is_sharded(accelerator)
 
     @property
     def enabled(self) -> bool:
