@@ -28,7 +28,7 @@ TINY = {
     "reward": ["max_steps=2", "batch_size=4", "log_every=1"],
     "dpo": ["max_steps=2", "batch_size=4", "log_every=1"],
     "ppo": ["total_steps=1", "prompts_per_step=2", "group_size=4", "minibatch_size=8", "sampling.max_new_tokens=24"],
-    "eval": ["sampling.max_new_tokens=8"],
+    "eval": ["sampling.max_new_tokens=8", "sampled.samples_per_prompt=1"],
     "import-model": [],
 }
 

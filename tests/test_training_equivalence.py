@@ -84,11 +84,33 @@ def _env():
     return env
 
 
+def _overrides(out: Path) -> list[str]:
+    return tiny_pipeline_overrides(out) + ["pretrain.max_steps=6", "sft.max_steps=6"]
+
+
 def _prepare(tmp_path: Path, name: str) -> tuple[Path, list[str]]:
     out = tmp_path / name
-    overrides = tiny_pipeline_overrides(out) + ["pretrain.max_steps=6", "sft.max_steps=6"]
+    overrides = _overrides(out)
     subprocess.run([sys.executable, "-m", "rlhfkit.cli", "data", *overrides], check=True, env=_env(), capture_output=True)
     return out, overrides
+
+
+@pytest.fixture(scope="module")
+def tiny_sft(tmp_path_factory) -> Path:
+    """data, pretrain and sft of the tiny pipeline, run once (each in its own process) for the tests that start
+    from an SFT policy; a test copies them into its own run directories (``_from_sft``)."""
+    out = tmp_path_factory.mktemp("equivalence") / "base"
+    for stage in ("data", "pretrain", "sft"):
+        r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", stage, *_overrides(out)], env=_env(),
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def _from_sft(tiny_sft: Path, *outs: Path) -> None:
+    for out in outs:
+        for d in ("data", "pretrain", "sft"):
+            shutil.copytree(tiny_sft / d, out / d)
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -140,18 +162,13 @@ def test_gradient_accumulation_equals_bigger_batch(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
-def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm):
+def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm, tiny_sft):
     """PPO (critic, whitened scores and advantages) and GRPO under torchrun --nproc_per_node 2 follow
     one process: each process samples its half of the prompts with the seeds one process would
     use, statistics are reduced over both, and every minibatch is the same set of rows."""
-    out1, ov = _prepare(tmp_path, "one")
-    r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "pretrain", *ov], env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "sft", *ov], env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out2 = tmp_path / "two"
-    for d in ("data", "pretrain", "sft"):
-        shutil.copytree(out1 / d, out2 / d)
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    ov = _overrides(out1)
+    _from_sft(tiny_sft, out1, out2)
     # A reward every response gets a different value of (the tiny SFT policy never reaches a right
     # answer, so the judge would score every response 0): characters / 10, importable in the subprocesses.
     (tmp_path / "length_reward.py").write_text("def score(prompts, responses):\n    return [len(r) / 10 for r in responses]\n")
@@ -187,8 +204,7 @@ def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm
     # Kill both processes after the first checkpoint (rank 0 writes it); a 2-process rerun resumes
     # from it and still ends where one uninterrupted process did.
     out3 = tmp_path / "killed"
-    for d in ("data", "pretrain", "sft"):
-        shutil.copytree(out1 / d, out3 / d)
+    _from_sft(tiny_sft, out3)
     ov3 = [o.replace(str(out1), str(out3)) for o in ov]
     rl3 = [a.replace("ppo.save_every=0", "ppo.save_every=1") for a in rl]
     cmd = [*TORCHRUN, "-m", "rlhfkit.cli", "ppo", *ov3, *rl3]
@@ -220,16 +236,12 @@ def test_rl_two_processes_equal_one_at_the_same_global_batch(tmp_path, algorithm
         assert (w1[k] - w3[k]).abs().max().item() < 1e-4, k
 
 
-def test_dno_two_processes_equal_one(tmp_path):
+def test_dno_two_processes_equal_one(tmp_path, tiny_sft):
     """DNO (sampling, oracle pairs, then DPO-style updates) under torchrun --nproc_per_node 2: the same
     iterates as one process, and the logged loss and rewards are those of the global batch."""
-    out1, ov = _prepare(tmp_path, "one")
-    for stage in ("pretrain", "sft"):
-        r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", stage, *ov], env=_env(), capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-    out2 = tmp_path / "two"
-    for d in ("data", "pretrain", "sft"):
-        shutil.copytree(out1 / d, out2 / d)
+    out1, out2 = tmp_path / "one", tmp_path / "two"
+    ov = _overrides(out1)
+    _from_sft(tiny_sft, out1, out2)
     dno = ["dno.iterations=2", "dno.prompts_per_iteration=12", "dno.n_validation=8", "dno.batch_size=2",
            "dno.sampling.max_new_tokens=16", "dno.lr=1e-3"]
     _one_and_two("dno", [*ov, *dno], [*(o.replace(str(out1), str(out2)) for o in ov), *dno])
@@ -246,7 +258,7 @@ def test_dno_two_processes_equal_one(tmp_path):
         assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-5
 
 
-def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path):
+def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path, tiny_sft):
     """The reward stage under torchrun --nproc_per_node 2 trains the RM, the PRM (with step
     likelihoods), the ORM and the cost model to the weights one process reaches.
 
@@ -254,15 +266,15 @@ def test_reward_models_two_processes_equal_one_at_the_same_global_batch(tmp_path
     computed through the DDP-wrapped model's forward (calling the inner model, as the stage once
     did, left each process training on its own half: weights apart by 6e-4 to 5e-3 here). The
     PRM's shares are weighted by their rated steps, and the LR schedule is stepped once a step."""
-    out1, ov = _prepare(tmp_path, "one")
-    ov += ["label.k=4", "label.chunk_size=8", "label.sampling.max_new_tokens=16",
+    out1 = tmp_path / "one"
+    _from_sft(tiny_sft, out1)
+    ov = _overrides(out1) + ["label.k=4", "label.chunk_size=8", "label.sampling.max_new_tokens=16",
            "reward.max_steps=6", "reward.lr=1e-3", "reward.batch_size=4", "reward.max_len=96",
            "reward.eval_batch_size=32", "reward.step_likelihood=true", "reward.log_every=1",
            "reward.center_coef=0.01",  # without it BT is blind to the head's bias: a zero gradient, Adam's noise
            "reward.rerank.n=2", "reward.rerank.n_prompts=2", "reward.rerank.max_new_tokens=8"]
-    for stage in ("pretrain", "sft", "label"):
-        r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", stage, *ov], env=_env(), capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "label", *ov], env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
     scramble_step_labels(out1 / "label" / "steps.jsonl")  # every step has a gradient to synchronise
     out2 = tmp_path / "two"
     shutil.copytree(out1, out2)
