@@ -225,7 +225,8 @@ def tiny_scalar_models(tmp_path_factory, tiny_lm_dir):
     dict(algorithm="rloo", group_size=2, prompts_per_step=2, reward_source="model", cost_model="stage:reward/cost"),
     dict(algorithm="ppo", reward_source="prm", lora=LoRAConfig(r=4), cost_model="stage:reward/cost", adaptive_kl=True, grad_accum_steps=2),
     dict(algorithm="ppo", reward_source="model"),
-], ids=["grpo-judge", "rloo-rm-cost", "ppo-prm-lora-cost-adaptive-accum", "ppo-rm"])
+    dict(algorithm="ppo", reward_source="model", prm_coef=0.5),
+], ids=["grpo-judge", "rloo-rm-cost", "ppo-prm-lora-cost-adaptive-accum", "ppo-rm", "ppo-rm-prm"])
 def test_every_variant_runs_a_step(tmp_path, tiny_lm_dir, tiny_scalar_models, variant):
     import shutil
 
@@ -247,7 +248,7 @@ def test_every_variant_runs_a_step(tmp_path, tiny_lm_dir, tiny_scalar_models, va
     if variant["algorithm"] == "grpo":
         assert "kl_loss" in row and "value_loss" not in row
     # The critic starts from the reward model's head exactly when the reward is a reward model.
-    assert metrics["critic_initialised_from_reward_head"] == (variant == dict(algorithm="ppo", reward_source="model"))
+    assert metrics["critic_initialised_from_reward_head"] == (variant["algorithm"] == "ppo" and variant["reward_source"] == "model")
     assert (stage / "model" / "model.safetensors").exists()
 
 

@@ -72,6 +72,45 @@ def test_outcome_scores_are_clipped_after_the_penalty():
     assert got.token_rewards.tolist() == [[0, 0, 0, 0, 1.0], [0, 0, -1.0, 0, 0], [0, 1.0, 0, 0, 0]]
 
 
+def test_prm_coef_adds_scaled_step_rewards_to_the_reward_models_score():
+    """reward_source model + prm_coef 2: the RM's scores [3, 0.25, 9] (row 1 unfinished → penalty −2), clipped
+    to 1 → [1, −1, 1] at each last response token, as without the PRM; then 2 × the PRM's step rewards on the
+    finished, non-empty row 0 only: −0.5·2 = −1 at its newline (column 2) and −0.25·2 = −0.5 at its EOS
+    (column 4), where the RM's 1 already is: 1 − 0.5 = 0.5. Row 1 (unfinished) and row 2 (empty) get none.
+    The sequence scores themselves (raw, scores) are the RM's: the bonus lives in the token rewards."""
+    samples = _samples()
+    mask = sequences_from_samples(samples, PAD, EOS)["response_mask"]
+    cfg = PPOConfig(reward_source="model", unfinished_score=-2.0, score_clip=1.0, prm_coef=2.0)
+    bonus = lambda p, r: [[2.0 * x for x in row] for row in _step_rewards(p, r)]  # noqa: E731 (make_scorer's scaling)
+    got = score_samples(Scorer(lambda p, r: [3.0, 0.25, 9.0], None, None, bonus), samples, _StringTokenizer(), mask, cfg)
+    assert got.raw.tolist() == [3.0, -2.0, 9.0] and got.scores.tolist() == [1.0, -1.0, 1.0]
+    assert got.token_rewards.tolist() == [[0, 0, -1.0, 0, 0.5], [0, 0, -1.0, 0, 0], [0, 1.0, 0, 0, 0]]
+
+
+def test_make_scorer_scales_the_prm_step_rewards_by_prm_coef(tmp_path, monkeypatch):
+    """The PRM's q = [0.5, 0.25] → r = [log 0.5, log 0.25 − log 0.5] = [−0.693, −0.693]; × prm_coef 0.5 →
+    [−0.347, −0.347]; a q of 0.001 is floored at prm_floor 0.01 first: r = log 0.01 = −4.605 → −2.303. The
+    outcome is the RM's. prm_coef needs reward_source model."""
+
+    class _PRM(_Fixed):
+        def step_scores(self, prompts, responses):
+            return [[0.5, 0.25], [0.001]]
+
+    models = {"rm": _Fixed([1.0, 2.0]), "prm": _PRM(None)}
+    monkeypatch.setattr(scoring, "load_reward_model", lambda path, **where: models[Path(path).name])
+    for name in models:
+        (tmp_path / name).mkdir()
+    cfg = PPOConfig(reward_source="model", reward_models=("stage:rm",), prm="stage:prm", prm_coef=0.5, prm_floor=0.01)
+    scorer = make_scorer(cfg, tmp_path)
+    assert scorer.outcome(["p"] * 2, ["x", "y"]) == [1.0, 2.0] and scorer.steps is None
+    got = scorer.step_bonus(["p"] * 2, ["x", "y"])
+    assert got[0] == pytest.approx([0.5 * math.log(0.5), 0.5 * (math.log(0.25) - math.log(0.5))], abs=1e-12)
+    assert got[1] == pytest.approx([0.5 * math.log(0.01)], abs=1e-12)
+    assert make_scorer(PPOConfig(reward_source="model", reward_models=("stage:rm",)), tmp_path).step_bonus is None
+    with pytest.raises(ValueError, match="prm_coef .* needs reward_source model"):
+        PPOConfig(reward_source="prm", prm_coef=0.5, score_whiten=False)
+
+
 class _Fixed:
     info = HeadInfo()
 

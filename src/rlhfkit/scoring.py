@@ -55,6 +55,8 @@ class Scorer:
     outcome: Callable[[list[str], list[str]], list[float]] | None
     steps: Callable[[list[str], list[str]], list[list[float]]] | None
     cost: Callable[[list[str], list[str]], list[float]] | None
+    step_bonus: Callable[[list[str], list[str]], list[list[float]]] | None = None
+    """PRM step rewards added, already scaled by ``prm_coef``, to the outcome's score (``prm_coef`` > 0)"""
 
 
 def import_callable(spec: str) -> RewardFn:
@@ -104,14 +106,20 @@ def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | No
         rm = members[0] if len(members) == 1 else RewardEnsemble(members, "mean_minus_std", cfg.ensemble_penalty)
         outcome = rm.score
     else:  # prm
-        prm = load(cfg.prm, "prm")
-
-        def steps(p, r):
-            return [prm_step_rewards(row, cfg.prm_floor) for row in prm.step_scores(p, r)]
+        steps = _prm_steps(load(cfg.prm, "prm"), cfg.prm_floor)
+    step_bonus = None
+    if outcome is not None and getattr(cfg, "prm_coef", 0.0) > 0:
+        prm_steps, coef = _prm_steps(load(cfg.prm, "prm"), cfg.prm_floor), cfg.prm_coef
+        step_bonus = lambda p, r: [[coef * x for x in row] for row in prm_steps(p, r)]  # noqa: E731
     if cfg.cost_model:
         cost_model = load(cfg.cost_model, "cost_model")
         cost = lambda p, r: [float(x) for x in cost_model.score(p, r)]  # noqa: E731
-    return Scorer(outcome, steps, cost)
+    return Scorer(outcome, steps, cost, step_bonus)
+
+
+def _prm_steps(prm, floor: float):
+    """(prompts, responses) → each response's PRM step rewards (``rewards.prm_step_rewards``)."""
+    return lambda p, r: [prm_step_rewards(row, floor) for row in prm.step_scores(p, r)]
 
 
 @dataclass
@@ -160,17 +168,29 @@ def score_samples(scorer: Scorer, samples: Sequence, tokenizer, response_mask: t
         scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
     response_mask = response_mask.cpu()
     if step_lp is not None and cfg.prm_step_rewards:
-        n_resp = response_mask.sum(1).tolist()
-        placed = []  # finished responses only: an unfinished one gets the penalty alone
-        for b, s in enumerate(samples):
-            pos = step_end_positions(tokenizer, s.response_ids, int(n_resp[b])) if finished[b] else []
-            if finished[b] and len(pos) != len(step_lp[b]):
-                raise ValueError(f"PRM gave {len(step_lp[b])} step scores for a response of {len(pos)} steps: {s.text!r}")
-            placed.append(list(zip(pos, step_lp[b])))
+        placed = _placed_steps(samples, step_lp, finished, tokenizer, response_mask)
         # A finished response's score is its steps' rewards; its length term (0 when off) lands at its last token.
         length_term = length_adjusted_scores(torch.zeros_like(scores), lengths, cfg.sampling.max_new_tokens, length_coef)
         token_rewards = place_token_rewards(response_mask, torch.where(finished, length_term, scores), placed)
+    elif scorer.step_bonus is not None:
+        # The reward model's score at the last token, plus prm_coef × the PRM's step rewards at each step's end.
+        bonus_finished = finished & torch.tensor([len(s.response_ids) > 0 for s in samples])
+        placed = _placed_steps(samples, scorer.step_bonus(ps, texts), bonus_finished, tokenizer, response_mask)
+        token_rewards = place_token_rewards(response_mask, scores, placed)
     else:
         token_rewards = place_token_rewards(response_mask, scores)
     costs = torch.tensor(scorer.cost(ps, texts), dtype=torch.float32) if scorer.cost is not None else None
     return SampleScores(raw, scores, token_rewards, costs)
+
+
+def _placed_steps(samples: Sequence, step_rewards: list[list[float]], finished: torch.Tensor, tokenizer,
+                  response_mask: torch.Tensor) -> list[list[tuple[int, float]]]:
+    """[(response token closing step k, r_k)] per sample; none for an unfinished one (it gets its penalty alone)."""
+    n_resp = response_mask.sum(1).tolist()
+    placed = []
+    for b, s in enumerate(samples):
+        pos = step_end_positions(tokenizer, s.response_ids, int(n_resp[b])) if finished[b] else []
+        if finished[b] and len(pos) != len(step_rewards[b]):
+            raise ValueError(f"PRM gave {len(step_rewards[b])} step scores for a response of {len(pos)} steps: {s.text!r}")
+        placed.append(list(zip(pos, step_rewards[b])) if finished[b] else [])
+    return placed

@@ -100,6 +100,12 @@ class PPOConfig:
     """prm: reward log q_k − log q_{k−1} (q_k = P(steps 1..k right)) at the newline closing step k; false: their sum log q_K at the last token"""
     prm_floor: float = 0.01
     """PRM probabilities are clamped to at least this before the log (bounds a wrong step's reward)"""
+    prm_coef: float = 0.0
+    """with reward_source model: also add prm_coef × the PRM's step rewards r_k = log q_k − log q_{k−1} (``prm``,
+    ``prm_floor``) at the newline closing each step k, on top of the reward model's score (after its unfinished
+    penalty, length term, whitening and clipping) at the last token. The RM carries the outcome preferences
+    (style, abstaining); the PRM gives step-level credit for what the RM cannot check (the arithmetic), as
+    process supervision (Lightman et al. 2023) used as dense reward shaping; 0: off"""
     reward_fn: str = ""
     """``module:function`` taking (prompts, responses) and returning scores, when reward_source is callable"""
     unfinished_score: float = -1.0
@@ -267,6 +273,11 @@ class PPOConfig:
         if self.reward_source is RewardSource.prm and self.prm_step_rewards and (self.score_whiten or self.score_clip > 0):
             raise ValueError("prm_step_rewards places each step's reward on its token; score_whiten and score_clip "
                              "act on whole-sequence scores, so set prm_step_rewards=false to use them")
+        if self.prm_coef < 0:
+            raise ValueError(f"prm_coef must be >= 0 (0 disables it), got {self.prm_coef}")
+        if self.prm_coef > 0 and self.reward_source is not RewardSource.model:
+            raise ValueError(f"prm_coef adds PRM step rewards to a reward model's score: it needs reward_source "
+                             f"model, not {self.reward_source} (reward_source prm uses the PRM alone)")
         if self.rollout_is_cap < 0:
             raise ValueError(f"rollout_is_cap must be >= 0 (0 disables it), got {self.rollout_is_cap}")
 
