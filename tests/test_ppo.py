@@ -451,3 +451,32 @@ def test_rl_raises_a_learnable_reward(tmp_path, tiny_lm_dir, algorithm):
     # A sign error makes the reward fall. Measured rises over seeds 0-6 (GRPO, its advantages scaled but no
     # longer re-centred by whitening, issue 18): 0.297 to 1.86, seed 0 the lowest; hence 0.25, not 0.3.
     assert last > first + 0.25, str([round(r, 3) for r in rewards])
+
+
+# ---------------------------------------------------------------- critic warm-up
+
+def test_critic_warmup_trains_the_critic_alone_for_its_rollouts(tmp_path, tiny_lm_dir):
+    """critic_warmup_steps 2 of 3: rollouts 1 and 2 update the critic only, so rollouts 2 and 3 still sample the
+    reference policy (their KL to it is exactly 0, as rollout 1's is) and log no policy loss; step 3 updates the
+    policy, which ends away from the reference. Every step updates the critic (a value loss each time)."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from rlhfkit.io import read_jsonl_plain
+
+    _write_prompts(tmp_path)
+    stage = tmp_path / "rl.partial"
+    stage.mkdir()
+    cfg = _tiny_cfg(tiny_lm_dir, critic_warmup_steps=2, kl_coef=0.1, save_every=0)
+    ppo.run(cfg, StageContext(tmp_path, stage, "rl", Accelerator(cpu=True)))
+    rows = read_jsonl_plain(stage / "log.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["kl"] for r in rows] == [0.0, 0.0, 0.0]
+    assert ["loss" in r for r in rows] == [False, False, True] and all("value_loss" in r for r in rows)
+    w = load_file(stage / "model" / "model.safetensors")
+    base = load_file(Path(tiny_lm_dir) / "model.safetensors")
+    assert any(not torch.equal(w[k], base[k]) for k in w if k in base)
+    assert cfg.policy_optimizer_steps == 1 * 2 * 2 and cfg.optimizer_steps == 3 * 2 * 2
+    for bad in (dict(critic_warmup_steps=3), dict(critic_warmup_steps=-1), dict(algorithm="grpo", group_size=2, critic_warmup_steps=1)):
+        with pytest.raises(ValueError, match="critic_warmup_steps"):
+            _tiny_cfg(tiny_lm_dir, **bad)

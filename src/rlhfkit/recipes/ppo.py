@@ -211,6 +211,12 @@ class PPOConfig:
     not adaptive): the report's over-optimisation plot needs it. False skips that forward then (TRL at β = 0 runs
     no reference model) and log.jsonl has no ``kl``; the held-out ``kl_from_reference`` is measured either way.
     Ignored when the KL has weight: it is computed and logged"""
+    critic_warmup_steps: int = 0
+    """ppo: the first this many rollouts train only the critic (the policy stays the reference, its optimizer and
+    schedule wait), so that the first policy update's advantages come from values fitted to the scores the run
+    sees, not from an initial head on another scale (a critic initialised from the reward model predicts raw RM
+    scores while ``score_whiten`` feeds it whitened ones). veRL's ``critic_warmup``, OpenRLHF's
+    ``freezing_actor_steps``; they count in ``total_steps``; 0: off"""
     critic_init: ModelRef = ""
     """critic backbone: empty means the (first) reward model when the reward is a model, else the policy"""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -273,6 +279,11 @@ class PPOConfig:
         if self.reward_source is RewardSource.prm and self.prm_step_rewards and (self.score_whiten or self.score_clip > 0):
             raise ValueError("prm_step_rewards places each step's reward on its token; score_whiten and score_clip "
                              "act on whole-sequence scores, so set prm_step_rewards=false to use them")
+        if not 0 <= self.critic_warmup_steps < self.total_steps:
+            raise ValueError(f"critic_warmup_steps must be >= 0 and below total_steps {self.total_steps}, "
+                             f"got {self.critic_warmup_steps}")
+        if self.critic_warmup_steps and not Algorithm(self.algorithm).uses_critic:
+            raise ValueError(f"critic_warmup_steps needs a critic: algorithm {self.algorithm} has none")
         if self.prm_coef < 0:
             raise ValueError(f"prm_coef must be >= 0 (0 disables it), got {self.prm_coef}")
         if self.prm_coef > 0 and self.reward_source is not RewardSource.model:
@@ -312,7 +323,8 @@ class PPOConfig:
         takes them at ``num_iterations=1``: the separate no-grad pass would give the same numbers up to
         float rounding (ratio 1, the clipped objective's gradient the plain policy gradient)."""
         kl_in_rewards = self.kl_has_weight and not self.kl_uses_loss
-        return self.ppo_epochs == 1 and self.minibatch == self.batch_size and not kl_in_rewards
+        return (self.ppo_epochs == 1 and self.minibatch == self.batch_size and not kl_in_rewards
+                and not self.critic_warmup_steps)
 
     @property
     def batch_size(self) -> int:
@@ -325,7 +337,13 @@ class PPOConfig:
 
     @property
     def optimizer_steps(self) -> int:
+        """The critic's optimizer steps; the policy's are ``policy_optimizer_steps``."""
         return self.total_steps * self.ppo_epochs * (self.batch_size // self.minibatch)
+
+    @property
+    def policy_optimizer_steps(self) -> int:
+        """The policy's optimizer steps: none in the ``critic_warmup_steps`` rollouts."""
+        return (self.total_steps - self.critic_warmup_steps) * self.ppo_epochs * (self.batch_size // self.minibatch)
 
 
 
@@ -420,7 +438,8 @@ def compute_advantages(ro: Rollout, cfg: PPOConfig, kl_coef: float, lagrange: fl
 # ============================================================================ update
 
 def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout, adv, returns, cfg: PPOConfig,
-               kl_coef: float, accelerator, generator: torch.Generator, guard=None, ptx: PtxTerm | None = None) -> dict:
+               kl_coef: float, accelerator, generator: torch.Generator, guard=None, ptx: PtxTerm | None = None,
+               train_policy: bool = True) -> dict:
     """``ppo_epochs`` passes of shuffled minibatches; returns the mean of each diagnostic.
 
     With several processes (``accelerator``'s DDP) process r holds rows
@@ -438,6 +457,9 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
 
     ``ptx`` (``cfg.ptx_coef`` > 0): each minibatch's optimizer step also gets the gradient of γ × a batch of
     demonstrations' mean NLL (``rlhfkit.ptx``, drawn from ``generator``); ``ptx_nll`` is logged.
+
+    ``train_policy`` false (``cfg.critic_warmup_steps``): the same minibatches train the critic alone; the policy
+    runs no forward and its optimizer does not step.
     """
     guard = guard or NonFiniteGuard("ppo", 0, accelerator)  # none given: no check, the plain update
 
@@ -449,6 +471,8 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     b = ro.input_ids.shape[0]
     B = b * world
     from_update = ro.old_logprobs is None
+    if from_update and not train_policy:
+        raise ValueError("a rollout without old log-probs needs a policy update (cfg.old_logprobs_from_update)")
     if from_update and (cfg.ppo_epochs != 1 or cfg.minibatch < B):
         raise ValueError("a rollout without old log-probs needs an exactly on-policy update (ppo_epochs 1, one "
                          f"minibatch); got ppo_epochs {cfg.ppo_epochs}, minibatch {cfg.minibatch} of {B} responses")
@@ -482,31 +506,33 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 # accumulation gives the gradient of the minibatch's loss exactly. Every term below is
                 # aggregated the same way, or the weight would be wrong for some of them.
                 w = 0.0 if dummy else agg.units(mask) / n_units * world
-                # response tokens only; the entropy has gradients only when it is in the loss (else it is just logged)
-                logp, ent = token_logprobs_and_entropy(policy, batch["input_ids"], batch["attention_mask"],
-                                                       cfg.sampling.temperature, scored=mask.bool(),
-                                                       entropy_grad=cfg.entropy_coef > 0)
-                if from_update:
-                    old = logp.detach()
-                    if not dummy:
-                        filled[idx, :width] = old
-                else:
-                    old = cut(ro.old_logprobs)
-                is_weights = None
-                if cfg.rollout_is_cap > 0:
-                    is_weights = truncated_importance_weights(old, cut(ro.rollout_logprobs), mask, cfg.rollout_is_cap)
-                loss, pm = ppo_policy_loss(logp, old, cut(adv), mask, cfg.clip_eps, agg, max_len, is_weights)
-                if is_weights is not None:
-                    pm["rollout_is_weight"] = masked_mean(is_weights, mask)
-                if kl_in_loss:
-                    kl_loss = aggregate_loss(kl_estimate(logp, cut(ro.ref_logprobs), cfg.estimator), mask, agg, max_len)
-                    loss = loss + kl_coef * kl_loss
-                    pm["kl_loss"] = kl_loss.detach()
-                entropy = masked_mean(ent, mask)  # logged as the mean over tokens whatever the aggregation
-                if cfg.entropy_coef:
-                    loss = loss - cfg.entropy_coef * aggregate_loss(ent, mask, agg, max_len)
-                accelerator.backward(loss * w)
-                pm.update(loss=loss.detach(), entropy=entropy.detach())
+                pm = {}
+                if train_policy:
+                    # response tokens only; the entropy has gradients only when it is in the loss (else it is just logged)
+                    logp, ent = token_logprobs_and_entropy(policy, batch["input_ids"], batch["attention_mask"],
+                                                           cfg.sampling.temperature, scored=mask.bool(),
+                                                           entropy_grad=cfg.entropy_coef > 0)
+                    if from_update:
+                        old = logp.detach()
+                        if not dummy:
+                            filled[idx, :width] = old
+                    else:
+                        old = cut(ro.old_logprobs)
+                    is_weights = None
+                    if cfg.rollout_is_cap > 0:
+                        is_weights = truncated_importance_weights(old, cut(ro.rollout_logprobs), mask, cfg.rollout_is_cap)
+                    loss, pm = ppo_policy_loss(logp, old, cut(adv), mask, cfg.clip_eps, agg, max_len, is_weights)
+                    if is_weights is not None:
+                        pm["rollout_is_weight"] = masked_mean(is_weights, mask)
+                    if kl_in_loss:
+                        kl_loss = aggregate_loss(kl_estimate(logp, cut(ro.ref_logprobs), cfg.estimator), mask, agg, max_len)
+                        loss = loss + kl_coef * kl_loss
+                        pm["kl_loss"] = kl_loss.detach()
+                    entropy = masked_mean(ent, mask)  # logged as the mean over tokens whatever the aggregation
+                    if cfg.entropy_coef:
+                        loss = loss - cfg.entropy_coef * aggregate_loss(ent, mask, agg, max_len)
+                    accelerator.backward(loss * w)
+                    pm.update(loss=loss.detach(), entropy=entropy.detach())
                 if critic is not None:
                     values = critic(batch["input_ids"], batch["attention_mask"])  # (b, width, H)
                     vloss = 0.0
@@ -521,12 +547,13 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                 if not dummy:
                     for key, v in pm.items():
                         stats.setdefault(key, []).append(v)
-            if ptx is not None:
+            if ptx is not None and train_policy:
                 stats.setdefault("ptx_nll", []).append(coll.sum(ptx.backward(policy, accelerator, generator, rank, world)))
             # One decision for both models (nonfinite.NonFiniteGuard, ``guard``): a non-finite gradient norm in
             # either skips both updates. Every term of the loss depends on the parameters, so a non-finite
             # loss shows in the norms, which DDP's all-reduce makes the same on every process.
-            models = [(m, o, s) for m, o, s in ((policy, opt, sched), (critic, critic_opt, critic_sched)) if m is not None]
+            models = [(m, o, s) for m, o, s in ((policy if train_policy else None, opt, sched),
+                                                 (critic, critic_opt, critic_sched)) if m is not None]
             optimizer_step(guard, models, cfg.grad_clip)
     policy.eval()
     if critic is not None:
@@ -596,7 +623,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             critic_path = policy_path
         critic = build_critic(critic_path, 2 if cfg.cost_model else 1, cfg.seed, cfg.lora, cfg.gradient_checkpointing)
     opt_cfg = TrainConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, scheduler=cfg.scheduler)
-    opt, sched = make_optimizer_and_scheduler(policy, opt_cfg, cfg.optimizer_steps)
+    opt, sched = make_optimizer_and_scheduler(policy, opt_cfg, cfg.policy_optimizer_steps)
     critic_opt = critic_sched = None
     if critic is not None:
         copt_cfg = TrainConfig(lr=cfg.critic_lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps, scheduler=cfg.scheduler)
@@ -649,7 +676,7 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
             gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
             t_update = clock(device)
             stats = ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro, adv, returns, cfg,
-                               kl_ctl.value, accelerator, gen, guard, ptx)
+                               kl_ctl.value, accelerator, gen, guard, ptx, train_policy=step >= cfg.critic_warmup_steps)
             update_s = clock(device) - t_update
             engine.sync_weights(accelerator.unwrap_model(policy))  # the next rollout samples the updated policy
             rec = {
