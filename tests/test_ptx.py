@@ -109,3 +109,38 @@ def test_ppo_with_ptx_logs_the_nll_and_refuses_a_bad_demonstration_before_loadin
                 StageContext(tmp_path, tmp_path / "x.partial", "ppo", Accelerator(cpu=True)))
     assert not loads
 
+
+
+def test_a_pretraining_corpus_is_packed_as_the_pretrain_stage_packs_it_with_every_token_a_loss_token(tmp_path, tiny_lm_dir):
+    """InstructGPT's D is the pretraining distribution. Records with ``text`` (or a .txt file) load as a corpus:
+    the blocks are ``pack_documents``' (the pretrain stage's packing), collated with ``collate_packed``, and the
+    term's NLL is token_loss_sum over the drawn blocks / their loss tokens, as for demonstrations. Records with
+    ``prompt`` load as demonstrations; a block longer than the context is refused."""
+    from rlhfkit.data.collate import collate_packed, pack_documents
+    from rlhfkit.models.loading import load_tokenizer
+    from rlhfkit.ptx import is_text_corpus, load_ptx_examples
+
+    tok = load_tokenizer(tiny_lm_dir)
+    docs = ["3 + 4 = 7", "Tom has 5 pens. He buys 2 more pens.", "12 - 5 = 7\n7 * 2 = 14"]
+    corpus = tmp_path / "pretrain.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
+    demos = tmp_path / "sft.jsonl"
+    demos.write_text(json.dumps({"prompt": "Question: 3 + 4?\n", "response": "3 + 4 = 7\nAnswer: 7"}) + "\n")
+    assert is_text_corpus(corpus) and is_text_corpus(tmp_path / "corpus.txt") and not is_text_corpus(demos)
+    blocks, collate = load_ptx_examples(corpus, tok, context=256, block_size=16)
+    assert collate is collate_packed
+    assert [b.input_ids for b in blocks] == [b.input_ids for b in pack_documents(tok, docs, 16)]
+    assert sum(b.n_loss_tokens for b in blocks) > 0 and all(x != IGNORE for b in blocks for x in b.labels[1:2])
+    from_txt, _ = load_ptx_examples(tmp_path / "corpus.txt", tok, context=256, block_size=16)
+    assert [b.input_ids for b in from_txt] == [b.input_ids for b in blocks]
+    examples, collate = load_ptx_examples(demos, tok, context=256, block_size=16)
+    assert collate is collate_sft and len(examples) == 1 and examples[0].labels[0] == IGNORE
+    with pytest.raises(ValueError, match="ptx_block_size 512 exceeds the policy's context 256"):
+        load_ptx_examples(corpus, tok, context=256, block_size=512)
+    model = _model()
+    term = PtxTerm(blocks, 1.0, 2, tok.pad_token_id, collate_packed)
+    nll = term.backward(model, _Acc(), torch.Generator().manual_seed(1), 0, 1)
+    draw = torch.randint(len(blocks), (2,), generator=torch.Generator().manual_seed(1)).tolist()
+    direct = token_loss_sum(model, collate_packed([blocks[i] for i in draw], tok.pad_token_id))
+    assert nll.item() == pytest.approx(direct.item() / sum(blocks[i].n_loss_tokens for i in draw), rel=1e-6)

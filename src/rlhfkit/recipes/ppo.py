@@ -43,8 +43,7 @@ from tqdm.auto import tqdm
 from rlhfkit.advantages import Algorithm, gae, scale_by_std, whiten
 from rlhfkit.checkpoints import LoopCheckpoint, StoppedEarly, checkpoint_dir  # noqa: F401  (StoppedEarly: what a stopped run raises)
 from rlhfkit.config import check_non_negative, check_positive, check_probability, coerce_enums
-from rlhfkit.data.collate import Truncation, tokenize_demonstrations
-from rlhfkit.data.loading import load_demonstrations, load_prompts
+from rlhfkit.data.loading import load_prompts
 from rlhfkit.generation import (
     SamplingConfig, reference_token_logprobs, sample, sampler_logprobs, sequences_from_samples, token_logprobs,
     token_logprobs_and_entropy, unwrap,
@@ -63,7 +62,7 @@ from rlhfkit.policy_losses import (
 )
 from rlhfkit.distributed import Collective, refuse_sharded
 from rlhfkit.engines import make_engine
-from rlhfkit.ptx import PtxTerm
+from rlhfkit.ptx import PtxTerm, load_ptx_examples
 from rlhfkit.rewards import place_token_rewards
 from rlhfkit.rollouts import Rollout, clock, explained_variance, heldout_figures, rollout_metrics, token_kl
 from rlhfkit.scoring import RewardFn, RewardSource, Scorer, make_scorer, score_samples
@@ -170,9 +169,13 @@ class PPOConfig:
     response tokens of ``ptx_batch_size`` demonstrations drawn from ``ptx_data``, so that what the reward
     model cannot see (the task's arithmetic) does not drift under RL (the "alignment tax"); 0: off"""
     ptx_data: ConfigPath = "stage:data/sft.jsonl"
-    """demonstrations for ``ptx_coef`` (``prompt`` + ``response``, or ``messages``): the SFT stage's by default"""
+    """D for ``ptx_coef``: demonstrations (``prompt`` + ``response``, or ``messages``; the SFT stage's by default,
+    loss on the response tokens) or a pretraining corpus (``.txt``, or records with ``text``: InstructGPT's
+    choice, e.g. ``stage:data/pretrain.jsonl``; packed into ``ptx_block_size``-token blocks, loss on every token)"""
     ptx_batch_size: int = 32
-    """demonstrations per optimizer step for ``ptx_coef`` (divisible by the number of processes)"""
+    """demonstrations or corpus blocks per optimizer step for ``ptx_coef`` (divisible by the number of processes)"""
+    ptx_block_size: int = 128
+    """tokens per packed block when ``ptx_data`` is a corpus (at most the policy's context)"""
     gamma: float = 1.0
     """GAE discount"""
     lam: float = 0.95
@@ -250,7 +253,7 @@ class PPOConfig:
         check_report_to(self.report_to)
         check_positive(lr=self.lr, critic_lr=self.critic_lr, total_steps=self.total_steps, ppo_epochs=self.ppo_epochs,
                        prompts_per_step=self.prompts_per_step, clip_eps=self.clip_eps, log_every=self.log_every,
-                       ptx_batch_size=self.ptx_batch_size)
+                       ptx_batch_size=self.ptx_batch_size, ptx_block_size=self.ptx_block_size)
         check_non_negative(kl_coef=self.kl_coef, weight_decay=self.weight_decay, warmup_steps=self.warmup_steps,
                            grad_clip=self.grad_clip, entropy_coef=self.entropy_coef, vf_coef=self.vf_coef, ptx_coef=self.ptx_coef,
                            save_every=self.save_every, lambda_lr=self.lambda_lr,
@@ -602,9 +605,9 @@ def run(cfg: PPOConfig, ctx: StageContext, reward_fn: RewardFn | None = None, ck
     ptx = None
     if cfg.ptx_coef > 0:  # the demonstrations validated (file:line on a bad or too long one) before any model loads
         context = getattr(model_config(policy_path), "max_position_embeddings", None) or 1 << 30
-        examples, _ = tokenize_demonstrations(tokenizer, load_demonstrations(ctx.resolve(cfg.ptx_data, key="ptx_data")),
-                                              context, Truncation.error)
-        ptx = PtxTerm(examples, cfg.ptx_coef, cfg.ptx_batch_size, tokenizer.pad_token_id)
+        examples, collate = load_ptx_examples(ctx.resolve(cfg.ptx_data, key="ptx_data"), tokenizer, context,
+                                              cfg.ptx_block_size)
+        ptx = PtxTerm(examples, cfg.ptx_coef, cfg.ptx_batch_size, tokenizer.pad_token_id, collate)
     policy = load_causal_lm(policy_path)
     disable_dropout(policy)
     reference = None
