@@ -108,7 +108,7 @@ def make_scorer(cfg, out: Path, records: Sequence = (), reward_fn: RewardFn | No
     else:  # prm
         steps = _prm_steps(load(cfg.prm, "prm"), cfg.prm_floor)
     step_bonus = None
-    if outcome is not None and getattr(cfg, "prm_coef", 0.0) > 0:
+    if outcome is not None and cfg.prm_coef > 0:
         prm_steps, coef = _prm_steps(load(cfg.prm, "prm"), cfg.prm_floor), cfg.prm_coef
         step_bonus = lambda p, r: [[coef * x for x in row] for row in prm_steps(p, r)]  # noqa: E731
     if cfg.cost_model:

@@ -521,21 +521,10 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
                             filled[idx, :width] = old
                     else:
                         old = cut(ro.old_logprobs)
-                    is_weights = None
-                    if cfg.rollout_is_cap > 0:
-                        is_weights = truncated_importance_weights(old, cut(ro.rollout_logprobs), mask, cfg.rollout_is_cap)
-                    loss, pm = ppo_policy_loss(logp, old, cut(adv), mask, cfg.clip_eps, agg, max_len, is_weights)
-                    if is_weights is not None:
-                        pm["rollout_is_weight"] = masked_mean(is_weights, mask)
-                    if kl_in_loss:
-                        kl_loss = aggregate_loss(kl_estimate(logp, cut(ro.ref_logprobs), cfg.estimator), mask, agg, max_len)
-                        loss = loss + kl_coef * kl_loss
-                        pm["kl_loss"] = kl_loss.detach()
-                    entropy = masked_mean(ent, mask)  # logged as the mean over tokens whatever the aggregation
-                    if cfg.entropy_coef:
-                        loss = loss - cfg.entropy_coef * aggregate_loss(ent, mask, agg, max_len)
+                    loss, pm = _policy_loss(logp, ent, old, cut(adv), mask, cfg,
+                                            cut(ro.rollout_logprobs) if cfg.rollout_is_cap > 0 else None,
+                                            cut(ro.ref_logprobs) if kl_in_loss else None, kl_coef)
                     accelerator.backward(loss * w)
-                    pm.update(loss=loss.detach(), entropy=entropy.detach())
                 if critic is not None:
                     values = critic(batch["input_ids"], batch["attention_mask"])  # (b, width, H)
                     vloss = 0.0
@@ -568,6 +557,30 @@ def ppo_update(policy, critic, opt, critic_opt, sched, critic_sched, ro: Rollout
     # Diagnostics: one device fetch per key, summed in Python floats; over processes, the mean of their means.
     stats = {key: torch.stack(v).double().tolist() for key, v in stats.items()}
     return coll.mean_of({key: sum(v) / len(v) for key, v in stats.items()})
+
+
+def _policy_loss(logp, ent, old, adv, mask, cfg: PPOConfig, rollout_logprobs=None, ref_logprobs=None,
+                 kl_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's policy loss (b, T tensors of its response tokens, ``mask``): the clipped PPO objective,
+    times the truncated importance weights when ``rollout_logprobs`` is given (``cfg.rollout_is_cap``), + β · the
+    KL estimate to ``ref_logprobs`` when given (the KL in the loss), − ``cfg.entropy_coef`` · the entropy; and its
+    detached diagnostics."""
+    agg, max_len = cfg.loss_aggregation, cfg.sampling.max_new_tokens
+    is_weights = None
+    if rollout_logprobs is not None:
+        is_weights = truncated_importance_weights(old, rollout_logprobs, mask, cfg.rollout_is_cap)
+    loss, pm = ppo_policy_loss(logp, old, adv, mask, cfg.clip_eps, agg, max_len, is_weights)
+    if is_weights is not None:
+        pm["rollout_is_weight"] = masked_mean(is_weights, mask)
+    if ref_logprobs is not None:
+        kl_loss = aggregate_loss(kl_estimate(logp, ref_logprobs, cfg.estimator), mask, agg, max_len)
+        loss = loss + kl_coef * kl_loss
+        pm["kl_loss"] = kl_loss.detach()
+    entropy = masked_mean(ent, mask)  # logged as the mean over tokens whatever the aggregation
+    if cfg.entropy_coef:
+        loss = loss - cfg.entropy_coef * aggregate_loss(ent, mask, agg, max_len)
+    pm.update(loss=loss.detach(), entropy=entropy.detach())
+    return loss, pm
 
 
 # ============================================================================ the recipe
