@@ -491,6 +491,42 @@ def test_step_likelihood_features_are_the_reference_lms_step_log_probs(tiny_lm_d
     assert w.grad.abs().max().item() < 1e-3
 
 
+def test_step_likelihood_cache_reuses_features_without_the_lm(tiny_lm_dir):
+    """With ``cache`` a dict, a batch whose rows were seen (in any batch, with any padding) gets the same
+    features without an LM forward; a batch with one new row runs whole; ``cache`` None stores nothing."""
+    from rlhfkit.models.reward import causal_step_batches
+    from rlhfkit.models.reward_files import build_scalar_model
+
+    net, tok = build_scalar_model(tiny_lm_dir, "prm", max_len=128, step_likelihood=True)
+    lik = net.likelihood
+    calls = []
+    lik.lm.register_forward_hook(lambda *a: calls.append(1))
+    prompts = ["Question: q\n", "Question: a longer one\n", "Question: r\n"]
+    sols = [["1 + 2 = 3", "Answer: 3"], ["2 + 2 = 5", "x", "Answer: 5"], ["Answer: 7"]]
+
+    def feats(idx, batch_size):
+        out = []
+        for b, spans in causal_step_batches(tok, net.info, [prompts[i] for i in idx], [sols[i] for i in idx],
+                                            batch_size, "cpu"):
+            out.extend(lik.step_features(b["input_ids"], b["attention_mask"], spans))
+        return out
+
+    plain = feats([0, 1, 2], 3)  # no cache: one forward
+    assert len(calls) == 1 and lik.cache is None
+    lik.cache = {}
+    first = feats([0, 1], 2)  # fills the cache for rows 0 and 1
+    assert len(calls) == 2 and len(lik.cache) == 2
+    again = feats([1, 0], 1)  # the same rows alone (row 0 unpadded now): no forward
+    assert len(calls) == 2
+    assert torch.equal(again[0], first[1]) and torch.equal(again[1], first[0])
+    for a, b in zip(first, plain[:2]):
+        assert torch.allclose(a, b, atol=1e-5)
+    mixed = feats([0, 2], 2)  # row 2 is new: the batch runs whole
+    assert len(calls) == 3 and len(lik.cache) == 3
+    assert torch.allclose(mixed[1], plain[2], atol=1e-5)
+    lik.cache = None
+
+
 def test_step_likelihood_prm_saves_and_loads(tiny_lm_dir, tmp_path):
     from rlhfkit.models.reward import REFERENCE_LM
     from rlhfkit.models.reward_files import build_scalar_model

@@ -40,6 +40,7 @@ class StepLikelihood(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.n_features))
         self.register_buffer("mean", torch.zeros(self.n_features))
         self.register_buffer("std", torch.ones(self.n_features))
+        self.cache: dict | None = None  # while the PRM trains: features by (row tokens, spans); see features()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -49,7 +50,21 @@ class StepLikelihood(nn.Module):
     @torch.no_grad()
     def features(self, input_ids, attention_mask, spans: Sequence[Sequence[tuple[int, int]]]) -> list[torch.Tensor]:
         """(B, T) right-padded ids and mask, and per row the (first, last) token index of each step →
-        one (S_i, 3) tensor per row: sum, min and mean of the steps' token log-likelihoods."""
+        one (S_i, 3) tensor per row: sum, min and mean of the steps' token log-likelihoods.
+
+        The LM is frozen, so a row's features depend on its tokens and spans alone. With ``cache`` a
+        dict (``train_prm`` sets one for the length of training; ``fit_step_likelihood``'s pass over every
+        training row fills it), a batch whose rows are all in it costs no LM forward: each epoch after
+        that pass reuses them. A batch with any row missing runs whole and is stored. ``cache`` None
+        (the default, and whenever the PRM scores new responses) stores nothing.
+        """
+        keys = None
+        if self.cache is not None:
+            lengths = attention_mask.sum(-1).tolist()
+            keys = [(tuple(input_ids[row, :n].tolist()), tuple(map(tuple, row_spans)))
+                    for row, (n, row_spans) in enumerate(zip(lengths, spans))]
+            if all(k in self.cache for k in keys):
+                return [self.cache[k] for k in keys]
         scored = torch.zeros_like(input_ids, dtype=torch.bool)  # the steps' tokens: the LM head runs only before them
         for row, row_spans in enumerate(spans):
             for first, last in row_spans:
@@ -63,6 +78,8 @@ class StepLikelihood(nn.Module):
                 v = lp[row, max(first, 1) - 1:max(last, 1)]  # lp[:, t-1] = log p(x_t | x_<t); never empty
                 feats.append(torch.stack([v.sum(), v.min(), v.mean()]))
             out.append(torch.stack(feats) if feats else lp.new_zeros(0, self.n_features))
+        if keys is not None:
+            self.cache.update(zip(keys, out))
         return out
 
     def step_features(self, input_ids, attention_mask, step_spans) -> list[torch.Tensor]:

@@ -358,6 +358,10 @@ def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt
     start = None
     if net.likelihood is not None:
         net.to(dev)
+        # The features' LM is frozen: the fit's pass over every training row computes them once, and the
+        # epochs reuse them (models.step_likelihood.StepLikelihood.features). Every process makes the same
+        # pass over all rows, so under FSDP no process skips a sharded forward that another one runs.
+        net.likelihood.cache = {}
         start = fit_step_likelihood(net, tok, [r.prompt for r in records], [list(r.steps) for r in records],
                                     [list(r.labels) for r in records], cfg.eval_batch_size, dev)
         log.write({"model": "prm", "step_likelihood_start": start})
@@ -378,6 +382,7 @@ def train_prm(cfg: RewardConfig, backbone: Path, records, accelerator, log, ckpt
 
     fit = _fit(net, len(records), batch_loss, replace(cfg, lr=cfg.prm_lr) if cfg.prm_lr > 0 else cfg, accelerator, log, "prm", ckpt)
     if start is not None:
+        net.likelihood.cache = None  # held-out and reranked responses are new rows: nothing to reuse
         fit["step_likelihood"] = {"start": start, "weight": full_tensor(net.likelihood.weight).tolist()}
     return net, tok, fit
 
