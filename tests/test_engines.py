@@ -178,6 +178,24 @@ def test_an_engine_is_sampled_with_its_own_weights_until_synced(eos_lm):
     assert after == legacy_sample(other, tok, PROMPTS, cfg) and after != before
 
 
+def test_the_hf_engine_runs_the_model_under_bf16_autocast_only_when_asked(eos_lm):
+    """``bf16``: every forward of generate returns bf16 logits (autocast), the weights stay fp32, and the
+    samples' log-probs are still recorded; by default every forward is fp32, as the test above pins."""
+    from rlhfkit.models.loading import load_causal_lm, load_tokenizer
+
+    tok, model = load_tokenizer(eos_lm), load_causal_lm(eos_lm)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(out.logits.dtype))
+    fp32 = sample(model, tok, PROMPTS, SamplingConfig(max_new_tokens=4, temperature=1.0), seed=1, return_logprobs=True)
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    bf16 = sample(model, tok, PROMPTS, SamplingConfig(max_new_tokens=4, temperature=1.0, bf16=True), seed=1,
+                  return_logprobs=True)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert len(bf16) == len(fp32) and all(len(s.logprobs) == len(s.response_ids) + s.finished for s in bf16)
+
+
 # ---------------------------------------------------------------- vllm where it cannot run
 
 def _pretend(monkeypatch, vllm_installed: bool, cuda: bool, processes: int = 1):

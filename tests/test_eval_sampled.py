@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rlhfkit.config import ConfigError, load_config
+from rlhfkit.generation import SamplingConfig
 from rlhfkit.pipeline import PipelineConfig
 from rlhfkit.recipes.evaluate import (EvalConfig, SampledEvalConfig, general_metrics, judge_rows, per_prompt_means,
                                       policy_metrics)
@@ -109,11 +110,12 @@ def test_sampled_config_refuses_what_cannot_sample_and_names_the_field(override,
 
 
 def test_sampled_config_defaults_and_sampler_settings():
-    cfg = load_config(PipelineConfig, None, ["eval.sampling.max_new_tokens=32", "eval.sampled.samples_per_prompt=8"])
+    cfg = load_config(PipelineConfig, None, ["eval.sampling.max_new_tokens=32", "eval.sampled.samples_per_prompt=8",
+                                             "eval.sampling.bf16=true"])
     assert cfg.eval.sampled == SampledEvalConfig(enabled=True, temperature=0.7, samples_per_prompt=8, batch_size=200)
-    sc = cfg.eval.sampled.sampling(cfg.eval.sampling.max_new_tokens)
-    # greedy's length limit; 200 sequences per generate call = 25 prompts × 8
-    assert (sc.max_new_tokens, sc.temperature, sc.top_p, sc.batch_size) == (32, 0.7, 1.0, 25)
-    assert SampledEvalConfig(samples_per_prompt=300).sampling(64).batch_size == 1
+    sc = cfg.eval.sampled.sampling(cfg.eval.sampling)
+    # greedy's length limit and precision; 200 sequences per generate call = 25 prompts × 8
+    assert (sc.max_new_tokens, sc.temperature, sc.top_p, sc.batch_size, sc.bf16) == (32, 0.7, 1.0, 25, True)
+    assert SampledEvalConfig(samples_per_prompt=300).sampling(SamplingConfig(max_new_tokens=64)).batch_size == 1
     assert EvalConfig().sampled.enabled
     assert not load_config(PipelineConfig, None, ["eval.sampled.enabled=false"]).eval.sampled.enabled

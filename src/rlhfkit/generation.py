@@ -58,6 +58,10 @@ class SamplingConfig:
     ``gpu`` extra: pip install -e '.[gpu]'; the policy's weights are synced into it after every update)"""
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     """the vLLM engine's settings (engine: vllm only)"""
+    bf16: bool = False
+    """hf engine: generate under bf16 autocast (the weights stay as they are): about twice fp32's tokens/s on a CPU
+    with AVX512-BF16 or AMX (``bench/generation_bf16.py``) and on a GPU; the samples differ from fp32's by
+    rounding. PPO's loss still takes its log-probs from the training forward. vllm sets its own ``vllm.dtype``"""
 
     def __post_init__(self):
         check_non_negative(temperature=self.temperature)

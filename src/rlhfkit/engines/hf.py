@@ -91,7 +91,8 @@ class HFEngine:
         if return_logprobs:
             recorder = _sampled_logprobs_processor(cfg.temperature if not greedy else 1.0)
             gen_kwargs["logits_processor"] = LogitsProcessorList([recorder])
-        seqs = model.generate(**gen_kwargs)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            seqs = model.generate(**gen_kwargs)
         new = seqs[:, ids.shape[1]:].tolist()
         new_logprobs = recorder.finish(seqs).tolist() if recorder is not None else [None] * len(new)
         if was_training:

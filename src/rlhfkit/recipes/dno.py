@@ -244,7 +244,8 @@ def _prompt_slices(n_train: int, per_iter: int, iterations: int) -> list[list[in
 
 
 def _greedy(engine, tok, prompts, cfg: DNOConfig, device):
-    greedy = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, batch_size=cfg.sampling.batch_size)
+    greedy = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, batch_size=cfg.sampling.batch_size,
+                            bf16=cfg.sampling.bf16)
     return sample(engine, tok, prompts, greedy, seed=cfg.seed, device=device)
 
 

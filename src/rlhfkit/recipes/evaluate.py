@@ -81,10 +81,10 @@ class SampledEvalConfig:
         check_positive(temperature=self.temperature, samples_per_prompt=self.samples_per_prompt,
                        batch_size=self.batch_size)
 
-    def sampling(self, max_new_tokens: int) -> SamplingConfig:
-        """The sampler's settings, with greedy's length limit so both figures cut responses alike."""
-        return SamplingConfig(max_new_tokens=max_new_tokens, temperature=self.temperature,
-                              batch_size=max(1, self.batch_size // self.samples_per_prompt))
+    def sampling(self, greedy: SamplingConfig) -> SamplingConfig:
+        """The sampler's settings, with greedy's length limit (so both figures cut responses alike) and precision."""
+        return SamplingConfig(max_new_tokens=greedy.max_new_tokens, temperature=self.temperature,
+                              batch_size=max(1, self.batch_size // self.samples_per_prompt), bf16=greedy.bf16)
 
 
 @dataclass(frozen=True)
@@ -299,7 +299,7 @@ def run(cfg: EvalConfig, ctx: StageContext) -> dict:
         greedy[name] = sample(engine, tok, prompts, cfg.sampling, seed=cfg.seed, device=accelerator.device)
         if sc.enabled:
             # Every policy from the same seed: common random numbers, so the comparison's noise is the policies'.
-            sampled[name] = sample(engine, tok, prompts, sc.sampling(cfg.sampling.max_new_tokens), seed=cfg.seed,
+            sampled[name] = sample(engine, tok, prompts, sc.sampling(cfg.sampling), seed=cfg.seed,
                                    num_return_sequences=sc.samples_per_prompt, device=accelerator.device)
         engine.close()  # the policy's model (and vllm's memory) goes before the next policy loads
         del engine

@@ -50,6 +50,8 @@ class RerankConfig:
     """longest sampled response"""
     seed: int = 1
     """sampling seed"""
+    bf16: bool = False
+    """sample under bf16 autocast (``SamplingConfig.bf16``)"""
 
 
 def task_metas(paths: Sequence[str | Path]) -> dict[str, dict]:
@@ -103,7 +105,8 @@ def rerank(rc: RerankConfig, ctx: StageContext, models: dict) -> dict:
     tok = load_tokenizer(policy)
     lm = load_causal_lm(policy).to(accelerator.device)
     prompts = [r.prompt for r in records]
-    sc = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, batch_size=max(1, 256 // rc.n))
+    sc = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, batch_size=max(1, 256 // rc.n),
+                        bf16=rc.bf16)
     samples = sample(lm, tok, prompts, sc, seed=rc.seed, num_return_sequences=rc.n, device=accelerator.device)
     del lm
     flat_p, flat_r = [s.prompt for s in samples], [s.text for s in samples]
