@@ -157,3 +157,26 @@ def test_frozen_reward_model_loads_in_bf16_with_an_fp32_head(tiny_lm_dir, tmp_pa
     prompts, responses = ["What is 2 + 3?"] * 3, ["2 + 3 = 5\nThe answer is 5.", "5", "I cannot tell."]
     a, b = full.score(prompts, responses), half.score(prompts, responses)
     assert a != b and b == pytest.approx(a, abs=0.05)
+
+
+def test_one_pipeline_run_takes_a_precision_per_stage(tmp_path):
+    """One process runs data (full precision), pretrain under bf16 and SFT in full precision again. accelerate's
+    process-wide state refuses a second precision (``ValueError: AcceleratorState has already been initialized``)
+    unless ``make_accelerator`` rebuilds it. The bf16 pretrain's losses equal those of a bf16 pretrain run on its
+    own, and differ from a full-precision one (bf16 was engaged)."""
+    from accelerate.state import AcceleratorState
+    from conftest import tiny_pipeline_overrides
+
+    from rlhfkit.cli import main
+
+    def run(out, stages, *extra):
+        ov = [o for o in tiny_pipeline_overrides(out) if not o.startswith(("stages=", "out="))]
+        assert main(["quickstart", "--out", str(out), *ov, f"stages=[{stages}]", *extra]) == 0
+        return _losses_of(out / "pretrain")
+
+    mixed = run(tmp_path / "run", "data, pretrain, sft", "pretrain.mixed_precision=bf16", "sft.mixed_precision=no")
+    assert AcceleratorState().mixed_precision == "no"  # the last stage's
+    alone = run(tmp_path / "alone", "data, pretrain", "pretrain.mixed_precision=bf16")
+    full = run(tmp_path / "full", "data, pretrain", "pretrain.mixed_precision=no")
+    assert len(mixed) == 4 and mixed == alone
+    assert mixed != full

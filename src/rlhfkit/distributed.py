@@ -10,6 +10,7 @@ import os
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
@@ -40,12 +41,23 @@ def make_accelerator(cfg=None, project_dir=None):
     ``project_dir`` the caller tracks nothing and ``report_to`` is not used.
     """
     mp = resolve_mixed_precision(getattr(cfg, "mixed_precision", "auto"))
+    _new_state_if_precision_changes(mp)
     trackers = trackers_of(cfg) if project_dir is not None else []
     if not trackers:
         return _fsdp_on_cpu(refuse_deepspeed(Accelerator(mixed_precision=mp, cpu=_cpu_only())))
     acc = refuse_deepspeed(Accelerator(mixed_precision=mp, cpu=_cpu_only(), log_with=trackers, project_dir=str(project_dir)))
     check_trackers_available(trackers, acc.log_with)
     return _fsdp_on_cpu(acc)
+
+
+def _new_state_if_precision_changes(mp: str) -> None:
+    """accelerate keeps one AcceleratorState per process and refuses an Accelerator with another
+    ``mixed_precision`` than the first one's; a pipeline's stages each set their own (full-precision data and
+    label stages, a bf16 SFT). When the precision changes, the state is rebuilt from the environment as
+    accelerate's own tests do between cases; the process group (``PartialState``) is kept."""
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mp:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def refuse_deepspeed(acc):
