@@ -295,3 +295,12 @@ def test_the_policy_table_sets_sampled_figures_beside_the_greedy_ones(tmp_path):
     assert "| ppo | 0.300 [0.200, 0.400] | 0.250 [0.100, 0.400] | 0.450 [0.350, 0.550] |" in sampled
     assert "| base |" not in sampled
     assert "4 responses per prompt sampled at temperature 0.7" in table
+
+
+def test_a_run_with_no_stage_output_writes_an_empty_report(tmp_path):
+    """``stages=[]`` (or every stage skipped) on an empty output: a report with no figures, not a KeyError."""
+    from rlhfkit.report import write_report
+
+    summary = write_report(tmp_path)
+    assert summary == {"policies": {}, "stages": {}}
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()

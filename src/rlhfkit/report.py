@@ -60,8 +60,8 @@ def build_summary(out: Path) -> dict:
         for key in m.get("summary_sections", []):
             summary[key] = m[key]
         _collect_bias(summary.setdefault("bias", {}), d.name, m)
-    if not any(summary["bias"].values()):
-        del summary["bias"]
+    if not any(summary.get("bias", {}).values()):  # no stage wrote bias figures (or no stage ran at all)
+        summary.pop("bias", None)
     return summary
 
 
