@@ -244,9 +244,8 @@ def _prompt_slices(n_train: int, per_iter: int, iterations: int) -> list[list[in
 
 
 def _greedy(engine, tok, prompts, cfg: DNOConfig, device):
-    greedy = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0, batch_size=cfg.sampling.batch_size,
-                            bf16=cfg.sampling.bf16)
-    return sample(engine, tok, prompts, greedy, seed=cfg.seed, device=device)
+    # The stage's sampler made greedy (length, batch and precision kept; given an engine, its engine field is unread).
+    return sample(engine, tok, prompts, dataclasses.replace(cfg.sampling, temperature=0.0), seed=cfg.seed, device=device)
 
 
 def validation_win_rate(pf, prompts, policy_samples, base_samples) -> float:
