@@ -85,6 +85,29 @@ def test_killed_labeling_run_resumes_to_the_same_dataset(tiny_lm_dir, prompts_fi
         label.run(other.label, StageContext(killed, killed / "stage", "label", acc))
 
 
+def test_step_label_prompts_step_labels_only_the_first_prompts_and_ranks_them_all(tiny_lm_dir, prompts_file, tmp_path):
+    """10 prompts in chunks of 4, step labels for the first 6 only: chunk 0 whole, 2 of chunk 1's, none of chunk 2's.
+    The rankings (every prompt) and the step records kept are those of the run without the cap."""
+    from accelerate import Accelerator
+
+    from rlhfkit.recipes import label
+
+    base = ["label.n_prompts=10", "label.chunk_size=4", "label.k=2", "label.sampling.max_new_tokens=12"]
+    runs = {}
+    for name, extra in (("all", []), ("capped", ["label.step_label_prompts=6"])):
+        (tmp_path / name / "stage").mkdir(parents=True)
+        cfg = _label_cfg(tiny_lm_dir, prompts_file, [*base, *extra])
+        m = label.run(cfg.label, StageContext(tmp_path / name, tmp_path / name / "stage", "label", Accelerator()))
+        runs[name] = (m, _records(tmp_path / name / "stage"))
+    (m_all, all_), (m_cap, cap) = runs["all"], runs["capped"]
+    assert m_cap["rankings"] == m_all["rankings"] == 10 and cap["rankings"] == all_["rankings"]
+    first6 = {r["prompt"] for r in all_["rankings"][:6]}
+    assert len(first6) == 6 and m_all["steps"] > m_cap["steps"] > 0
+    assert cap["steps"] == [r for r in all_["steps"] if r["prompt"] in first6]
+    with pytest.raises(ValueError, match="step_label_prompts must be >= 0"):
+        label.LabelConfig(step_label_prompts=-1)
+
+
 def test_label_with_a_reward_model_judge_records_both_order_agreement(tiny_lm_dir, prompts_file, tmp_path):
     from accelerate import Accelerator
 

@@ -101,6 +101,10 @@ class LabelConfig:
     the policy's completions of each step prefix, checking final answers only"""
     estimate_n: int = 4
     """with ``step_labels: estimate``: completions per step prefix (sampled as ``sampling`` says)"""
+    step_label_prompts: int = 0
+    """step-label (and write the ``steps`` records, the PRM's, ORM's and cost model's data, of) only the first
+    this many prompts; 0 = all. The rankings cover every prompt: Math-Shepherd estimation costs ``estimate_n``
+    completions of every step prefix, so a run can rank more prompts than it can afford to step-label"""
     estimate_mode: EstimateMode = EstimateMode.soft
     """with ``step_labels: estimate``: ``soft``, the share of completions that reach the right
     answer, or ``hard``, 1 if any does"""
@@ -123,6 +127,8 @@ class LabelConfig:
             raise ValueError(f"oracle_length_bias biases the task's annotators; it needs judge: oracle, not {self.judge!r}")
         if self.estimate_n < 1:
             raise ValueError(f"estimate_n must be at least 1, got {self.estimate_n}")
+        if self.step_label_prompts < 0:
+            raise ValueError(f"step_label_prompts must be >= 0 (0 = every prompt), got {self.step_label_prompts}")
         check_probability(max_position_bias=self.max_position_bias)
 
     @property
@@ -193,7 +199,8 @@ def label_chunk(c: int, records: list, lm, tok, judge, judge_name: str, cfg: Lab
             ranking = sorted(range(cfg.k), key=lambda i: (-wins[i], i))
             out["rankings"].append({"prompt": rec.prompt, "responses": texts, "ranking": ranking, **extra,
                                     "provenance": {**prov, "ranking_from": "borda over averaged pair probabilities"}})
-    graded = [(rec, s, Problem.from_meta(rec.meta)) for rec, group in zip(records, groups) if rec.meta is not None
+    n_step = len(records) if not cfg.step_label_prompts else max(0, cfg.step_label_prompts - c * cfg.chunk_size)
+    graded = [(rec, s, Problem.from_meta(rec.meta)) for rec, group in zip(records[:n_step], groups) if rec.meta is not None
               for s in group]
     verdicts = [oracle_judge(prob, s.text) for _, s, prob in graded]
     if cfg.step_labels == StepLabels.estimate:
