@@ -340,6 +340,9 @@ def test_pair_metrics_and_ece_by_hand():
     # diffs 2, −1, 0: accuracy 1/3 (a tie is wrong), margin 1/3
     m = pair_metrics([3.0, 0.0, 1.0], [1.0, 1.0, 1.0])
     assert m["accuracy"] == pytest.approx(1 / 3) and m["mean_margin"] == pytest.approx(1 / 3) and m["pairs"] == 3
+    # one tie (diff 0) of 3 pairs: 1 right of the 2 untied
+    assert m["ties"] == 1 and m["accuracy_untied"] == pytest.approx(1 / 2)
+    assert math.isnan(pair_metrics([1.0], [1.0])["accuracy_untied"])  # every pair tied: no untied accuracy
     # confidence in the pick max(p, 1−p): σ(2)=0.8808 (bin 8, right), 1−σ(−1)=0.7311 (bin 7, wrong),
     # 0.5 (bin 5, a tie: wrong); ECE = (|1 − 0.8808| + |0 − 0.7311| + |0 − 0.5|) / 3
     sig = [1 / (1 + math.exp(-d)) for d in (2, -1, 0)]

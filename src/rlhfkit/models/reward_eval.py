@@ -45,17 +45,25 @@ def expected_calibration_error(probs: Sequence[float], outcomes: Sequence[int], 
 
 
 def pair_metrics(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
-    """accuracy (ties count as wrong), mean margin r_c − r_r, ECE of σ(r_c − r_r), and the pair count.
+    """accuracy (ties count as wrong), mean margin r_c − r_r, ECE of σ(r_c − r_r), and the pair count;
+    ``ties`` (r_c = r_r exactly) and ``accuracy_untied``, the accuracy over the other pairs.
+
+    Pairs drawn from a K-wise ranking of sampled responses can hold the same text twice (a peaked policy
+    repeats itself), and scored once each (:func:`score_each_once`) the two get the same score: such a
+    pair carries no preference, and ``accuracy`` counts it wrong. ``accuracy_untied`` is the figure that
+    says how often the model orders two different responses as the label does.
 
     ECE is taken on the model's confidence in its own pick, max(p, 1 − p) with p = σ(r_c − r_r),
     against whether the pick was the human's (Guo et al. 2017). Binning p against "chosen won"
     would be degenerate: the label is 1 for every pair, so it would only measure 1 − mean p.
     """
     diffs = [c - r for c, r in zip(chosen, rejected)]
-    n = len(diffs)
+    n, ties = len(diffs), sum(d == 0 for d in diffs)
     conf = [max(sigmoid(d), 1 - sigmoid(d)) for d in diffs]
     return {
         "accuracy": sum(d > 0 for d in diffs) / n if n else float("nan"),
+        "accuracy_untied": sum(d > 0 for d in diffs) / (n - ties) if n > ties else float("nan"),
+        "ties": ties,
         "mean_margin": sum(diffs) / n if n else float("nan"),
         "ece": expected_calibration_error(conf, [int(d > 0) for d in diffs]),
         "pairs": n,
