@@ -1,6 +1,6 @@
 """configs/transfer.yaml end to end (slow tier): the quickstart's loop from the packaged SmolLM2-135M-Instruct,
-every stage as the file sets it (full-weight SFT and reward models under bf16, LoRA PPO/GRPO/DPO/DNO, bf16
-sampling) but at tiny budgets: a few steps, a few prompts, 32-token responses. `make test-slow` runs it
+every stage as the file sets it (full-weight SFT and reward models with 15 frozen layers under bf16, LoRA
+PPO/GRPO/DPO/DNO, bf16 sampling) but at tiny budgets: a few steps, a few prompts, 32-token responses. `make test-slow` runs it
 (3 min 05 s on 2 cores with the second run's file); the full run's figures are in docs/transfer.md.
 
 What it checks is what the run promises, not the figures a few steps give: every stage wrote its outputs and its
