@@ -29,8 +29,9 @@ SIDE_BY_SIDE = ["accuracy", "win_rate_vs_sft", "win_rate", "judge_score"]
 # The stages' summary sections (metrics.json "summary_sections"): heading, what a row is, caption.
 SECTIONS = {
     "reward_models": ("Reward models", "model", "Held-out figures of each model; models measured alike share a "
-                      "table. Pairwise: accuracy (ties count as wrong), accuracy_untied (over the pairs of two different "
-                      "responses; ties: pairs of one text twice, whose scores are equal), mean margin r(chosen) − r(rejected), ECE of "
+                      "table. Pairwise: accuracy (ties count as wrong), accuracy_untied (over the pairs of two "
+                      "different responses; ties: pairs of one text twice, whose scores are equal), mean margin "
+                      "r(chosen) − r(rejected), ECE of "
                       "σ(margin); model_vs_judge and labels_vs_judge: how often the model's order, and the noisy "
                       "label's, agree with the noiseless judge, mean [95% CI], n pairs. Steps (PRM, ORM): accuracy of "
                       "σ(score) > 0.5, ROC AUC, the always-majority baseline. Cost: sign accuracy (cost < 0 for a "

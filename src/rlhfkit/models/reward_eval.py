@@ -58,11 +58,11 @@ def pair_metrics(chosen: Sequence[float], rejected: Sequence[float]) -> dict:
     would be degenerate: the label is 1 for every pair, so it would only measure 1 − mean p.
     """
     diffs = [c - r for c, r in zip(chosen, rejected)]
-    n, ties = len(diffs), sum(d == 0 for d in diffs)
+    n, ties, right = len(diffs), sum(d == 0 for d in diffs), sum(d > 0 for d in diffs)
     conf = [max(sigmoid(d), 1 - sigmoid(d)) for d in diffs]
     return {
-        "accuracy": sum(d > 0 for d in diffs) / n if n else float("nan"),
-        "accuracy_untied": sum(d > 0 for d in diffs) / (n - ties) if n > ties else float("nan"),
+        "accuracy": right / n if n else float("nan"),
+        "accuracy_untied": right / (n - ties) if n > ties else float("nan"),
         "ties": ties,
         "mean_margin": sum(diffs) / n if n else float("nan"),
         "ece": expected_calibration_error(conf, [int(d > 0) for d in diffs]),
