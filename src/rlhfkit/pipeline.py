@@ -28,7 +28,7 @@ from rlhfkit.distributed import make_accelerator, process_state
 from rlhfkit.engines import check_stage_engines
 from rlhfkit.io import JsonlLog, RunLock, atomic_write_json, commit_dir
 from rlhfkit.paths import STAGE_PREFIX, ConfigPath, map_config_paths
-from rlhfkit.recipes import data, dno, dpo, evaluate, intransitive, label, ppo, pretrain, reward, sft
+from rlhfkit.recipes import data, dno, dpo, evaluate, intransitive, label, ppo, pretrain, reward, sft, strength
 from rlhfkit.recipes.dno import DNOConfig
 from rlhfkit.recipes.dpo import DPOConfig
 from rlhfkit.recipes.evaluate import EvalConfig
@@ -38,6 +38,7 @@ from rlhfkit.recipes.ppo import Algorithm, PPOConfig
 from rlhfkit.recipes.pretrain import PretrainConfig
 from rlhfkit.recipes.reward import RewardConfig
 from rlhfkit.recipes.sft import SFTConfig
+from rlhfkit.recipes.strength import StrengthConfig
 from rlhfkit.report import write_report
 from rlhfkit.seeds import check_references, run_seeds
 from rlhfkit.stage import StageContext
@@ -97,6 +98,8 @@ class PipelineConfig:
     """RL stage ``grpo``: GRPO, 4 samples per prompt unless set"""
     rloo: RLOOConfig = field(default_factory=RLOOConfig)
     """RL stage ``rloo``: RLOO, 4 samples per prompt unless set"""
+    strength: StrengthConfig = field(default_factory=StrengthConfig)
+    """the strength grid (configs/strength_grid.yaml): two finished runs' policies × reward models"""
 
     def __post_init__(self):
         unknown = [s for s in self.stages if s not in STAGES]
@@ -132,6 +135,7 @@ STAGES: dict[str, Stage] = {
     "dpo": Stage("dpo", dpo.run),
     "dno": Stage("dno", dno.run),
     "intransitive": Stage("intransitive", intransitive.run),
+    "strength": Stage("strength", strength.run),
     "label": Stage("label", label.run),
     "reward": Stage("reward", reward.run),
     **{name: Stage(name, ppo.run) for name in RL_STAGES},

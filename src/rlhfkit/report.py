@@ -44,6 +44,15 @@ SECTIONS = {
                     "never ended; abstention: abstaining vs giving a number; accuracy: a right vs a wrong final answer; "
                     "invented: a number never given; arithmetic: wrong equation lines; style: other lines the oracle "
                     "labels 0 (filler such as \"So the answer is N.\"); other: the rest."),
+    "strength_grid": ("Strength grid: best-of-n", "cell", "Each policy's n samples per held-out prompt, picked by each "
+                      "reward side's models (rm, prm: min of its step probabilities, prm_product, orm), by majority "
+                      "vote and as the first sample (single); accuracy of the pick, mean [95% CI] over prompts; "
+                      "oracle_best_of_n: the share of prompts with any right sample. Majority, single and oracle "
+                      "depend on the policy only."),
+    "strength_curves": ("Strength grid: gold vs proxy", "cell", "A short PPO run of the cell's policy against its "
+                        "reward side's BT reward model: KL (nats), gold (oracle) score and proxy reward (that reward "
+                        "model's raw score) of the rollouts where gold peaks (in KL order), at the first rollout and "
+                        "at the last. The curves are drawn under Over-optimization (strength/ppo_<policy>_<reward>)."),
     "policies_per_seed": ("Policies per seed", "", "Each seed's run of a policy evaluated over several seeds, "
                           "mean [95% CI] over held-out prompts; the policy table shows their mean ± sd."),
     "intransitive": ("Intransitive preferences", "", "The cyclic judge's labels and how each learned preference "

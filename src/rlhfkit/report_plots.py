@@ -28,11 +28,15 @@ def stage_dirs(out: Path) -> list[Path]:
 
 def stage_logs(out: Path) -> dict[str, list[dict]]:
     """``{stage: rows of its log.jsonl}`` for every finished stage that wrote one; a stage run with seeds
-    (``rlhfkit.seeds``) has one log per seed, ``OUT/<stage>/seed_<s>/log.jsonl``, named ``<stage>@seed<s>``."""
+    (``rlhfkit.seeds``) has one log per seed, ``OUT/<stage>/seed_<s>/log.jsonl``, named ``<stage>@seed<s>``, and
+    a stage that ran other recipes in its directories (metrics ``runs``: the strength grid's PPO runs) one per
+    run, ``OUT/<stage>/<run>/log.jsonl``, named ``<stage>/<run>``."""
     logs = {}
     for d in stage_dirs(out):
-        seeds = json.loads((d / "metrics.json").read_text()).get("seeds_run", [])
-        for name, log in [(d.name, d / "log.jsonl")] + [(f"{d.name}@seed{s}", d / f"seed_{s}" / "log.jsonl") for s in seeds]:
+        m = json.loads((d / "metrics.json").read_text())
+        subs = [(f"{d.name}@seed{s}", d / f"seed_{s}") for s in m.get("seeds_run", [])]
+        subs += [(f"{d.name}/{r}", d / r) for r in m.get("runs", [])]
+        for name, log in [(d.name, d / "log.jsonl")] + [(n, sub / "log.jsonl") for n, sub in subs]:
             if log.exists():
                 logs[name] = read_jsonl_plain(log)
     return logs
@@ -164,6 +168,7 @@ def plot_iterations(out: Path, summary: dict) -> list[Path]:
 def _save(fig: Figure, out: Path, name: str) -> Path:
     fig.tight_layout()
     (out / "plots").mkdir(exist_ok=True)
-    path = out / "plots" / f"{name}.png"
+    safe = re.sub(r"[^\w@.-]", "_", name)  # a sub-run's log (strength/ppo_weak_weak) is one file, not a folder
+    path = out / "plots" / f"{safe}.png"
     fig.savefig(path, dpi=DPI)
     return path

@@ -9,7 +9,9 @@
   ``oracle_best_of_n`` is the share where any sample is right: the ceiling of every method.
 
 The reward stage calls both after training (its metrics ``models.rm.judge_agreement`` and
-``reranking``); they live with the task because they grade with its answer key.
+``reranking``); they live with the task because they grade with its answer key. ``rerank`` is its pieces
+in a row (prompts, samples, each model's scores, the picks), which the strength grid (``recipes.strength``)
+composes otherwise: each policy samples once and the reward models of two runs score its samples.
 """
 from __future__ import annotations
 
@@ -96,19 +98,36 @@ def rerank(rc: RerankConfig, ctx: StageContext, models: dict) -> dict:
     ``models``: the trained ``prm``, ``orm`` and ``rm`` that are present (``RewardModel``s); the
     per-prompt correctness of every sample goes to ``ctx.stage_dir/rerank_samples.jsonl``.
     """
-    stage_dir, accelerator = ctx.stage_dir, ctx.accelerator
+    records = rerank_prompts(rc, ctx)
+    samples = best_of_n_samples(rc, ctx.model(rc.policy, "rerank.policy"), records, ctx.accelerator.device)
+    result, rows = rerank_picks(records, samples, rerank_scores(models, samples), rc.n)
+    if ctx.accelerator.is_main_process:
+        atomic_write_jsonl(ctx.stage_dir / "rerank_samples.jsonl", rows)
+    return result
+
+
+def rerank_prompts(rc: RerankConfig, ctx: StageContext) -> list:
+    """The first ``rc.n_prompts`` prompts of ``rc.data``; each must carry the task ``meta`` (the answer key)."""
     records = load_prompts(ctx.resolve(rc.data, key="rerank.data"))[: rc.n_prompts]
     for r in records:
         if r.meta is None:
             raise DataError(f"{r.where}: reranking with the task judge needs the field 'meta'")
-    policy = ctx.model(rc.policy, "rerank.policy")
+    return records
+
+
+def best_of_n_samples(rc: RerankConfig, policy: Path, records: Sequence, device) -> list:
+    """``rc.n`` samples of each record's prompt from the policy directory ``policy``, prompt by prompt
+    (``generation.Sample``: sample j of prompt i at index i·n + j)."""
     tok = load_tokenizer(policy)
-    lm = load_causal_lm(policy).to(accelerator.device)
-    prompts = [r.prompt for r in records]
+    lm = load_causal_lm(policy).to(device)
     sc = SamplingConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, batch_size=max(1, 256 // rc.n),
                         bf16=rc.bf16)
-    samples = sample(lm, tok, prompts, sc, seed=rc.seed, num_return_sequences=rc.n, device=accelerator.device)
-    del lm
+    return sample(lm, tok, [r.prompt for r in records], sc, seed=rc.seed, num_return_sequences=rc.n, device=device)
+
+
+def rerank_scores(models: dict, samples: Sequence) -> dict[str, list[float]]:
+    """Each model's score of every sample: ``prm`` (the min of its step probabilities) and ``prm_product``
+    (their product) from a PRM, ``orm`` and ``rm`` from those models; the models absent are skipped."""
     flat_p, flat_r = [s.prompt for s in samples], [s.text for s in samples]
     scores: dict[str, list[float]] = {}
     if "prm" in models:
@@ -120,27 +139,32 @@ def rerank(rc: RerankConfig, ctx: StageContext, models: dict) -> dict:
         scores["orm"] = models["orm"].score(flat_p, flat_r)
     if "rm" in models:
         scores["rm"] = models["rm"].score(flat_p, flat_r)
+    return scores
+
+
+def rerank_picks(records: Sequence, samples: Sequence, scores: dict[str, list[float]], n: int) -> tuple[dict, list[dict]]:
+    """The accuracy (mean [95% CI] over prompts) of the sample each method picks from a prompt's ``n``:
+    the highest score of each of ``scores`` (ties: the first sample), majority vote, ``single`` (the first
+    sample), and ``oracle_best_of_n`` (any sample right); with the per-prompt rows (each sample's correctness)."""
     picks: dict[str, list[float]] = {m: [] for m in [*scores, "majority", "single"]}
     rows = []
     for i, rec in enumerate(records):
         prob = Problem.from_meta(rec.meta)
-        group = samples[i * rc.n:(i + 1) * rc.n]
+        group = samples[i * n:(i + 1) * n]
         verdicts = [judge(prob, s.text) for s in group]
         ok = [float(v.correct and s.finished) for v, s in zip(verdicts, group)]
         for m, vals in scores.items():
-            v = vals[i * rc.n:(i + 1) * rc.n]
-            picks[m].append(ok[max(range(rc.n), key=lambda j: (v[j], -j))])  # ties: the first sample
+            v = vals[i * n:(i + 1) * n]
+            picks[m].append(ok[max(range(n), key=lambda j: (v[j], -j))])  # ties: the first sample
         # An unfinished sample's last line may be a cut-off number: it gets no vote.
         answers = [v.final_answer if s.finished else None for v, s in zip(verdicts, group)]
         picks["majority"].append(_majority_pick(answers, ok))
         picks["single"].append(ok[0])
         rows.append({"prompt": rec.prompt, "correct": ok, "any_correct": max(ok)})
-    if accelerator.is_main_process:
-        atomic_write_jsonl(stage_dir / "rerank_samples.jsonl", rows)
     result = {m: {"accuracy": mean_ci(v)} for m, v in picks.items()}
     result["oracle_best_of_n"] = {"accuracy": mean_ci([r["any_correct"] for r in rows])}
-    result["n"], result["n_prompts"] = rc.n, len(records)
-    return result
+    result["n"], result["n_prompts"] = n, len(records)
+    return result, rows
 
 
 def _majority_pick(answers: list[str | None], ok: list[float]) -> float:
