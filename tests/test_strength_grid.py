@@ -69,10 +69,13 @@ def test_every_cell_is_reranked_and_the_policy_only_methods_agree_across_reward_
         # each policy samples once; majority vote, the first sample and the oracle never read a reward model
         for m in ("majority", "single", "oracle_best_of_n"):
             assert rows[0][m] == rows[1][m]
-        # each cell's per-prompt rows: the same samples' correctness whichever side reranked them
-        a, b = ([json.loads(x) for x in (grid / "strength" / f"best_of_n_{p}_{r}.jsonl").read_text().splitlines()]
-                for r in ("weak", "strong"))
-        assert a == b and len(a) == 6 and all(len(row["correct"]) == 4 for row in a)
+        # each prompt's samples, their correctness, and both reward sides' scores of them
+        rows = [json.loads(x) for x in (grid / "strength" / f"best_of_n_{p}.jsonl").read_text().splitlines()]
+        assert len(rows) == 6
+        for row in rows:
+            assert len(row["responses"]) == len(row["correct"]) == 4
+            assert set(row["scores"]) == {"weak", "strong"}
+            assert all(len(v) == 4 for side in row["scores"].values() for v in side.values())
 
 
 def test_a_diagonal_cell_reproduces_the_runs_own_reranking(runs, grid):
@@ -117,5 +120,7 @@ def test_bad_grids_are_refused_before_a_model_loads(runs, tmp_path):
     overrides = _grid_overrides(tmp_path / "c", *runs) + ["strength.rerank.data=stage:data/prompts.jsonl"]
     with pytest.raises(ConfigError, match=r"prompts\.jsonl: 6 of the reranked prompts are in weak's training data"):
         run_pipeline(load_pipeline_config(None, overrides))
-    for d in ("b", "c"):
+    with pytest.raises(ConfigError, match=r"strength\.weak\.rl: a curve is one PPO run .* \(got model, \[0, 1\]\)"):
+        run_pipeline(load_pipeline_config(None, _grid_overrides(tmp_path / "d", *runs) + ["strength.weak.rl.seeds=[0, 1]"]))
+    for d in ("b", "c", "d"):
         assert not (tmp_path / d / "strength").exists()  # nothing written as if complete

@@ -17,10 +17,9 @@ model being trained". Two finished runs of the embedded task (``configs/strength
 
 Reward models score text, with their own tokenizer, so a reward model of one side scores the other side's
 policy as it is; the critic of a curve's PPO starts from its policy (``rl.critic_init``), since a critic must
-read the policy's tokens. Writes ``OUT/strength/`` ``best_of_n_<policy>_<reward>.jsonl`` (each prompt's sample
-correctness), ``ppo_<policy>_<reward>/`` (each curve's PPO output: config.yaml, model, log.jsonl, metrics.json),
-and the
-metrics ``strength_grid`` and ``strength_curves`` that the report shows.
+read the policy's tokens. Writes in ``OUT/strength/``: ``best_of_n_<policy>.jsonl`` (each prompt's samples, their
+correctness and every reward model's scores), ``ppo_<policy>_<reward>/`` (each curve's PPO output: config.yaml,
+model, log.jsonl, metrics.json), and the metrics ``strength_grid`` and ``strength_curves`` that the report shows.
 """
 from __future__ import annotations
 
@@ -86,7 +85,7 @@ class StrengthConfig:
 
 
 def cell_name(policy: str, reward: str) -> str:
-    """``policy_<side> · RM_<side>``-style row name of a cell: ``policy weak, RM strong``."""
+    """A cell's row name in the metrics and the report: ``policy weak, RM strong``."""
     return f"policy {policy}, RM {reward}"
 
 
@@ -97,26 +96,38 @@ def run(cfg: StrengthConfig, ctx: StageContext) -> dict:
     policies = {s: side_ctx[s].model(getattr(cfg, s).rl.policy, f"{s}.rl.policy") for s in SIDES}
     rerankers = {s: _rerankers(cfg, s, side_ctx[s]) for s in SIDES}
     records = rerank_prompts(cfg.rerank, side_ctx["weak"])
-    _check_same_heldout(side_ctx, [r.prompt for r in records])
+    _check_held_out(side_ctx, [r.prompt for r in records])
     for cell in cfg.curves:
         p, r = cell.split("/")
-        if getattr(cfg, p).rl.reward_source is not RewardSource.model:
-            raise ConfigError(f"{ctx.name}.{p}.rl.reward_source: a curve's proxy is a reward model; set it to model")
+        rl = getattr(cfg, p).rl
+        if rl.reward_source is not RewardSource.model or rl.seeds:
+            raise ConfigError(f"{ctx.name}.{p}.rl: a curve is one PPO run against a reward model: reward_source must "
+                              f"be model and seeds empty (got {rl.reward_source.value}, {list(rl.seeds)})")
         if "rm" not in rerankers[r]:
-            raise ConfigError(f"{ctx.name}.curves: {cell} needs {r}'s BT reward model: no {rerankers[r]['_dir'] / 'rm'}")
+            raise ConfigError(f"{ctx.name}.curves: {cell} needs {r}'s BT reward model (rm); its reward directory "
+                              f"has only {', '.join(rerankers[r])}")
 
     # --- best-of-n: each policy samples once, each reward side scores both policies' samples
     samples = {p: best_of_n_samples(dataclasses.replace(cfg.rerank, bf16=getattr(cfg, p).bf16), policies[p], records,
                                     acc.device) for p in SIDES}
-    grid: dict = {}
+    scores: dict[tuple[str, str], dict[str, list[float]]] = {}
     for r in SIDES:
-        models = {k: load_reward_model(v, acc.device, cfg.eval_batch_size) for k, v in rerankers[r].items() if k != "_dir"}
+        models = {k: load_reward_model(v, acc.device, cfg.eval_batch_size) for k, v in rerankers[r].items()}
         for p in SIDES:
-            result, rows = rerank_picks(records, samples[p], rerank_scores(models, samples[p]), cfg.rerank.n)
-            grid[cell_name(p, r)] = {m: v["accuracy"] for m, v in result.items() if isinstance(v, dict)}
-            if acc.is_main_process:
-                atomic_write_jsonl(ctx.stage_dir / f"best_of_n_{p}_{r}.jsonl", rows)
+            scores[p, r] = rerank_scores(models, samples[p])
         del models
+    grid: dict = {}
+    for p in SIDES:
+        rows = []
+        for r in SIDES:
+            result, rows = rerank_picks(records, samples[p], scores[p, r], cfg.rerank.n)
+            grid[cell_name(p, r)] = {m: v["accuracy"] for m, v in result.items() if isinstance(v, dict)}
+        if acc.is_main_process:  # each sample's correctness and every model's score of it, prompt by prompt
+            n = cfg.rerank.n
+            atomic_write_jsonl(ctx.stage_dir / f"best_of_n_{p}.jsonl", [
+                {**row, "responses": [s.text for s in samples[p][i * n:(i + 1) * n]],
+                 "scores": {r: {m: v[i * n:(i + 1) * n] for m, v in scores[p, r].items()} for r in SIDES}}
+                for i, row in enumerate(rows)])
     grid["n"], grid["n_prompts"] = cfg.rerank.n, len(records)
 
     # --- curves: a short PPO run per chosen cell, in its own directory of this stage
@@ -124,8 +135,7 @@ def run(cfg: StrengthConfig, ctx: StageContext) -> dict:
     for cell in cfg.curves:
         p, r = cell.split("/")
         name = f"ppo_{p}_{r}"
-        rl = dataclasses.replace(getattr(cfg, p).rl, reward_source=RewardSource.model,
-                                 reward_models=(str(rerankers[r]["rm"]),), critic_init=str(policies[p]), seeds=())
+        rl = dataclasses.replace(getattr(cfg, p).rl, reward_models=(str(rerankers[r]["rm"]),), critic_init=str(policies[p]))
         sub = dataclasses.replace(side_ctx[p], stage_dir=ctx.stage_dir / name, name=name, log=None)
         if acc.is_main_process:
             sub.stage_dir.mkdir(parents=True, exist_ok=True)
@@ -168,16 +178,16 @@ def _side_context(cfg: StrengthConfig, side: str, ctx: StageContext) -> StageCon
     return dataclasses.replace(ctx, out=path)
 
 
-def _rerankers(cfg: StrengthConfig, side: str, sctx: StageContext) -> dict:
-    """The side's reward models present (``rm``, ``prm``, ``orm``) by name, and its reward directory as ``_dir``."""
+def _rerankers(cfg: StrengthConfig, side: str, sctx: StageContext) -> dict[str, Path]:
+    """The side's reward models present (``rm``, ``prm``, ``orm``), by name."""
     reward = sctx.resolve(getattr(cfg, side).reward, key=f"{side}.reward")
     found = {k: reward / k for k in RERANKERS if (reward / k).is_dir()}
     if not found:
         raise ConfigError(f"{sctx.name}.{side}.reward: {reward} holds none of {', '.join(RERANKERS)}")
-    return {**found, "_dir": reward}
+    return found
 
 
-def _check_same_heldout(side_ctx: dict, prompts: list[str]) -> None:
+def _check_held_out(side_ctx: dict, prompts: list[str]) -> None:
     """Both runs must have held the reranked prompts out: a prompt the other run trained on would favour it."""
     for s, sctx in side_ctx.items():
         for path in (Path(sctx.out) / "data" / f for f in ("sft.jsonl", "prompts.jsonl")):
