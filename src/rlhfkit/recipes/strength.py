@@ -42,6 +42,7 @@ from rlhfkit.tasks.arith_eval import RerankConfig, best_of_n_samples, rerank_pic
 
 SIDES = ("weak", "strong")
 RERANKERS = ("rm", "prm", "orm")  # the reward side's models that rerank, those present
+POLICY_ONLY = ("majority", "single", "oracle_best_of_n")  # best-of-n figures no reward model reads
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,12 @@ def run(cfg: StrengthConfig, ctx: StageContext) -> dict:
         del models
     grid: dict = {}
     for p in SIDES:
-        rows = []
+        # one pass of the judge over the policy's samples, every reward side's scores picked from at once
+        result, rows = rerank_picks(records, samples[p], {f"{r}/{m}": v for r in SIDES for m, v in scores[p, r].items()},
+                                    cfg.rerank.n)
         for r in SIDES:
-            result, rows = rerank_picks(records, samples[p], scores[p, r], cfg.rerank.n)
-            grid[cell_name(p, r)] = {m: v["accuracy"] for m, v in result.items() if isinstance(v, dict)}
+            grid[cell_name(p, r)] = {**{m: result[f"{r}/{m}"]["accuracy"] for m in scores[p, r]},
+                                     **{m: result[m]["accuracy"] for m in POLICY_ONLY}}
         if acc.is_main_process:  # each sample's correctness and every model's score of it, prompt by prompt
             n = cfg.rerank.n
             atomic_write_jsonl(ctx.stage_dir / f"best_of_n_{p}.jsonl", [
@@ -158,9 +161,8 @@ def curve_figures(rows: list[dict]) -> dict:
     pts = overoptimization_points(rows)
     if not pts:
         return {}
-    first = next((r for r in rows if "gold_score" in r and "kl" in r), None)
-    last = next((r for r in reversed(rows) if "gold_score" in r and "kl" in r), None)
-    peak = gold_peak(pts)
+    logged = [r for r in rows if "gold_score" in r and "kl" in r]  # the rollouts, in step order
+    first, last, peak = logged[0], logged[-1], gold_peak(pts)
     return {"rollouts": len(pts),
             "kl_at_gold_peak": peak[0] ** 2, "gold_at_peak": peak[1], "proxy_at_peak": peak[2],
             "first_kl": first["kl"], "first_gold": first["gold_score"], "first_proxy": first["reward"],
