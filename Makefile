@@ -10,8 +10,8 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install install-test quickstart test test-slow test-e2e gpu-check bench bench-peer clean
 
-# Packages install with uv (pinned): the locked set in about 15 s where pip took 80 s on 2 cores (docs/quickstart
-# time in docs/task.md). uv does not read pip's configuration, so pip's indexes and find-links (pip.conf, PIP_*:
+# Packages install with uv (pinned): the locked set in about 10-15 s where pip took 80 s on 2 cores (the
+# quickstart's time, docs/task.md). uv does not read pip's configuration, so pip's indexes and find-links (pip.conf, PIP_*:
 # e.g. a folder holding a CPU build of torch) are handed to it; with none set it reads PyPI, as pip would.
 # unsafe-best-match: every index is searched for a pin, as pip does.
 UV_VERSION := 0.13.9
