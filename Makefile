@@ -65,12 +65,10 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 # Throughput against TRL's fastest settings (TRL is a bench-only extra): DPO, reward model, SFT and a GRPO step on
-# the tiny model and SmolLM2-135M (its GGUF package, as the judge tests install it); 18 minutes on 2 idle cores (SmolLM2 already imported).
+# the tiny model and SmolLM2-135M (its GGUF package, from the test install); 18 minutes on 2 idle cores (SmolLM2 already imported).
 # Prints a table and, on its last line, one JSON object with every ratio (docs/benchmarks.md).
-bench: install
+bench: $(VENV)/.installed-test
 	$(INSTALL) -e '.[bench]'
-	$(INSTALL) -r requirements-judge.lock
-	$(INSTALL) --no-deps -r requirements-judge-nodeps.lock
 	$(BIN)/python bench/vs_trl.py
 
 # The peer on the same work (TRL is a bench-only extra): TRL's DPO and GRPO (the oracle as reward) from the
