@@ -54,6 +54,33 @@ def test_labels_are_the_share_of_completions_that_reach_the_answer(mode, first_s
     assert len(checked) == 4 + 3 + 2 and (0, RESPONSE) in checked and (1, "Answer: 8") in checked
 
 
+def test_responses_that_share_a_prefix_share_its_completions_and_are_checked_each_as_its_own():
+    """Two samples of prompt 0 open with the same line, PREFIX_1: it is asked once (3 distinct queries, not 4),
+    and both get its 3/4; the second's own second step "5 + 5 = 10" is asked apart. The same prefix under
+    another prompt is another query. Each response's completions are checked with its own index."""
+    calls, checked = [], []
+    other = "2 + 3 = 5\n5 + 5 = 10\nAnswer: 10"
+    completions = {**COMPLETIONS, "2 + 3 = 5\n5 + 5 = 10\n": ["Answer: 10", "Answer: 10", "Answer: 1", None]}
+
+    def complete(queries, n):
+        calls.append(list(queries))
+        return [completions[prefix] for _, prefix in queries]
+
+    def is_correct(i, text):  # responses 0 and 1 answer prompt 0 (gold 10), response 2 prompt 1 (gold 7)
+        checked.append(i)
+        return text.strip().split("\n")[-1] == f"Answer: {[10, 10, 7][i]}"
+
+    labels = estimate_step_labels(["Q0", "Q0", "Q1"], [RESPONSE, other, "2 + 3 = 5\nAnswer: 7"], complete,
+                                  is_correct, 4)
+    # 3/4 after PREFIX_1 for both; 0/4 after PREFIX_2; 2/4 after "5 + 5 = 10" (the unfinished one counts as wrong);
+    # under prompt 1 (gold 7) no completion of PREFIX_1 ends in 7: 0/4; every last line is right
+    assert labels == [[0.75, 0.0, 1.0], [0.75, 0.5, 1.0], [0.0, 1.0]]
+    assert calls == [[("Q0", PREFIX_1), ("Q0", PREFIX_2), ("Q0", "2 + 3 = 5\n5 + 5 = 10\n"), ("Q1", PREFIX_1)]]
+    # PREFIX_1's 4 completions under Q0 are checked once per owner (with 0 and with 1); PREFIX_2's 3 finished ones
+    # with 0, "5 + 5 = 10"'s 3 finished ones with 1, Q1's 4 with 2; then each response's own answer
+    assert sorted(checked) == sorted([0] * (4 + 3) + [1] * (4 + 3) + [2] * 4 + [0, 1, 2])
+
+
 def test_a_wrong_final_answer_is_labelled_zero_even_when_earlier_steps_could_succeed():
     response = "2 + 3 = 5\nAnswer: 11"
     labels = estimate_step_labels(["Q"], [response], lambda q, n: [["Answer: 10", "Answer: 3"]], _is_correct, 2,

@@ -61,9 +61,11 @@ def estimate_step_labels(
     """Math-Shepherd labels: one list per response, one float in [0, 1] per line.
 
     prompts, responses: R each, paired by index (several responses may share a prompt).
-    complete_fn: called once, with the (prompt, prefix) of every line but the last of every
-        response (Q = Σ_r (lines_r − 1) queries, batched across responses), and ``n``; returns
-        Q lists of n completions, each continuing its prefix. A completion that did not finish
+    complete_fn: called once, with the distinct (prompt, prefix) pairs of every line but the last of
+        every response (Q ≤ Σ_r (lines_r − 1) queries, batched across responses, in first-seen order),
+        and ``n``; returns Q lists of n completions, each continuing its prefix. A step's value
+        depends on (prompt, prefix) only, so responses that share a prefix (K samples of one prompt
+        often open with the same line) share its n completions: each is still checked per response. A completion that did not finish
         (ran out of tokens) is None and counts as not reaching the answer: its last line may
         be a cut-off number.
     is_correct_fn(r, text): whether ``text``, a full response to prompts[r], ends with the right
@@ -82,15 +84,17 @@ def estimate_step_labels(
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     prefixes = [step_prefixes(r) for r in responses]
-    owners = [r for r, ps in enumerate(prefixes) for _ in ps[:-1]]  # query q continues response owners[q]
-    queries = [(prompts[r], p) for r, ps in enumerate(prefixes) for p in ps[:-1]]
+    steps = [(r, (prompts[r], p)) for r, ps in enumerate(prefixes) for p in ps[:-1]]  # (owner, query) per step
+    queries = list(dict.fromkeys(query for _, query in steps))  # distinct, first-seen order
     completions = complete_fn(queries, n) if queries else []
     if len(completions) != len(queries) or any(len(c) != n for c in completions):
         raise ValueError(f"complete_fn must return {len(queries)} lists of {n} completions, "
                          f"got {[len(c) for c in completions]}")
+    done = dict(zip(queries, completions))
     estimates = []
-    for q, (r, (_, prefix)) in enumerate(zip(owners, queries)):
-        right = sum(c is not None and bool(is_correct_fn(r, prefix + c)) for c in completions[q])
+    for r, query in steps:
+        prefix = query[1]
+        right = sum(c is not None and bool(is_correct_fn(r, prefix + c)) for c in done[query])
         estimates.append(right / n if mode == EstimateMode.soft else float(right > 0))
     it = iter(estimates)
     labels = []

@@ -17,7 +17,8 @@ oracle gives its outcome and its safety → ``steps.jsonl``, which the PRM, ORM 
 Step labels come from the oracle's per-line ``step_labels`` (the human step annotators;
 ``step_labels: oracle``) or, for a task without step annotators, are estimated Math-Shepherd
 style (``step_labels: estimate``, :mod:`rlhfkit.data.step_estimation`): the label policy
-completes each step prefix ``estimate_n`` times and only the final answers are checked. Every
+completes each distinct step prefix ``estimate_n`` times (samples of one prompt that open alike share
+their completions) and only the final answers are checked. Every
 record has ``provenance`` (judge, model, time, chunk, seed).
 
 Resumable: chunk c uses seeds derived only from (seed, c), and is written atomically as its own
@@ -100,7 +101,7 @@ class LabelConfig:
     """``oracle``: the task's judge labels every line; ``estimate``: Math-Shepherd estimates from
     the policy's completions of each step prefix, checking final answers only"""
     estimate_n: int = 4
-    """with ``step_labels: estimate``: completions per step prefix (sampled as ``sampling`` says)"""
+    """with ``step_labels: estimate``: completions per distinct (prompt, step prefix) (sampled as ``sampling`` says)"""
     step_label_prompts: int = 0
     """step-label (and write the ``steps`` records, the PRM's, ORM's and cost model's data, of) only the first
     this many prompts; 0 = all. The rankings cover every prompt: Math-Shepherd estimation costs ``estimate_n``
