@@ -55,8 +55,8 @@ def test_labels_are_the_share_of_completions_that_reach_the_answer(mode, first_s
 
 
 def test_responses_that_share_a_prefix_share_its_completions_and_are_checked_each_as_its_own():
-    """Two samples of prompt 0 open with the same line, PREFIX_1: it is asked once (3 distinct queries, not 4),
-    and both get its 3/4; the second's own second step "5 + 5 = 10" is asked apart. The same prefix under
+    """Two samples of prompt 0 open with the same line, PREFIX_1: it is asked once (4 distinct queries of the 5
+    steps before a last line), and both get its 3/4; the second's own second step "5 + 5 = 10" is asked apart. The same prefix under
     another prompt is another query. Each response's completions are checked with its own index."""
     calls, checked = [], []
     other = "2 + 3 = 5\n5 + 5 = 10\nAnswer: 10"

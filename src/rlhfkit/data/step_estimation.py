@@ -65,9 +65,9 @@ def estimate_step_labels(
         every response (Q ≤ Σ_r (lines_r − 1) queries, batched across responses, in first-seen order),
         and ``n``; returns Q lists of n completions, each continuing its prefix. A step's value
         depends on (prompt, prefix) only, so responses that share a prefix (K samples of one prompt
-        often open with the same line) share its n completions: each is still checked per response. A completion that did not finish
-        (ran out of tokens) is None and counts as not reaching the answer: its last line may
-        be a cut-off number.
+        often open with the same line) share its n completions, each still checked per response.
+        A completion that did not finish (ran out of tokens) is None and counts as not reaching
+        the answer: its last line may be a cut-off number.
     is_correct_fn(r, text): whether ``text``, a full response to prompts[r], ends with the right
         answer. Called on prefix + completion for every completion, and on responses[r] itself
         for its last line.
