@@ -223,3 +223,33 @@ def test_a_setting_newer_than_the_run_at_its_default_is_no_difference(tiny_run):
             run_stage(off, "sft", out)
     finally:
         path.write_text(full)
+
+
+def test_stages_in_their_own_processes_equal_one_process(tiny_run, tmp_path):
+    """``stage_processes: true`` runs each stage in a fresh Python process from the run's saved config: the same
+    weights (byte for byte) and the same figures as the tiny run in one process, the report written by the parent;
+    a second run skips the complete stages without starting a process."""
+    out, _ = tiny_run
+    run = tmp_path / "sp"
+    cfg = load_pipeline_config(None, tiny_pipeline_overrides(run) + ["stage_processes=true"])
+    run_pipeline(cfg)
+    for stage in ("pretrain", "sft"):
+        assert (run / stage / "model" / "model.safetensors").read_bytes() == (out / stage / "model" / "model.safetensors").read_bytes()
+    one, own = (json.loads((d / "summary.json").read_text())["policies"] for d in (out, run))
+    assert own == one
+    assert "stage_processes: true" in (run / "config.yaml").read_text()
+    before = {s: (run / s / "metrics.json").stat().st_mtime_ns for s in ("data", "pretrain", "sft", "eval")}
+    run_pipeline(cfg)
+    assert before == {s: (run / s / "metrics.json").stat().st_mtime_ns for s in before}
+
+
+def test_a_stage_failing_in_its_own_process_fails_the_run_and_leaves_nothing_complete(tiny_run, tmp_path):
+    out, _ = tiny_run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Question: a\\n", "response": "x"}\n{"prompt": "Question: b\\n", "response": ""}\n')
+    run = tmp_path / "r4"
+    cfg = load_pipeline_config(None, tiny_pipeline_overrides(run) + [
+        "stage_processes=true", "stages=[sft]", f"sft.data={bad}", f"sft.model={out / 'pretrain' / 'model'}"])
+    with pytest.raises(RuntimeError, match=r"stage 'sft' failed in its own process \(exit status 1\)"):
+        run_pipeline(cfg)
+    assert not (run / "sft").exists() and not (run / "report.md").exists()
